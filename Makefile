@@ -1,0 +1,24 @@
+# The two commands of the README: `make demo` and `make test`. Both create ./.venv on first use
+# (CPU build of torch first, so pip never pulls the multi-GB CUDA wheels), then reuse it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.13.0
+
+.PHONY: demo test clean
+
+$(VENV)/.installed-%: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH)"
+	$(PY) -m pip install --quiet -e ".[$*]"
+	@touch $@
+
+demo: $(VENV)/.installed-test
+	OMP_NUM_THREADS=1 $(PY) examples/quickstart.py
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) lightning_logs htsr_runs

@@ -1,0 +1,295 @@
+"""``analyze(model)``: the offline front door, wiring the stages together.
+
+module --(layers)--> weight matrices --(eigenvalues)--> ESDs --(powerlaw, marchenko_pastur, metrics)--> numbers
+--(phases)--> phase --(records)--> one row per matrix.
+
+:func:`analyze_matrices` is the part shared with :class:`~lightning_htsr.HTSRCallback`: it takes already extracted
+matrices (the callback extracts its rank's share, gathering sharded weights first) and returns
+:class:`MatrixAnalysis` objects carrying the record *and* the eigenvalues and fits, for the sinks that plot them.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor, nn
+
+from .eigenvalues import Backend, Precision, Route, Spectrum, compute_spectra
+from .layers import WeightMatrix, weight_matrices
+from .marchenko_pastur import MarchenkoPasturFit, fit_marchenko_pastur
+from .metrics import WW_ENTROPY_EPSILON, alpha_warning, matrix_entropy, norm_metrics, rank_metrics
+from .phases import PhaseConfig, PhaseResult, classify_phase
+from .powerlaw import FitMethod, KSConvention, PowerLawFit, fit_power_law
+from .records import empty_record, records_to_frame
+
+__all__ = ["AnalysisOptions", "MatrixAnalysis", "analyze", "analyze_matrices"]
+
+#: weightwatcher's near-zero filter before the power-law fit (``constants.EVALS_THRESH``, CPU value).
+WW_EVALS_THRESH = 1e-5
+
+
+@dataclass(frozen=True)
+class AnalysisOptions:
+    """How matrices are turned into numbers. Defaults are this package's conventions; see
+    :meth:`weightwatcher` for weightwatcher 0.7.7's.
+
+    Attributes:
+        normalize: Eigenvalues of ``X = W^T W / N`` (True, the random-matrix convention) or of ``W^T W``.
+        ww_conv_scaling: Multiply convolution weights by ``sqrt(1/2)`` (eigenvalues by 1/2) as weightwatcher's
+            pooled ``conv2d_norm`` does.
+        fit: Power-law search, ``"fast"`` or ``"exact"``.
+        min_tail: Smallest tail the power-law fit may choose.
+        ks: KS convention of the fit, ``"two_sided"`` or ``"lower"``.
+        fit_zero_tol: Absolute threshold below which eigenvalues are dropped before the fit; ``None`` uses each
+            spectrum's numerical-zero tolerance.
+        precision: ``"auto"``, ``"float32"`` or ``"float64"``.
+        route: ``"auto"``, ``"gram"`` or ``"svd"``.
+        backend: ``"torch"`` or ``"cupy"``.
+        rank_eps: Epsilon of NumPy's rank tolerance (``None``: the weights' own).
+        entropy_epsilon: Added to each ``p_i`` in the entropy (0 here; weightwatcher adds 1e-10 on CPU).
+        min_evals: Matrices with fewer pooled eigenvalues are skipped.
+        max_evals: Matrices with more pooled eigenvalues are skipped (``None``: no limit).
+        phase_config: Thresholds of the phase classifier.
+    """
+
+    normalize: bool = True
+    ww_conv_scaling: bool = False
+    fit: FitMethod = "fast"
+    min_tail: int = 10
+    ks: KSConvention = "two_sided"
+    fit_zero_tol: float | None = None
+    precision: Precision = "auto"
+    route: Route = "auto"
+    backend: Backend = "torch"
+    rank_eps: float | None = None
+    entropy_epsilon: float = 0.0
+    min_evals: int = 10
+    max_evals: int | None = None
+    phase_config: PhaseConfig = field(default_factory=PhaseConfig)
+
+    @classmethod
+    def weightwatcher(cls, **overrides: Any) -> AnalysisOptions:
+        """weightwatcher 0.7.7's default ``analyze()`` conventions (CPU): no ``1/N``, conv slices scaled by
+        ``sqrt(1/2)``, eigenvalues ``<= 1e-5`` dropped before an exhaustive fit with tails of 2+ points and the
+        lower-step KS distance, float64 SVD, entropy epsilon 1e-10, float64 rank tolerance, ``min_evals=8``."""
+        base = cls(
+            normalize=False,
+            ww_conv_scaling=True,
+            fit="exact",
+            min_tail=2,
+            ks="lower",
+            fit_zero_tol=WW_EVALS_THRESH,
+            precision="float64",
+            route="svd",
+            rank_eps=torch.finfo(torch.float64).eps,
+            entropy_epsilon=WW_ENTROPY_EPSILON,
+            min_evals=8,
+        )
+        return replace(base, **overrides)
+
+
+@dataclass
+class MatrixAnalysis:
+    """Everything computed for one matrix.
+
+    Attributes:
+        record: The row (see :data:`~lightning_htsr.records.COLUMNS`).
+        eigenvalues: Sorted float64 CPU tensor, or ``None`` for skipped matrices.
+        powerlaw: Power-law fit, or ``None``.
+        mp: Marchenko-Pastur fit, or ``None``.
+        phase: Phase result, or ``None``.
+    """
+
+    record: dict[str, Any]
+    eigenvalues: Tensor | None = None
+    powerlaw: PowerLawFit | None = None
+    mp: MarchenkoPasturFit | None = None
+    phase: PhaseResult | None = None
+
+
+def _identity(matrix: WeightMatrix) -> dict[str, Any]:
+    return {
+        "name": matrix.name,
+        "layer_type": matrix.layer_type,
+        "module_type": matrix.module_type,
+        "N": matrix.N,
+        "M": matrix.M,
+        "Q": matrix.Q,
+        "num_slices": matrix.num_slices,
+        "num_evals": matrix.num_evals,
+        "dtype": matrix.dtype,
+        "note": matrix.note,
+    }
+
+
+def _scale(matrix: WeightMatrix, options: AnalysisOptions) -> float:
+    scale = 1.0 / matrix.N if options.normalize else 1.0
+    if options.ww_conv_scaling and matrix.layer_type == "conv2d":
+        scale *= 0.5
+    return scale
+
+
+def analyze_matrices(matrices: Sequence[WeightMatrix], options: AnalysisOptions | None = None) -> list[MatrixAnalysis]:
+    """Analyze extracted matrices: eigenvalues in batches on their device, then fits, metrics and phase.
+
+    Never raises on bad weights: problems become ``status="skipped"`` (no spectrum) or ``"degenerate"`` (a
+    spectrum whose fit or entropy is undefined) with the reason in ``skip_reason``.
+
+    Args:
+        matrices: Output of :func:`~lightning_htsr.layers.weight_matrices`.
+        options: Conventions (default :class:`AnalysisOptions`).
+
+    Returns:
+        One :class:`MatrixAnalysis` per matrix, in order.
+    """
+    options = options or AnalysisOptions()
+    todo = [m for m in matrices if m.skip_reason is None and m.slices is not None]
+    spectra = compute_spectra(
+        [m.slices for m in todo],  # type: ignore[misc]
+        scales=[_scale(m, options) for m in todo],
+        precision=options.precision,
+        route=options.route,
+        backend=options.backend,
+        rank_eps=options.rank_eps,
+    )
+    by_name = {id(m): s for m, s in zip(todo, spectra)}
+    out = []
+    for matrix in matrices:
+        spectrum = by_name.get(id(matrix))
+        if spectrum is None:
+            out.append(MatrixAnalysis(empty_record(**_identity(matrix), status="skipped",
+                                                   skip_reason=matrix.skip_reason or "not analyzed")))
+        else:
+            out.append(_analyze_spectrum(matrix, spectrum, options))
+    return out
+
+
+def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: AnalysisOptions) -> MatrixAnalysis:
+    ident = _identity(matrix)
+    ident.update(precision=spectrum.precision, route=spectrum.route)
+    if spectrum.error:
+        return MatrixAnalysis(empty_record(**ident, status="skipped", skip_reason=spectrum.error))
+    ev = spectrum.eigenvalues
+    lam_max = float(ev[-1]) if ev.numel() else 0.0
+    if lam_max <= 0.0:
+        return MatrixAnalysis(empty_record(**ident, status="skipped", skip_reason="all-zero weights"), ev)
+    ranks = rank_metrics(ev, spectrum.zero_tol)
+    fit_tol = options.fit_zero_tol if options.fit_zero_tol is not None else spectrum.floor
+    powerlaw = fit_power_law(ev, method=options.fit, min_tail=options.min_tail, ks=options.ks, zero_tol=fit_tol)
+    norms = norm_metrics(ev, powerlaw.alpha)
+    entropy = matrix_entropy(ev, ranks["matrix_rank"], epsilon=options.entropy_epsilon)
+    config = options.phase_config
+    mp = fit_marchenko_pastur(ev, matrix.N, matrix.M, num_slices=matrix.num_slices,
+                              false_spike_rate=config.false_spike_rate, zero_tol=spectrum.floor)
+    phase = classify_phase(ev, matrix.N, matrix.M, num_slices=matrix.num_slices, zero_tol=spectrum.floor,
+                           config=config, mp=mp, powerlaw=powerlaw)
+    problems = []
+    if not powerlaw.ok:
+        problems.append(f"power-law fit: {powerlaw.reason}")
+    if math.isnan(entropy):
+        problems.append(f"entropy undefined at rank {ranks['matrix_rank']}")
+    record = empty_record(
+        **ident,
+        status="degenerate" if problems else "success",
+        skip_reason="; ".join(problems),
+        alpha=powerlaw.alpha,
+        D=powerlaw.D,
+        xmin=powerlaw.xmin,
+        xmax=powerlaw.xmax,
+        sigma=powerlaw.sigma,
+        num_pl_spikes=powerlaw.num_pl_spikes,
+        warning=alpha_warning(powerlaw.alpha),
+        entropy=entropy,
+        **norms,
+        **ranks,
+        **phase.diagnostics(),
+    )
+    return MatrixAnalysis(record, ev, powerlaw, mp, phase)
+
+
+def analyze(
+    model: nn.Module,
+    *,
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    layer_types: Sequence[str | type] | None = None,
+    fit: FitMethod = "fast",
+    min_tail: int | None = None,
+    precision: Precision = "auto",
+    backend: Backend = "torch",
+    min_evals: int | None = None,
+    max_evals: int | None = None,
+    ww_compat: bool = False,
+    phase_config: PhaseConfig | None = None,
+    options: AnalysisOptions | None = None,
+) -> pd.DataFrame:
+    """Analyze every weight matrix of a model: one row per matrix with alpha, entropy, phase and the rest.
+
+    Weights stay on their device (the eigenvalues are computed there, batched); nothing is modified. Bad weights
+    (NaN/Inf, all-zero, rank-1, tiny, fp16/bf16, quantized, meta, sharded) never raise: the row says what happened.
+
+    Args:
+        model: Any ``nn.Module`` (a ``LightningModule`` too).
+        include: Regex(es) a matrix name must match to be analyzed.
+        exclude: Regex(es) of matrix names to leave out.
+        layer_types: Restrict to these layer types (see :data:`~lightning_htsr.layers.LAYER_TYPES`), class
+            names or classes.
+        fit: Power-law search, ``"fast"`` (default) or ``"exact"``.
+        min_tail: Smallest power-law tail (default 10; 2 under ``ww_compat``).
+        precision: ``"auto"`` (float32 where accurate enough, float64 where not), ``"float32"`` or ``"float64"``.
+        backend: ``"torch"`` or ``"cupy"`` (CUDA only; ``pip install lightning-htsr[cupy]``).
+        min_evals: Skip matrices with fewer pooled eigenvalues (default 10; 8 under ``ww_compat``).
+        max_evals: Skip matrices with more pooled eigenvalues (default: no limit).
+        ww_compat: Use weightwatcher 0.7.7's conventions (:meth:`AnalysisOptions.weightwatcher`) so that
+            ``alpha, D, xmin, log_norm, log_spectral_norm, stable_rank, entropy`` match
+            ``weightwatcher.WeightWatcher(model=m).analyze()`` on CPU.
+        phase_config: Phase-classifier thresholds.
+        options: Full :class:`AnalysisOptions`; overrides every convention argument above.
+
+    Returns:
+        A ``pandas.DataFrame`` with the columns of :data:`~lightning_htsr.records.COLUMNS`, one row per matrix
+        (skipped ones included, with ``status`` and ``skip_reason``).
+
+    Example:
+        >>> import torch
+        >>> from torch import nn
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> df = analyze(nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10)))
+        >>> print(df[["name", "N", "M", "status", "phase"]].to_string(index=False))
+        name   N   M  status       phase
+           0 512 256 success random_like
+           2 512  10 success         NaN
+    """
+    if options is None:
+        base = AnalysisOptions.weightwatcher() if ww_compat else AnalysisOptions()
+        changes: dict[str, Any] = {"precision": precision if not ww_compat else base.precision, "backend": backend}
+        if not ww_compat:
+            changes["fit"] = fit
+        if min_tail is not None:
+            changes["min_tail"] = min_tail
+        if min_evals is not None:
+            changes["min_evals"] = min_evals
+        if max_evals is not None:
+            changes["max_evals"] = max_evals
+        if phase_config is not None:
+            changes["phase_config"] = phase_config
+        options = replace(base, **changes)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # e.g. TypedStorage / lazy-module chatter while traversing
+        matrices = weight_matrices(
+            model,
+            include=include,
+            exclude=exclude,
+            layer_types=layer_types,
+            min_evals=options.min_evals,
+            max_evals=options.max_evals,
+        )
+    results = analyze_matrices(matrices, options)
+    return records_to_frame(r.record for r in results)

@@ -1,0 +1,366 @@
+"""Stage 1 of the pipeline: an ``nn.Module`` -> the weight matrices to analyze, named by dotted module path.
+
+Each :class:`WeightMatrix` is one ESD: a stack of equally shaped slices ``(num_slices, N, M)`` with ``N >= M``
+(tall orientation, ``Q = N / M``) whose eigenvalues are pooled. A ``Linear`` is one slice; a ``Conv2d`` with a
+``kh x kw`` kernel is ``kh * kw`` slices ``out x in`` (one per kernel position, the method of Martin & Mahoney and of
+weightwatcher), per group for grouped convolutions; fused attention and recurrent weights are split into their
+q/k/v or gate blocks, each its own matrix.
+
+Nothing here computes on or copies the weights beyond the reshape a convolution needs; problems that can be seen
+without touching the values (meta device, integer storage, shards, too few eigenvalues) become a ``skip_reason``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "LAYER_TYPES",
+    "WeightMatrix",
+    "weight_matrices",
+    "layer_type_of",
+]
+
+#: Layer types this stage knows, as used in ``layer_types=`` filters and the ``layer_type`` column.
+LAYER_TYPES: tuple[str, ...] = (
+    "linear",
+    "embedding",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "conv_transpose1d",
+    "conv_transpose2d",
+    "conv_transpose3d",
+    "transformers_conv1d",
+    "attention_in_proj",
+    "lstm",
+    "gru",
+    "rnn",
+    "quantized_linear",
+    "other",
+)
+
+_RNN_GATES = {"LSTM": ("i", "f", "g", "o"), "GRU": ("r", "z", "n")}
+
+
+@dataclass
+class WeightMatrix:
+    """One matrix (or pooled stack of slices) to analyze.
+
+    Attributes:
+        name: Dotted module path plus a suffix for split weights, e.g. ``"blocks.0.attn.in_proj.q"``.
+        layer_type: One of :data:`LAYER_TYPES`.
+        module_type: Class name of the module the weight belongs to.
+        slices: ``(num_slices, N, M)`` tensor with ``N >= M`` on the weight's device and in its dtype, detached;
+            ``None`` when the matrix is skipped.
+        N: Rows of one slice after orientation (the larger side).
+        M: Columns of one slice (the smaller side).
+        num_slices: Number of pooled slices (kernel positions times groups for convolutions, else 1).
+        dtype: The stored dtype of the weight, as a string (``"torch.bfloat16"``, ``"torch.qint8"``, ...).
+        skip_reason: Why the matrix cannot be analyzed, or ``None``.
+        note: Anything the user should know about how the matrix was obtained (e.g. dequantized).
+    """
+
+    name: str
+    layer_type: str
+    module_type: str
+    slices: Tensor | None
+    N: int
+    M: int
+    num_slices: int = 1
+    dtype: str = ""
+    skip_reason: str | None = None
+    note: str = ""
+    aliases: list[str] = field(default_factory=list)
+
+    @classmethod
+    def from_tensor(cls, name: str, weight: Tensor, layer_type: str = "other") -> WeightMatrix:
+        """Wrap a bare 2-D matrix (or ``(k, rows, cols)`` stack of slices) for :func:`analyze_matrices`.
+
+        Example:
+            >>> import torch
+            >>> m = WeightMatrix.from_tensor("w", torch.zeros(3, 5))
+            >>> (m.N, m.M, m.Q)
+            (5, 3, 1.6666666666666667)
+        """
+        stack = weight.detach()
+        if stack.dim() == 2:
+            stack = stack.unsqueeze(0)
+        if stack.dim() != 3:
+            raise ValueError(f"expected a 2-D matrix or 3-D stack, got shape {tuple(weight.shape)}")
+        stack = _tall(stack)
+        k, n_rows, m_cols = stack.shape
+        return cls(name, layer_type, "Tensor", stack, n_rows, m_cols, k, str(weight.dtype))
+
+    @property
+    def Q(self) -> float:  # noqa: N802 - the paper's name
+        """Aspect ratio ``N / M`` (>= 1)."""
+        return self.N / self.M if self.M else math.nan
+
+    @property
+    def num_evals(self) -> int:
+        """Number of pooled eigenvalues, ``M * num_slices``."""
+        return self.M * self.num_slices
+
+
+def layer_type_of(module: nn.Module) -> str | None:
+    """The :data:`LAYER_TYPES` entry for ``module``, or ``None`` if it has no weight matrix to analyze."""
+    cls = type(module)
+    qualname = f"{cls.__module__}.{cls.__name__}"
+    if "quantized" in qualname and callable(getattr(module, "weight", None)):
+        return "quantized_linear" if "Linear" in cls.__name__ else None
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return "embedding"
+    if isinstance(module, nn.modules.conv._ConvTransposeNd):
+        return f"conv_transpose{_conv_dims(module)}d"
+    if isinstance(module, nn.modules.conv._ConvNd):
+        return f"conv{_conv_dims(module)}d"
+    if isinstance(module, nn.MultiheadAttention):
+        return "attention_in_proj"
+    if isinstance(module, nn.RNNBase):
+        return {"LSTM": "lstm", "GRU": "gru"}.get(module.mode, "rnn")
+    if cls.__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 style Conv1D, weight (in, out)
+        return "transformers_conv1d"
+    weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
+    if isinstance(weight, Tensor) and weight.dim() == 2 and "norm" not in cls.__name__.lower():
+        return "other"
+    return None
+
+
+def _conv_dims(module: nn.modules.conv._ConvNd) -> int:
+    return len(module.kernel_size)
+
+
+def _matches(name: str, patterns: Sequence[str] | str | None) -> bool:
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    return any(re.search(p, name) for p in patterns)
+
+
+def _type_selected(layer_type: str, module: nn.Module, layer_types: Sequence[str | type] | None) -> bool:
+    if layer_types is None:
+        return True
+    for t in layer_types:
+        if isinstance(t, type):
+            if isinstance(module, t):
+                return True
+        elif t == layer_type or t.lower() == type(module).__name__.lower():
+            return True
+    return False
+
+
+def _storage_problem(weight: Tensor) -> str | None:
+    """Reasons visible without reading the values."""
+    if isinstance(weight, nn.parameter.UninitializedParameter):
+        return "lazy module not initialized yet"
+    if weight.device.type == "meta":
+        return "weights are on the meta device (no values)"
+    if hasattr(weight, "ds_id") or hasattr(weight, "ds_shape"):
+        return "DeepSpeed ZeRO-3 partitioned parameter; gather it first (HTSRCallback does)"
+    if weight.numel() == 0:
+        return "empty (sharded or zero-size) parameter; gather the full weight first"
+    if weight.is_quantized:
+        return None
+    if not weight.is_floating_point():
+        return f"integer weights ({weight.dtype}) without a quantization scale cannot be analyzed"
+    return None
+
+
+def _full_tensor(weight: Tensor) -> Tensor:
+    """Materialize a DTensor (FSDP2 / tensor parallel). This is a collective: every rank must call it."""
+    full = getattr(weight, "full_tensor", None)
+    if callable(full) and type(weight).__name__ == "DTensor":
+        return full()
+    return weight
+
+
+def _tall(stack: Tensor) -> Tensor:
+    """Orient a ``(k, rows, cols)`` stack so that rows >= cols."""
+    return stack.transpose(-1, -2) if stack.shape[-2] < stack.shape[-1] else stack
+
+
+def _conv_slices(weight: Tensor, groups: int) -> Tensor:
+    """``(out, in/g, *k)`` (``(in, out/g, *k)`` when transposed) -> ``(g * prod(k), rows / g, cols)`` slices.
+
+    The first axis is the one split into groups in both layouts, so one reshape serves both.
+    """
+    rows_total = weight.shape[0]
+    cols = weight.shape[1]
+    rows = rows_total // groups
+    kernel = math.prod(weight.shape[2:])
+    w = weight.reshape(groups, rows, cols, kernel)  # split the row axis into groups
+    return w.permute(0, 3, 1, 2).reshape(groups * kernel, rows, cols)
+
+
+@dataclass
+class _Entry:
+    name: str
+    layer_type: str
+    module: nn.Module
+    param: Tensor | None
+    build: Callable[[Tensor], list[tuple[str, Tensor]]]
+
+
+def _entries(name: str, module: nn.Module, layer_type: str) -> list[_Entry]:
+    """How to turn this module's parameters into (suffix, stack) pairs."""
+    if layer_type in ("linear", "embedding", "other", "transformers_conv1d"):
+        return [_Entry(name, layer_type, module, module.weight, lambda w: [("", w.unsqueeze(0))])]
+    if layer_type == "quantized_linear":
+        return [_Entry(name, layer_type, module, module.weight(), lambda w: [("", w.unsqueeze(0))])]
+    if layer_type.startswith("conv"):
+        groups = int(getattr(module, "groups", 1))
+        return [_Entry(name, layer_type, module, module.weight, lambda w: [("", _conv_slices(w, groups))])]
+    if layer_type == "attention_in_proj":
+        if module.in_proj_weight is not None:
+
+            def split_qkv(w: Tensor) -> list[tuple[str, Tensor]]:
+                q, k, v = w.chunk(3, dim=0)
+                return [(".q", q.unsqueeze(0)), (".k", k.unsqueeze(0)), (".v", v.unsqueeze(0))]
+
+            return [_Entry(f"{name}.in_proj", layer_type, module, module.in_proj_weight, split_qkv)]
+        return [
+            _Entry(f"{name}.in_proj.{s}", layer_type, module, getattr(module, f"{s}_proj_weight"),
+                   lambda w: [("", w.unsqueeze(0))])
+            for s in ("q", "k", "v")
+        ]
+    if layer_type in ("lstm", "gru", "rnn"):
+        gates = _RNN_GATES.get(module.mode)
+        entries = []
+        for pname in module._flat_weights_names:
+            if not pname.startswith("weight"):
+                continue
+            param = getattr(module, pname)
+            if gates is not None and not pname.startswith("weight_hr"):  # projections (LSTM proj_size) are not gated
+
+                def split_gates(w: Tensor, gates: tuple[str, ...] = gates) -> list[tuple[str, Tensor]]:
+                    return [(f".{g}", c.unsqueeze(0)) for g, c in zip(gates, w.chunk(len(gates), dim=0))]
+
+                entries.append(_Entry(f"{name}.{pname}", layer_type, module, param, split_gates))
+            else:
+                entries.append(_Entry(f"{name}.{pname}", layer_type, module, param, lambda w: [("", w.unsqueeze(0))]))
+        return entries
+    return []
+
+
+def _skip(name: str, layer_type: str, module: nn.Module, shape: Sequence[int], dtype: str, reason: str) -> WeightMatrix:
+    dims = sorted(int(d) for d in shape[-2:]) if len(shape) >= 2 else [0, 0]
+    return WeightMatrix(name, layer_type, type(module).__name__, None, dims[-1], dims[0], 1, dtype, reason)
+
+
+def weight_matrices(
+    model: nn.Module,
+    *,
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    layer_types: Sequence[str | type] | None = None,
+    min_evals: int = 0,
+    max_evals: int | None = None,
+    gather: Callable[[Tensor], Tensor] | None = None,
+) -> list[WeightMatrix]:
+    """List the weight matrices of ``model`` in ``named_modules()`` order.
+
+    Args:
+        model: Any ``nn.Module``.
+        include: Regex (or list of regexes) a matrix name must match (``re.search``) to be kept.
+        exclude: Regex (or list) whose matches are dropped.
+        layer_types: Keep only these layer types: :data:`LAYER_TYPES` strings, class names (``"Linear"``) or
+            module classes.
+        min_evals: Matrices with fewer pooled eigenvalues are kept as skipped records.
+        max_evals: Matrices with more pooled eigenvalues are kept as skipped records (``None``: no limit).
+        gather: Function that returns the full tensor for a sharded parameter (default: ``DTensor.full_tensor``,
+            a collective every rank must run).
+
+    Returns:
+        One :class:`WeightMatrix` per matrix, skipped ones included. A parameter shared by several modules (tied
+        embeddings) appears once, under its first name; the other names are in ``aliases``.
+
+    Example:
+        >>> from torch import nn
+        >>> mats = weight_matrices(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Conv2d(3, 8, 3)))
+        >>> [(m.name, m.layer_type, m.N, m.M, m.num_slices) for m in mats]
+        [('0', 'linear', 64, 32, 1), ('2', 'conv2d', 8, 3, 9)]
+    """
+    gather = gather or _full_tensor
+    seen: dict[int, WeightMatrix] = {}
+    out: list[WeightMatrix] = []
+    for module_name, module in model.named_modules():
+        layer_type = layer_type_of(module)
+        if layer_type is None or not _type_selected(layer_type, module, layer_types):
+            continue
+        for entry in _entries(module_name, module, layer_type):
+            out.extend(_matrices_of(entry, include, exclude, min_evals, max_evals, gather, seen))
+    return out
+
+
+def _matrices_of(
+    entry: _Entry,
+    include: Sequence[str] | str | None,
+    exclude: Sequence[str] | str | None,
+    min_evals: int,
+    max_evals: int | None,
+    gather: Callable[[Tensor], Tensor],
+    seen: dict[int, WeightMatrix],
+) -> Iterator[WeightMatrix]:
+    param = entry.param
+    module_type = type(entry.module).__name__
+    if param is None:
+        return
+    key = id(param)
+    if key in seen:  # tied weights: analyze once
+        seen[key].aliases.append(entry.name)
+        return
+    dtype = str(param.dtype)
+    problem = _storage_problem(param)
+    if problem is not None:
+        if _kept(entry.name, include, exclude):
+            record = _skip(entry.name, entry.layer_type, entry.module, tuple(param.shape), dtype, problem)
+            seen[key] = record
+            yield record
+        return
+    weight = gather(param).detach()
+    note = ""
+    if weight.is_quantized:
+        weight = weight.dequantize()
+        note = f"dequantized from {dtype}"
+    first = None
+    for suffix, stack in entry.build(weight):
+        name = entry.name + suffix
+        if not _kept(name, include, exclude):
+            continue
+        stack = _tall(stack)
+        k, n_rows, m_cols = stack.shape
+        record = WeightMatrix(name, entry.layer_type, module_type, stack, n_rows, m_cols, k, dtype, None, note)
+        evals = record.num_evals
+        if m_cols < 2 and k * m_cols >= 1:
+            record.skip_reason = f"slices are {n_rows}x{m_cols}: a single column has no spectrum to speak of"
+        elif evals < min_evals:
+            record.skip_reason = f"{evals} eigenvalues < min_evals={min_evals}"
+        elif max_evals is not None and evals > max_evals:
+            record.skip_reason = f"{evals} eigenvalues > max_evals={max_evals}"
+        if record.skip_reason is not None:
+            record.slices = None
+        first = first or record
+        yield record
+    if first is not None:
+        seen[key] = first
+
+
+def _kept(name: str, include: Sequence[str] | str | None, exclude: Sequence[str] | str | None) -> bool:
+    if include is not None and not _matches(name, include):
+        return False
+    return not _matches(name, exclude)
+
+
+def named_weight_shapes(matrices: Iterable[WeightMatrix]) -> dict[str, tuple[int, int, int]]:
+    """``{name: (num_slices, N, M)}`` for quick inspection."""
+    return {m.name: (m.num_slices, m.N, m.M) for m in matrices}

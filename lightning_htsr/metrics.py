@@ -1,0 +1,154 @@
+"""Stage 4 of the pipeline: eigenvalues (+ fits) -> per-matrix HT-SR metrics.
+
+Column names follow weightwatcher 0.7.7 wherever the quantity is the same (``WW_DOSSIER.md`` section 4). With
+eigenvalues ``lambda_i`` of the ESD (whatever scale convention the caller chose) and ``p_i = lambda_i / sum lambda``:
+
+==================== ==========================================================================================
+``norm``             ``sum lambda`` (``||W||_F^2``, divided by ``N`` in the default ``W^T W / N`` convention)
+``log_norm``         ``log10 norm``
+``spectral_norm``    ``lambda_max`` (``||W||_2^2``, same convention)
+``log_spectral_norm````log10 lambda_max``
+``stable_rank``      ``sum lambda / lambda_max`` (scale-free)
+``alpha_weighted``   ``alpha * log10 lambda_max`` (Martin & Mahoney's alpha-hat)
+``log_alpha_norm``   ``log10 sum lambda^alpha`` (log of the Schatten-alpha norm of ``X`` to the power alpha)
+``entropy``          ``-sum p ln p / ln R`` over non-zero ``p``, ``R`` the numerical rank; in [0, 1]. No epsilon is
+                     added (weightwatcher adds one whose size depends on whether CUDA is present).
+``matrix_rank``      ``#{lambda > zero_tol}``
+``rank_loss``        ``num_evals - matrix_rank``
+``warning``          ``"over-trained"`` if alpha < 2, ``"under-trained"`` if alpha > 6, else ``""``
+==================== ==========================================================================================
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "OVER_TRAINED_ALPHA",
+    "UNDER_TRAINED_ALPHA",
+    "alpha_warning",
+    "matrix_entropy",
+    "norm_metrics",
+    "rank_metrics",
+]
+
+#: alpha below this is flagged ``"over-trained"`` (weightwatcher's ``OVER_TRAINED_THRESH``).
+OVER_TRAINED_ALPHA = 2.0
+#: alpha above this is flagged ``"under-trained"`` (weightwatcher's ``UNDER_TRAINED_THRESH``).
+UNDER_TRAINED_ALPHA = 6.0
+
+#: weightwatcher 0.7.7's entropy epsilon on a CPU-only machine (``RMT_Util.EPSILON``).
+WW_ENTROPY_EPSILON = 1e-10
+
+
+def _numpy(eigenvalues: Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(eigenvalues, Tensor):
+        return eigenvalues.detach().to(torch.float64).cpu().numpy().reshape(-1)
+    return np.asarray(eigenvalues, dtype=np.float64).reshape(-1)
+
+
+def rank_metrics(eigenvalues: Tensor | np.ndarray, zero_tol: float) -> dict[str, int]:
+    """Numerical rank and rank loss.
+
+    Args:
+        eigenvalues: The ESD.
+        zero_tol: Eigenvalues ``<= zero_tol`` count as zero (see :class:`~lightning_htsr.eigenvalues.Spectrum`).
+
+    Returns:
+        ``{"matrix_rank", "rank_loss"}``.
+
+    Example:
+        >>> rank_metrics([0.0, 1e-20, 0.5, 2.0], zero_tol=1e-12)
+        {'matrix_rank': 2, 'rank_loss': 2}
+    """
+    x = _numpy(eigenvalues)
+    rank = int(np.count_nonzero(x > zero_tol))
+    return {"matrix_rank": rank, "rank_loss": int(x.size - rank)}
+
+
+def matrix_entropy(eigenvalues: Tensor | np.ndarray, rank: int, *, epsilon: float = 0.0) -> float:
+    """Spectral (matrix) entropy, normalized by ``ln(rank)`` (Martin & Mahoney 2021, section 2.1).
+
+    Args:
+        eigenvalues: The ESD.
+        rank: Numerical rank ``R`` (``ln R`` normalizes the entropy to [0, 1]).
+        epsilon: Added to every ``p_i`` and to ``R`` before the logarithms. 0 (default) masks ``p = 0`` instead;
+            :data:`WW_ENTROPY_EPSILON` reproduces weightwatcher on a CPU machine.
+
+    Returns:
+        The entropy, or NaN when ``rank <= 1`` or the spectrum is zero (entropy undefined).
+
+    Example:
+        >>> round(matrix_entropy([1.0, 1.0, 1.0, 1.0], rank=4), 6)  # flat spectrum
+        1.0
+    """
+    x = _numpy(eigenvalues)
+    total = float(x.sum())
+    if total <= 0.0 or not math.isfinite(total):
+        return math.nan
+    p = x / total
+    if epsilon:
+        p = p + epsilon
+        denominator = math.log(rank + epsilon)
+        return float(-np.sum(p * np.log(p)) / denominator) if denominator > 0 else math.nan
+    if rank <= 1:
+        return math.nan
+    p = p[p > 0]
+    return float(-np.sum(p * np.log(p)) / math.log(rank))
+
+
+def norm_metrics(eigenvalues: Tensor | np.ndarray, alpha: float = math.nan) -> dict[str, float]:
+    """Scale and shape-weighted norm metrics of an ESD.
+
+    Args:
+        eigenvalues: The ESD (zeros allowed).
+        alpha: Fitted power-law exponent (NaN leaves the alpha-dependent metrics NaN).
+
+    Returns:
+        ``{"norm", "log_norm", "spectral_norm", "log_spectral_norm", "stable_rank", "alpha_weighted",
+        "log_alpha_norm"}``; logs of a zero norm are NaN.
+
+    Example:
+        >>> m = norm_metrics([1.0, 1.0, 2.0], alpha=2.0)
+        >>> m["norm"], m["stable_rank"], round(m["log_alpha_norm"], 6)
+        (4.0, 2.0, 0.778151)
+    """
+    x = _numpy(eigenvalues)
+    norm = float(x.sum())
+    lam_max = float(x.max()) if x.size else math.nan
+    positive = norm > 0 and lam_max > 0
+    log_spec = math.log10(lam_max) if positive else math.nan
+    out = {
+        "norm": norm,
+        "log_norm": math.log10(norm) if positive else math.nan,
+        "spectral_norm": lam_max,
+        "log_spectral_norm": log_spec,
+        "stable_rank": norm / lam_max if positive else math.nan,
+        "alpha_weighted": alpha * log_spec if positive else math.nan,
+        "log_alpha_norm": math.nan,
+    }
+    if positive and math.isfinite(alpha):
+        # log10 sum x^a = a log10 x_max + log10 sum (x / x_max)^a: no overflow for large alpha or lambda.
+        with np.errstate(divide="ignore", under="ignore"):
+            out["log_alpha_norm"] = alpha * log_spec + math.log10(float(np.sum((x / lam_max) ** alpha)))
+    return out
+
+
+def alpha_warning(alpha: float) -> str:
+    """weightwatcher's warning label for an exponent: ``"over-trained"``, ``"under-trained"`` or ``""``.
+
+    Example:
+        >>> alpha_warning(1.7), alpha_warning(3.0), alpha_warning(7.5)
+        ('over-trained', '', 'under-trained')
+    """
+    if not math.isfinite(alpha):
+        return ""
+    if alpha < OVER_TRAINED_ALPHA:
+        return "over-trained"
+    if alpha > UNDER_TRAINED_ALPHA:
+        return "under-trained"
+    return ""

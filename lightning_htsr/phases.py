@@ -1,0 +1,327 @@
+"""Stage 5 of the pipeline: ESD diagnostics -> one of the "5+1 phases of training" (Martin & Mahoney 2021, sec. 5).
+
+The papers assign phases by eye. This module makes the assignment operational, from quantities random-matrix
+theory predicts (see ``THEORY_DOSSIER.md`` sections 2-3 and the calibration in ``tests/test_phases.py``):
+
+1. ``rank_collapse``: at least ``zero_fraction`` of the spectrum is numerically zero or sits in a cluster at least
+   ``zero_gap_decades`` below the rest (any aspect ratio). The gap test is scale-free: a very heavy-tailed matrix
+   spans many decades continuously and has no such gap, while a low-rank product plus noise does.
+2. ``random_like``: no eigenvalue is Tracy-Widom-significant above the Marchenko-Pastur edge (family-wise
+   false-spike rate 0.1 %) and the bulk matches MP (KS <= ``max_ks_mp``).
+3. ``bulk_plus_spikes``: an MP bulk plus a few spikes (<= ``max_spike_fraction`` of the eigenvalues), every one of
+   them at least ``spike_separation`` TW widths above the edge: outside the BBP critical window, where a spike's
+   distance from the edge grows like ``(theta - theta_c)^2 N^(2/3)`` TW widths.
+4. ``bleeding_out``: an MP bulk plus a few spikes, at least one of them inside that window: eigenmass just leaving
+   the edge.
+5. ``heavy_tailed``: a power law describes the tail: ``alpha < max_alpha`` with KS ``D <= max_powerlaw_D`` over at
+   least ``min_tail_fraction`` of the eigenvalues, and the power law is not rejected in favour of an exponential
+   (bounded) tail by the likelihood-ratio test of Clauset, Shalizi & Newman (z > ``min_lr_z``). Exponents below 2
+   stay ``heavy_tailed``; the separate ``warning`` column says ``"over-trained"``.
+6. ``bulk_decay``: everything else: many eigenvalues above the edge that are neither a few clean spikes nor a
+   power-law tail (graded signals straddling the BBP threshold, weak heavy tails with alpha > 6).
+
+The classifier also returns the diagnostics behind the label, so a user can see *why*.
+:class:`PhaseTracker` smooths labels across analyses with hysteresis.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .marchenko_pastur import MarchenkoPasturFit, fit_marchenko_pastur
+from .powerlaw import PowerLawFit, fit_power_law, likelihood_ratio_exponential
+
+__all__ = [
+    "Phase",
+    "PhaseConfig",
+    "PhaseResult",
+    "PhaseTracker",
+    "classify_phase",
+]
+
+
+class Phase(str, enum.Enum):
+    """The 5+1 phases of training, in order of increasing implicit self-regularization (+ rank collapse)."""
+
+    RANDOM_LIKE = "random_like"
+    BLEEDING_OUT = "bleeding_out"
+    BULK_PLUS_SPIKES = "bulk_plus_spikes"
+    BULK_DECAY = "bulk_decay"
+    HEAVY_TAILED = "heavy_tailed"
+    RANK_COLLAPSE = "rank_collapse"
+
+    @property
+    def code(self) -> int:
+        """Integer code for scalar logging: 0 random_like ... 4 heavy_tailed, 5 rank_collapse."""
+        return list(Phase).index(self)
+
+    @classmethod
+    def from_code(cls, code: int) -> Phase:
+        """Inverse of :attr:`code`."""
+        return list(Phase)[code]
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class PhaseConfig:
+    """Thresholds of the phase classifier (all overridable).
+
+    Attributes:
+        min_evals: Spectra with fewer non-zero eigenvalues are not classified (phase ``None``); below this the
+            MP and power-law tests have no power.
+        zero_fraction: ``rank_collapse`` when at least this share of eigenvalues is (near) zero.
+        zero_gap_decades: Eigenvalues below a jump of at least this many decades between consecutive sorted
+            eigenvalues count as near zero (only jumps with ``>= min_tail_fraction`` of the spectrum above them).
+        false_spike_rate: Family-wise chance that a pure-noise matrix shows a spike (sets the TW quantile: 3.27
+            widths for one slice at 0.1 %).
+        max_ks_mp: Largest KS distance between the bulk and Marchenko-Pastur for an "MP-like" bulk.
+        max_spike_fraction: "A few spikes" means at most this share of the eigenvalues (and at least one).
+        spike_separation: Spikes of a ``bulk_plus_spikes`` layer are all at least this many TW widths above the
+            edge; closer ones make it ``bleeding_out``.
+        max_alpha: ``heavy_tailed`` needs ``alpha`` below this (SETOL: alpha > 6 is "weakly heavy-tailed" and
+            uninformative).
+        max_powerlaw_D: ... a power-law KS distance at most this ...
+        min_tail_fraction: ... over a tail holding at least this share of the eigenvalues ...
+        min_lr_z: ... and a power-law-vs-exponential likelihood-ratio z above this (-1.645: not rejected at 10 %).
+    """
+
+    min_evals: int = 50
+    zero_fraction: float = 0.10
+    zero_gap_decades: float = 3.0
+    false_spike_rate: float = 0.001
+    max_ks_mp: float = 0.05
+    max_spike_fraction: float = 0.02
+    spike_separation: float = 25.0
+    max_alpha: float = 6.0
+    max_powerlaw_D: float = 0.1
+    min_tail_fraction: float = 0.05
+    min_lr_z: float = -1.645
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    """A phase label and the diagnostics behind it.
+
+    Attributes:
+        phase: The label, or ``None`` when the spectrum is too small or degenerate to classify.
+        reason: One sentence on which rule decided (or why there is no label).
+        frac_zero: Share of (near-)zero eigenvalues: numerical zeros plus any cluster below a
+            ``zero_gap_decades`` jump.
+        mp: The Marchenko-Pastur fit (``lambda_plus``, TW width, spikes, ``ks_mp``, ``tail_mass``, ...).
+        powerlaw: The power-law fit (``alpha``, ``D``, ``xmin``, tail size).
+        lr_exponential: Likelihood-ratio z of the power law against an exponential tail (> 0 favours the
+            power law).
+    """
+
+    phase: Phase | None
+    reason: str
+    frac_zero: float
+    mp: MarchenkoPasturFit
+    powerlaw: PowerLawFit
+    lr_exponential: float = math.nan
+
+    def diagnostics(self) -> dict[str, float | int | str | None]:
+        """Flat ``dict`` of the diagnostics, with the column names ``analyze()`` uses."""
+        mp = self.mp.as_dict()
+        return {
+            "phase": self.phase.value if self.phase is not None else None,
+            "phase_reason": self.reason,
+            "frac_zero": self.frac_zero,
+            "lr_exponential": self.lr_exponential,
+            **mp,
+        }
+
+
+def _near_zero_fraction(x: np.ndarray, nonzero: np.ndarray, config: PhaseConfig) -> float:
+    """Numerical zeros plus the eigenvalues below the highest >= ``zero_gap_decades`` jump in ``log10(lambda)``
+    that leaves at least ``min_tail_fraction`` of the spectrum above it."""
+    n_total = x.size
+    zeros = n_total - nonzero.size
+    if nonzero.size > 1:
+        jumps = np.diff(np.log10(nonzero))
+        above = nonzero.size - 1 - np.arange(jumps.size)  # eigenvalues above each jump
+        ok = (jumps >= config.zero_gap_decades) & (above >= max(1.0, config.min_tail_fraction * n_total))
+        if ok.any():
+            zeros += int(np.flatnonzero(ok)[-1]) + 1
+    return zeros / n_total
+
+
+def _powerlaw_is_trusted(pl: PowerLawFit, lr_z: float, n: int, config: PhaseConfig) -> bool:
+    return (
+        pl.ok
+        and pl.alpha < config.max_alpha
+        and pl.D <= config.max_powerlaw_D
+        and pl.num_pl_spikes >= config.min_tail_fraction * n
+        and not lr_z < config.min_lr_z  # NaN (degenerate tail) does not veto
+    )
+
+
+def classify_phase(
+    eigenvalues: Tensor | np.ndarray,
+    N: int,
+    M: int,
+    *,
+    num_slices: int = 1,
+    zero_tol: float | None = None,
+    config: PhaseConfig | None = None,
+    mp: MarchenkoPasturFit | None = None,
+    powerlaw: PowerLawFit | None = None,
+) -> PhaseResult:
+    """Assign one of the 5+1 phases to an ESD.
+
+    Args:
+        eigenvalues: The ESD of one (pooled) matrix, any scale convention.
+        N: Larger side of one slice.
+        M: Smaller side of one slice.
+        num_slices: Number of pooled slices (a ``kh x kw`` convolution has ``kh * kw``).
+        zero_tol: Eigenvalues ``<= zero_tol`` are numerical zeros (pass the resolution floor of the eigensolver,
+            :attr:`~lightning_htsr.eigenvalues.Spectrum.floor`). ``None`` uses ``lambda_max * n * eps`` of the
+            input dtype.
+        config: Thresholds (default :class:`PhaseConfig`).
+        mp: A precomputed :func:`~lightning_htsr.marchenko_pastur.fit_marchenko_pastur` result (computed if
+            ``None``).
+        powerlaw: A precomputed :func:`~lightning_htsr.powerlaw.fit_power_law` result (computed if ``None``).
+
+    Returns:
+        A :class:`PhaseResult`.
+
+    Example:
+        >>> import torch
+        >>> from lightning_htsr.eigenvalues import eigenvalues
+        >>> w = torch.randn(1000, 500, generator=torch.Generator().manual_seed(0))
+        >>> classify_phase(eigenvalues(w), 1000, 500).phase
+        <Phase.RANDOM_LIKE: 'random_like'>
+    """
+    config = config or PhaseConfig()
+    x = eigenvalues.detach().double().cpu().numpy() if isinstance(eigenvalues, Tensor) else np.asarray(eigenvalues)
+    x = np.sort(x.reshape(-1).astype(np.float64))
+    n_total = x.size
+    lam_max = float(x[-1]) if n_total else 0.0
+    if zero_tol is None:
+        dtype = eigenvalues.dtype if isinstance(eigenvalues, np.ndarray) else np.float64
+        eps = float(np.finfo(dtype).eps) if np.issubdtype(dtype, np.floating) else float(np.finfo(float).eps)
+        zero_tol = lam_max * n_total * eps
+    nonzero = x[x > zero_tol]
+    frac_zero = _near_zero_fraction(x, nonzero, config) if n_total else math.nan
+    if mp is None:
+        mp = fit_marchenko_pastur(
+            nonzero, N, M, num_slices=num_slices, false_spike_rate=config.false_spike_rate, zero_tol=zero_tol
+        )
+    if powerlaw is None:
+        powerlaw = fit_power_law(torch.from_numpy(nonzero), zero_tol=zero_tol) if nonzero.size else PowerLawFit.failed(
+            "no non-zero eigenvalues"
+        )
+
+    lr_z = likelihood_ratio_exponential(nonzero, powerlaw) if nonzero.size else math.nan
+
+    def result(phase: Phase | None, reason: str) -> PhaseResult:
+        return PhaseResult(phase, reason, frac_zero, mp, powerlaw, lr_z)
+
+    if n_total == 0 or lam_max <= 0 or not math.isfinite(lam_max):
+        return result(None, "no spectrum (all-zero or empty)")
+    if frac_zero >= config.zero_fraction and n_total >= config.min_evals:
+        return result(Phase.RANK_COLLAPSE, f"{frac_zero:.0%} of the eigenvalues are (near) zero")
+    if nonzero.size < config.min_evals:
+        return result(None, f"{nonzero.size} non-zero eigenvalues < {config.min_evals} needed to classify")
+    n = nonzero.size
+    mp_like = math.isfinite(mp.ks_mp) and mp.ks_mp <= config.max_ks_mp
+    if mp.num_spikes == 0 and mp_like:
+        return result(Phase.RANDOM_LIKE, f"no spike above the TW edge; bulk KS to MP {mp.ks_mp:.3f}")
+    few = 1 <= mp.num_spikes <= max(1.0, config.max_spike_fraction * n)
+    if few and mp_like:
+        if mp.spike_gap_tw >= config.spike_separation:
+            return result(
+                Phase.BULK_PLUS_SPIKES,
+                f"{mp.num_spikes} spike(s), all >= {mp.spike_gap_tw:.0f} TW widths above an MP bulk "
+                f"(KS {mp.ks_mp:.3f})",
+            )
+        return result(
+            Phase.BLEEDING_OUT,
+            f"{mp.num_spikes} spike(s) above an MP bulk, the weakest only {mp.spike_gap_tw:.1f} TW widths out",
+        )
+    if _powerlaw_is_trusted(powerlaw, lr_z, n, config):
+        return result(
+            Phase.HEAVY_TAILED,
+            f"power-law tail alpha={powerlaw.alpha:.2f}, D={powerlaw.D:.3f} over {powerlaw.num_pl_spikes} "
+            f"eigenvalues (LR vs exponential z={lr_z:.1f})",
+        )
+    return result(
+        Phase.BULK_DECAY,
+        f"{mp.num_spikes} eigenvalues above the MP edge (bulk KS {mp.ks_mp:.3f}) without a trusted power law "
+        f"(alpha={powerlaw.alpha:.2f}, D={powerlaw.D:.3f}, LR z={lr_z:.1f})",
+    )
+
+
+@dataclass
+class PhaseTracker:
+    """Smooth phase labels across analyses with hysteresis.
+
+    A matrix's reported (smoothed) phase changes only after ``k`` consecutive analyses agree on a new label; a
+    matrix seen for the first time takes its first label at once. Unclassified analyses (``None``) neither count
+    towards nor break a streak. The state is plain Python data (``state_dict``) so it can live in a checkpoint.
+
+    Args:
+        k: Consecutive agreeing analyses needed to switch.
+
+    Example:
+        >>> t = PhaseTracker(k=2)
+        >>> [t.update({"fc": p})["fc"] for p in ["random_like", "heavy_tailed", "random_like", "heavy_tailed",
+        ...                                      "heavy_tailed"]]
+        ['random_like', 'random_like', 'random_like', 'random_like', 'heavy_tailed']
+    """
+
+    k: int = 2
+    smoothed: dict[str, str] = field(default_factory=dict)
+    candidate: dict[str, str] = field(default_factory=dict)
+    streak: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+
+    def update(self, raw: dict[str, str | Phase | None]) -> dict[str, str]:
+        """Feed one analysis' raw labels ``{matrix name: phase}``; returns the smoothed labels of all matrices."""
+        for name, label in raw.items():
+            if label is None:
+                continue
+            label = Phase(label).value
+            current = self.smoothed.get(name)
+            if current is None:
+                self.smoothed[name] = label
+                self.candidate.pop(name, None)
+                self.streak.pop(name, None)
+                continue
+            if label == current:
+                self.candidate.pop(name, None)
+                self.streak.pop(name, None)
+                continue
+            if self.candidate.get(name) == label:
+                self.streak[name] += 1
+            else:
+                self.candidate[name] = label
+                self.streak[name] = 1
+            if self.streak[name] >= self.k:
+                self.smoothed[name] = label
+                self.candidate.pop(name)
+                self.streak.pop(name)
+        return dict(self.smoothed)
+
+    def state_dict(self) -> dict[str, object]:
+        """Plain-Python state (loads with ``torch.load(weights_only=True)``)."""
+        return {"k": self.k, "smoothed": dict(self.smoothed), "candidate": dict(self.candidate),
+                "streak": dict(self.streak)}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore :meth:`state_dict` output."""
+        self.k = int(state.get("k", self.k))  # type: ignore[arg-type]
+        self.smoothed = dict(state.get("smoothed", {}))  # type: ignore[arg-type]
+        self.candidate = dict(state.get("candidate", {}))  # type: ignore[arg-type]
+        self.streak = {k: int(v) for k, v in dict(state.get("streak", {})).items()}  # type: ignore[arg-type]
