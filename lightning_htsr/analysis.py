@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -28,7 +28,7 @@ from .phases import PhaseConfig, PhaseResult, classify_phase
 from .powerlaw import FitMethod, KSConvention, PowerLawFit, fit_power_law
 from .records import empty_record, records_to_frame
 
-__all__ = ["AnalysisOptions", "MatrixAnalysis", "analyze", "analyze_matrices"]
+__all__ = ["AnalysisOptions", "MatrixAnalysis", "analyze", "analyze_matrices", "bad_input_rows", "warn_bad_input"]
 
 #: weightwatcher's near-zero filter before the power-law fit (``constants.EVALS_THRESH``, CPU value).
 WW_EVALS_THRESH = 1e-5
@@ -292,4 +292,29 @@ def analyze(
             max_evals=options.max_evals,
         )
     results = analyze_matrices(matrices, options)
+    warn_bad_input(r.record for r in results)
     return records_to_frame(r.record for r in results)
+
+
+#: Skip reasons that are routine (layer too small or too large), not a problem with the weights.
+_ROUTINE_SKIPS = ("min_evals", "max_evals", "a single column")
+
+
+def bad_input_rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records skipped or degenerate because of their weights (not merely their size)."""
+    return [
+        r
+        for r in records
+        if r["status"] != "success" and not any(k in (r["skip_reason"] or "") for k in _ROUTINE_SKIPS)
+    ]
+
+
+def warn_bad_input(records: Iterable[dict[str, Any]], stacklevel: int = 3) -> None:
+    """One ``UserWarning`` naming every matrix whose weights could not be analyzed (or only partly), and why."""
+    bad = bad_input_rows(records)
+    if not bad:
+        return
+    shown = "; ".join(f"{r['name']} ({r['status']}: {r['skip_reason']})" for r in bad[:8])
+    more = f"; and {len(bad) - 8} more" if len(bad) > 8 else ""
+    warnings.warn(f"lightning-htsr: {len(bad)} weight matrices not fully analyzed: {shown}{more}", UserWarning,
+                  stacklevel=stacklevel)

@@ -3,9 +3,10 @@
 The papers assign phases by eye. This module makes the assignment operational, from quantities random-matrix
 theory predicts (see ``THEORY_DOSSIER.md`` sections 2-3 and the calibration in ``tests/test_phases.py``):
 
-1. ``rank_collapse``: at least ``zero_fraction`` of the spectrum is numerically zero or sits in a cluster at least
-   ``zero_gap_decades`` below the rest (any aspect ratio). The gap test is scale-free: a very heavy-tailed matrix
-   spans many decades continuously and has no such gap, while a low-rank product plus noise does.
+1. ``rank_collapse``: at least ``zero_fraction`` of the spectrum sits in a cluster at least ``zero_gap_decades``
+   below the rest (any aspect ratio). Eigenvalues under the solver's resolution floor count as sitting at the
+   floor. The test is scale-free: a very heavy-tailed matrix spans many decades continuously (even past what
+   float64 resolves) and has no such gap, while exact zeros or a low-rank product plus noise do.
 2. ``random_like``: no eigenvalue is Tracy-Widom-significant above the Marchenko-Pastur edge (family-wise
    false-spike rate 0.1 %) and the bulk matches MP (KS <= ``max_ks_mp``).
 3. ``bulk_plus_spikes``: an MP bulk plus a few spikes (<= ``max_spike_fraction`` of the eigenvalues), every one of
@@ -77,9 +78,10 @@ class PhaseConfig:
     Attributes:
         min_evals: Spectra with fewer non-zero eigenvalues are not classified (phase ``None``); below this the
             MP and power-law tests have no power.
-        zero_fraction: ``rank_collapse`` when at least this share of eigenvalues is (near) zero.
-        zero_gap_decades: Eigenvalues below a jump of at least this many decades between consecutive sorted
-            eigenvalues count as near zero (only jumps with ``>= min_tail_fraction`` of the spectrum above them).
+        zero_fraction: ``rank_collapse`` when at least this share of eigenvalues is near zero ...
+        zero_gap_decades: ... where near zero means below a jump of at least this many decades between consecutive
+            sorted eigenvalues (floored at the resolution floor), with ``>= min_tail_fraction`` of the spectrum
+            above the jump.
         false_spike_rate: Family-wise chance that a pure-noise matrix shows a spike (sets the TW quantile: 3.27
             widths for one slice at 0.1 %).
         max_ks_mp: Largest KS distance between the bulk and Marchenko-Pastur for an "MP-like" bulk.
@@ -113,8 +115,7 @@ class PhaseResult:
     Attributes:
         phase: The label, or ``None`` when the spectrum is too small or degenerate to classify.
         reason: One sentence on which rule decided (or why there is no label).
-        frac_zero: Share of (near-)zero eigenvalues: numerical zeros plus any cluster below a
-            ``zero_gap_decades`` jump.
+        frac_zero: Share of near-zero eigenvalues: those below the highest ``zero_gap_decades`` jump.
         mp: The Marchenko-Pastur fit (``lambda_plus``, TW width, spikes, ``ks_mp``, ``tail_mass``, ...).
         powerlaw: The power-law fit (``alpha``, ``D``, ``xmin``, tail size).
         lr_exponential: Likelihood-ratio z of the power law against an exponential tail (> 0 favours the
@@ -140,18 +141,25 @@ class PhaseResult:
         }
 
 
-def _near_zero_fraction(x: np.ndarray, nonzero: np.ndarray, config: PhaseConfig) -> float:
-    """Numerical zeros plus the eigenvalues below the highest >= ``zero_gap_decades`` jump in ``log10(lambda)``
-    that leaves at least ``min_tail_fraction`` of the spectrum above it."""
+def _near_zero_fraction(x: np.ndarray, zero_tol: float, config: PhaseConfig) -> float:
+    """Share of the spectrum below the highest jump of >= ``zero_gap_decades`` in ``log10(lambda)`` that leaves at
+    least ``min_tail_fraction`` of the eigenvalues above it.
+
+    Eigenvalues under ``zero_tol`` (the solver's resolution floor) are placed *at* the floor: they are unresolved,
+    not necessarily zero. A continuous spectrum that runs into the floor (a heavy tail spanning more decades than
+    the arithmetic resolves) then shows no jump; a cluster of (near-)zeros under a bulk does.
+    """
     n_total = x.size
-    zeros = n_total - nonzero.size
-    if nonzero.size > 1:
-        jumps = np.diff(np.log10(nonzero))
-        above = nonzero.size - 1 - np.arange(jumps.size)  # eigenvalues above each jump
-        ok = (jumps >= config.zero_gap_decades) & (above >= max(1.0, config.min_tail_fraction * n_total))
-        if ok.any():
-            zeros += int(np.flatnonzero(ok)[-1]) + 1
-    return zeros / n_total
+    if n_total < 2 or not x[-1] > 0:
+        return 0.0
+    floor = max(zero_tol, float(x[-1]) * 1e-300)
+    logs = np.log10(np.maximum(x, floor))
+    jumps = np.diff(logs)
+    above = n_total - 1 - np.arange(jumps.size)  # eigenvalues above each jump
+    ok = (jumps >= config.zero_gap_decades) & (above >= max(1.0, config.min_tail_fraction * n_total))
+    if not ok.any():
+        return 0.0
+    return (int(np.flatnonzero(ok)[-1]) + 1) / n_total
 
 
 def _powerlaw_is_trusted(pl: PowerLawFit, lr_z: float, n: int, config: PhaseConfig) -> bool:
@@ -210,7 +218,7 @@ def classify_phase(
         eps = float(np.finfo(dtype).eps) if np.issubdtype(dtype, np.floating) else float(np.finfo(float).eps)
         zero_tol = lam_max * n_total * eps
     nonzero = x[x > zero_tol]
-    frac_zero = _near_zero_fraction(x, nonzero, config) if n_total else math.nan
+    frac_zero = _near_zero_fraction(x, zero_tol, config) if n_total else math.nan
     if mp is None:
         mp = fit_marchenko_pastur(
             nonzero, N, M, num_slices=num_slices, false_spike_rate=config.false_spike_rate, zero_tol=zero_tol
