@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from .eigenvalues import Backend, Precision, Route, Spectrum, compute_spectra
 from .layers import WeightMatrix, weight_matrices
-from .marchenko_pastur import MarchenkoPasturFit, fit_marchenko_pastur
+from .marchenko_pastur import MarchenkoPasturFit
 from .metrics import WW_ENTROPY_EPSILON, alpha_warning, matrix_entropy, norm_metrics, rank_metrics
 from .phases import PhaseConfig, PhaseResult, classify_phase
 from .powerlaw import FitMethod, KSConvention, PowerLawFit, fit_power_law
@@ -184,11 +184,8 @@ def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: Analysi
     powerlaw = fit_power_law(ev, method=options.fit, min_tail=options.min_tail, ks=options.ks, zero_tol=fit_tol)
     norms = norm_metrics(ev, powerlaw.alpha)
     entropy = matrix_entropy(ev, ranks["matrix_rank"], epsilon=options.entropy_epsilon)
-    config = options.phase_config
-    mp = fit_marchenko_pastur(ev, matrix.N, matrix.M, num_slices=matrix.num_slices,
-                              false_spike_rate=config.false_spike_rate, zero_tol=spectrum.floor)
     phase = classify_phase(ev, matrix.N, matrix.M, num_slices=matrix.num_slices, zero_tol=spectrum.floor,
-                           config=config, mp=mp, powerlaw=powerlaw)
+                           config=options.phase_config, powerlaw=powerlaw)
     problems = []
     if not powerlaw.ok:
         problems.append(f"power-law fit: {powerlaw.reason}")
@@ -210,7 +207,7 @@ def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: Analysi
         **ranks,
         **phase.diagnostics(),
     )
-    return MatrixAnalysis(record, ev, powerlaw, mp, phase)
+    return MatrixAnalysis(record, ev, powerlaw, phase.mp, phase)
 
 
 def analyze(

@@ -220,8 +220,10 @@ def classify_phase(
     nonzero = x[x > zero_tol]
     frac_zero = _near_zero_fraction(x, zero_tol, config) if n_total else math.nan
     if mp is None:
+        # The bulk is what lies above a near-zero cluster: median matching inside the cluster would fit noise.
+        above = x[int(round(frac_zero * n_total)) :] if n_total else x
         mp = fit_marchenko_pastur(
-            nonzero, N, M, num_slices=num_slices, false_spike_rate=config.false_spike_rate, zero_tol=zero_tol
+            above, N, M, num_slices=num_slices, false_spike_rate=config.false_spike_rate, zero_tol=zero_tol
         )
     if powerlaw is None:
         powerlaw = fit_power_law(torch.from_numpy(nonzero), zero_tol=zero_tol) if nonzero.size else PowerLawFit.failed(
