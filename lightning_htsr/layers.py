@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "LAYER_TYPES",
+    "WeightAccess",
     "WeightMatrix",
     "weight_matrices",
     "layer_type_of",
@@ -65,6 +66,9 @@ class WeightMatrix:
         dtype: The stored dtype of the weight, as a string (``"torch.bfloat16"``, ``"torch.qint8"``, ...).
         skip_reason: Why the matrix cannot be analyzed, or ``None``.
         note: Anything the user should know about how the matrix was obtained (e.g. dequantized).
+        aliases: Other names of a tied parameter.
+        source: Name of the parameter entry the matrix comes from (``"blocks.0.attn.in_proj"`` for its q, k and
+            v): the unit a distributed analysis assigns to one rank.
     """
 
     name: str
@@ -78,6 +82,7 @@ class WeightMatrix:
     skip_reason: str | None = None
     note: str = ""
     aliases: list[str] = field(default_factory=list)
+    source: str = ""
 
     @classmethod
     def from_tensor(cls, name: str, weight: Tensor, layer_type: str = "other") -> WeightMatrix:
@@ -96,7 +101,7 @@ class WeightMatrix:
             raise ValueError(f"expected a 2-D matrix or 3-D stack, got shape {tuple(weight.shape)}")
         stack = _tall(stack)
         k, n_rows, m_cols = stack.shape
-        return cls(name, layer_type, "Tensor", stack, n_rows, m_cols, k, str(weight.dtype))
+        return cls(name, layer_type, "Tensor", stack, n_rows, m_cols, k, str(weight.dtype), source=name)
 
     @property
     def Q(self) -> float:  # noqa: N802 - the paper's name
@@ -147,9 +152,11 @@ def _matches(name: str, patterns: Sequence[str] | str | None) -> bool:
     return any(re.search(p, name) for p in patterns)
 
 
-def _type_selected(layer_type: str, module: nn.Module, layer_types: Sequence[str | type] | None) -> bool:
+def _type_selected(layer_type: str, module: nn.Module, layer_types: Sequence[str | type] | str | type | None) -> bool:
     if layer_types is None:
         return True
+    if isinstance(layer_types, (str, type)):
+        layer_types = [layer_types]
     for t in layer_types:
         if isinstance(t, type):
             if isinstance(module, t):
@@ -159,29 +166,43 @@ def _type_selected(layer_type: str, module: nn.Module, layer_types: Sequence[str
     return False
 
 
-def _storage_problem(weight: Tensor) -> str | None:
-    """Reasons visible without reading the values."""
-    if isinstance(weight, nn.parameter.UninitializedParameter):
-        return "lazy module not initialized yet"
-    if weight.device.type == "meta":
-        return "weights are on the meta device (no values)"
-    if hasattr(weight, "ds_id") or hasattr(weight, "ds_shape"):
-        return "DeepSpeed ZeRO-3 partitioned parameter; gather it first (HTSRCallback does)"
-    if weight.numel() == 0:
-        return "empty (sharded or zero-size) parameter; gather the full weight first"
-    if weight.is_quantized:
+class WeightAccess:
+    """How this stage reads a parameter: its full shape, whether it is sharded, and its full value.
+
+    The default reads ordinary tensors as they are and materializes DTensors (FSDP2 / tensor parallel) with
+    ``full_tensor()``, a collective every rank must run. :mod:`lightning_htsr.distributed` adds DeepSpeed ZeRO-3.
+    """
+
+    def shape(self, param: Tensor) -> tuple[int, ...]:
+        """Full (unsharded) shape."""
+        return tuple(param.shape)
+
+    def is_sharded(self, param: Tensor) -> bool:
+        """Whether reading the full value is a collective (so every rank must do it, owner or not)."""
+        return type(param).__name__ == "DTensor"
+
+    def gather(self, param: Tensor) -> Tensor:
+        """The full value (collective when :meth:`is_sharded`)."""
+        full = getattr(param, "full_tensor", None)
+        if callable(full) and self.is_sharded(param):
+            return full()
+        return param
+
+    def problem(self, param: Tensor) -> str | None:
+        """Why the parameter cannot be analyzed, seen without reading its values (``None`` if it can)."""
+        if isinstance(param, nn.parameter.UninitializedParameter):
+            return "lazy module not initialized yet"
+        if param.device.type == "meta":
+            return "weights are on the meta device (no values)"
+        if hasattr(param, "ds_id") or hasattr(param, "ds_shape"):
+            return "DeepSpeed ZeRO-3 partitioned parameter; gather it first (HTSRCallback does)"
+        if param.numel() == 0:
+            return "empty (sharded or zero-size) parameter; gather the full weight first"
+        if param.is_quantized:
+            return None
+        if not param.is_floating_point():
+            return f"integer weights ({param.dtype}) without a quantization scale cannot be analyzed"
         return None
-    if not weight.is_floating_point():
-        return f"integer weights ({weight.dtype}) without a quantization scale cannot be analyzed"
-    return None
-
-
-def _full_tensor(weight: Tensor) -> Tensor:
-    """Materialize a DTensor (FSDP2 / tensor parallel). This is a collective: every rank must call it."""
-    full = getattr(weight, "full_tensor", None)
-    if callable(full) and type(weight).__name__ == "DTensor":
-        return full()
-    return weight
 
 
 def _tall(stack: Tensor) -> Tensor:
@@ -209,17 +230,27 @@ class _Entry:
     module: nn.Module
     param: Tensor | None
     build: Callable[[Tensor], list[tuple[str, Tensor]]]
+    dedupe: bool = True  # tied-weight detection by parameter identity (not for per-call quantized tensors)
+
+
+def _join(prefix: str, suffix: str) -> str:
+    return f"{prefix}.{suffix}" if prefix else suffix
+
+
+def _single(w: Tensor) -> list[tuple[str, Tensor]]:
+    return [("", w.unsqueeze(0))]
 
 
 def _entries(name: str, module: nn.Module, layer_type: str) -> list[_Entry]:
     """How to turn this module's parameters into (suffix, stack) pairs."""
     if layer_type in ("linear", "embedding", "other", "transformers_conv1d"):
-        return [_Entry(name, layer_type, module, module.weight, lambda w: [("", w.unsqueeze(0))])]
+        return [_Entry(name or "weight", layer_type, module, module.weight, _single)]
     if layer_type == "quantized_linear":
-        return [_Entry(name, layer_type, module, module.weight(), lambda w: [("", w.unsqueeze(0))])]
+        return [_Entry(name or "weight", layer_type, module, module.weight(), _single, dedupe=False)]
     if layer_type.startswith("conv"):
         groups = int(getattr(module, "groups", 1))
-        return [_Entry(name, layer_type, module, module.weight, lambda w: [("", _conv_slices(w, groups))])]
+        return [_Entry(name or "weight", layer_type, module, module.weight,
+                       lambda w: [("", _conv_slices(w, groups))])]
     if layer_type == "attention_in_proj":
         if module.in_proj_weight is not None:
 
@@ -227,10 +258,9 @@ def _entries(name: str, module: nn.Module, layer_type: str) -> list[_Entry]:
                 q, k, v = w.chunk(3, dim=0)
                 return [(".q", q.unsqueeze(0)), (".k", k.unsqueeze(0)), (".v", v.unsqueeze(0))]
 
-            return [_Entry(f"{name}.in_proj", layer_type, module, module.in_proj_weight, split_qkv)]
+            return [_Entry(_join(name, "in_proj"), layer_type, module, module.in_proj_weight, split_qkv)]
         return [
-            _Entry(f"{name}.in_proj.{s}", layer_type, module, getattr(module, f"{s}_proj_weight"),
-                   lambda w: [("", w.unsqueeze(0))])
+            _Entry(_join(name, f"in_proj.{s}"), layer_type, module, getattr(module, f"{s}_proj_weight"), _single)
             for s in ("q", "k", "v")
         ]
     if layer_type in ("lstm", "gru", "rnn"):
@@ -245,16 +275,24 @@ def _entries(name: str, module: nn.Module, layer_type: str) -> list[_Entry]:
                 def split_gates(w: Tensor, gates: tuple[str, ...] = gates) -> list[tuple[str, Tensor]]:
                     return [(f".{g}", c.unsqueeze(0)) for g, c in zip(gates, w.chunk(len(gates), dim=0))]
 
-                entries.append(_Entry(f"{name}.{pname}", layer_type, module, param, split_gates))
+                entries.append(_Entry(_join(name, pname), layer_type, module, param, split_gates))
             else:
-                entries.append(_Entry(f"{name}.{pname}", layer_type, module, param, lambda w: [("", w.unsqueeze(0))]))
+                entries.append(_Entry(_join(name, pname), layer_type, module, param, _single))
         return entries
     return []
 
 
-def _skip(name: str, layer_type: str, module: nn.Module, shape: Sequence[int], dtype: str, reason: str) -> WeightMatrix:
-    dims = sorted(int(d) for d in shape[-2:]) if len(shape) >= 2 else [0, 0]
-    return WeightMatrix(name, layer_type, type(module).__name__, None, dims[-1], dims[0], 1, dtype, reason)
+#: Wrapper names that distributed strategies and ``torch.compile`` insert into module paths.
+_WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "_forward_module.")
+
+
+def _clean(name: str) -> str:
+    for part in _WRAPPER_PARTS:
+        name = name.replace(part, "")
+    for part in _WRAPPER_PARTS:  # a wrapper at the very end of a path has no trailing dot
+        if name.endswith(part[:-1]):
+            name = name[: -len(part) + 1].rstrip(".")
+    return name
 
 
 def weight_matrices(
@@ -262,10 +300,12 @@ def weight_matrices(
     *,
     include: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
-    layer_types: Sequence[str | type] | None = None,
+    layer_types: Sequence[str | type] | str | type | None = None,
     min_evals: int = 0,
     max_evals: int | None = None,
-    gather: Callable[[Tensor], Tensor] | None = None,
+    access: WeightAccess | None = None,
+    select: Callable[[str], bool] | None = None,
+    materialize: bool = True,
 ) -> list[WeightMatrix]:
     """List the weight matrices of ``model`` in ``named_modules()`` order.
 
@@ -274,11 +314,16 @@ def weight_matrices(
         include: Regex (or list of regexes) a matrix name must match (``re.search``) to be kept.
         exclude: Regex (or list) whose matches are dropped.
         layer_types: Keep only these layer types: :data:`LAYER_TYPES` strings, class names (``"Linear"``) or
-            module classes.
+            module classes (one or a list).
         min_evals: Matrices with fewer pooled eigenvalues are kept as skipped records.
         max_evals: Matrices with more pooled eigenvalues are kept as skipped records (``None``: no limit).
-        gather: Function that returns the full tensor for a sharded parameter (default: ``DTensor.full_tensor``,
-            a collective every rank must run).
+        access: How parameters are read (default :class:`WeightAccess`: DTensors are gathered with
+            ``full_tensor()``, a collective every rank must run).
+        select: Keep only matrices whose :attr:`WeightMatrix.source` passes (the callback's share of a
+            distributed analysis). Sharded parameters are still gathered when not selected, so that every rank
+            takes part in every collective.
+        materialize: ``False`` lists names and shapes only (``slices`` stays ``None``; no weight is read or
+            gathered): a cheap plan.
 
     Returns:
         One :class:`WeightMatrix` per matrix, skipped ones included. A parameter shared by several modules (tied
@@ -290,15 +335,16 @@ def weight_matrices(
         >>> [(m.name, m.layer_type, m.N, m.M, m.num_slices) for m in mats]
         [('0', 'linear', 64, 32, 1), ('2', 'conv2d', 8, 3, 9)]
     """
-    gather = gather or _full_tensor
-    seen: dict[int, WeightMatrix] = {}
+    access = access or WeightAccess()
+    seen: dict[int, list[WeightMatrix]] = {}
     out: list[WeightMatrix] = []
     for module_name, module in model.named_modules():
         layer_type = layer_type_of(module)
         if layer_type is None or not _type_selected(layer_type, module, layer_types):
             continue
-        for entry in _entries(module_name, module, layer_type):
-            out.extend(_matrices_of(entry, include, exclude, min_evals, max_evals, gather, seen))
+        for entry in _entries(_clean(module_name), module, layer_type):
+            out.extend(_matrices_of(entry, include, exclude, min_evals, max_evals, access, select, materialize,
+                                    seen))
     return out
 
 
@@ -308,59 +354,71 @@ def _matrices_of(
     exclude: Sequence[str] | str | None,
     min_evals: int,
     max_evals: int | None,
-    gather: Callable[[Tensor], Tensor],
-    seen: dict[int, WeightMatrix],
+    access: WeightAccess,
+    select: Callable[[str], bool] | None,
+    materialize: bool,
+    seen: dict[int, list[WeightMatrix]],
 ) -> Iterator[WeightMatrix]:
     param = entry.param
-    module_type = type(entry.module).__name__
     if param is None:
         return
-    key = id(param)
-    if key in seen:  # tied weights: analyze once
-        seen[key].aliases.append(entry.name)
+    key = id(entry.module) if not entry.dedupe else id(param)
+    if entry.dedupe and key in seen:  # tied weights: analyze once
+        for record in seen[key]:
+            record.aliases.append(entry.name + record.name[len(record.source) :])
         return
+    module_type = type(entry.module).__name__
     dtype = str(param.dtype)
-    problem = _storage_problem(param)
-    if problem is not None:
-        if _kept(entry.name, include, exclude):
-            record = _skip(entry.name, entry.layer_type, entry.module, tuple(param.shape), dtype, problem)
-            seen[key] = record
-            yield record
+    problem = access.problem(param)
+    sharded = access.is_sharded(param) and problem is None
+    wanted = select is None or select(entry.name)
+    if not wanted and not sharded:
         return
-    weight = gather(param).detach()
+    if problem is not None or not materialize:
+        shape = None if isinstance(param, nn.parameter.UninitializedParameter) else access.shape(param)
+        layout = torch.empty(shape, device="meta") if shape is not None else None
+        weight = None
+    else:
+        weight = access.gather(param).detach()  # collective for sharded parameters: every rank gets here
+        if not wanted:
+            return
+        layout = weight
     note = ""
-    if weight.is_quantized:
+    if weight is not None and weight.is_quantized:
         weight = weight.dequantize()
+        layout = weight
         note = f"dequantized from {dtype}"
-    first = None
-    for suffix, stack in entry.build(weight):
+    records: list[WeightMatrix] = []
+    pieces = entry.build(layout) if layout is not None else [("", None)]
+    for suffix, stack in pieces:
         name = entry.name + suffix
         if not _kept(name, include, exclude):
             continue
-        stack = _tall(stack)
-        k, n_rows, m_cols = stack.shape
-        record = WeightMatrix(name, entry.layer_type, module_type, stack, n_rows, m_cols, k, dtype, None, note)
-        evals = record.num_evals
-        if m_cols < 2 and k * m_cols >= 1:
-            record.skip_reason = f"slices are {n_rows}x{m_cols}: a single column has no spectrum to speak of"
-        elif evals < min_evals:
-            record.skip_reason = f"{evals} eigenvalues < min_evals={min_evals}"
-        elif max_evals is not None and evals > max_evals:
-            record.skip_reason = f"{evals} eigenvalues > max_evals={max_evals}"
-        if record.skip_reason is not None:
-            record.slices = None
-        first = first or record
+        if stack is None:  # shape unknown (lazy): nothing to orient
+            record = WeightMatrix(name, entry.layer_type, module_type, None, 0, 0, 1, dtype, problem, note)
+        else:
+            stack = _tall(stack)
+            k, n_rows, m_cols = stack.shape
+            kept = stack if weight is not None else None
+            record = WeightMatrix(name, entry.layer_type, module_type, kept, n_rows, m_cols, k, dtype, problem, note)
+            if problem is None:
+                evals = record.num_evals
+                if m_cols < 2:
+                    record.skip_reason = f"slices are {n_rows}x{m_cols}: a single column has no spectrum to speak of"
+                elif evals < min_evals:
+                    record.skip_reason = f"{evals} eigenvalues < min_evals={min_evals}"
+                elif max_evals is not None and evals > max_evals:
+                    record.skip_reason = f"{evals} eigenvalues > max_evals={max_evals}"
+            if record.skip_reason is not None:
+                record.slices = None
+        record.source = entry.name
+        records.append(record)
         yield record
-    if first is not None:
-        seen[key] = first
+    if records:
+        seen[key] = records
 
 
 def _kept(name: str, include: Sequence[str] | str | None, exclude: Sequence[str] | str | None) -> bool:
     if include is not None and not _matches(name, include):
         return False
     return not _matches(name, exclude)
-
-
-def named_weight_shapes(matrices: Iterable[WeightMatrix]) -> dict[str, tuple[int, int, int]]:
-    """``{name: (num_slices, N, M)}`` for quick inspection."""
-    return {m.name: (m.num_slices, m.N, m.M) for m in matrices}

@@ -4,9 +4,9 @@ The papers assign phases by eye. This module makes the assignment operational, f
 theory predicts (see ``THEORY_DOSSIER.md`` sections 2-3 and the calibration in ``tests/test_phases.py``):
 
 1. ``rank_collapse``: at least ``zero_fraction`` of the spectrum sits in a cluster at least ``zero_gap_decades``
-   below the rest (any aspect ratio). Eigenvalues under the solver's resolution floor count as sitting at the
-   floor. The test is scale-free: a very heavy-tailed matrix spans many decades continuously (even past what
-   float64 resolves) and has no such gap, while exact zeros or a low-rank product plus noise do.
+   below the rest (any aspect ratio; exact zeros count, they sit at the solver's resolution floor). The test is
+   scale-free: a very heavy-tailed matrix spans many decades continuously (even past what float64 resolves) and
+   has no such gap, while exact zeros or a low-rank product plus noise do.
 2. ``random_like``: no eigenvalue is Tracy-Widom-significant above the Marchenko-Pastur edge (family-wise
    false-spike rate 0.1 %) and the bulk matches MP (KS <= ``max_ks_mp``).
 3. ``bulk_plus_spikes``: an MP bulk plus a few spikes (<= ``max_spike_fraction`` of the eigenvalues), every one of
@@ -81,7 +81,7 @@ class PhaseConfig:
         zero_fraction: ``rank_collapse`` when at least this share of eigenvalues is near zero ...
         zero_gap_decades: ... where near zero means below a jump of at least this many decades between consecutive
             sorted eigenvalues (floored at the resolution floor), with ``>= min_tail_fraction`` of the spectrum
-            above the jump.
+            above the jump or a tighter cluster below it than the jump.
         false_spike_rate: Family-wise chance that a pure-noise matrix shows a spike (sets the TW quantile: 3.27
             widths for one slice at 0.1 %).
         max_ks_mp: Largest KS distance between the bulk and Marchenko-Pastur for an "MP-like" bulk.
@@ -142,12 +142,13 @@ class PhaseResult:
 
 
 def _near_zero_fraction(x: np.ndarray, zero_tol: float, config: PhaseConfig) -> float:
-    """Share of the spectrum below the highest jump of >= ``zero_gap_decades`` in ``log10(lambda)`` that leaves at
-    least ``min_tail_fraction`` of the eigenvalues above it.
+    """Share of the spectrum below the highest qualifying jump of >= ``zero_gap_decades`` in ``log10(lambda)``.
 
     Eigenvalues under ``zero_tol`` (the solver's resolution floor) are placed *at* the floor: they are unresolved,
-    not necessarily zero. A continuous spectrum that runs into the floor (a heavy tail spanning more decades than
-    the arithmetic resolves) then shows no jump; a cluster of (near-)zeros under a bulk does.
+    not necessarily zero. A jump qualifies when at least ``min_tail_fraction`` of the spectrum lies above it, or when
+    the cluster below it is tighter (in decades) than the jump itself: a cluster of (near-)zeros under the bulk, even
+    under a single surviving direction (rank 1). A very heavy tail that runs continuously into the floor, with a few
+    huge eigenvalues far above the rest, has neither.
     """
     n_total = x.size
     if n_total < 2 or not x[-1] > 0:
@@ -156,7 +157,9 @@ def _near_zero_fraction(x: np.ndarray, zero_tol: float, config: PhaseConfig) -> 
     logs = np.log10(np.maximum(x, floor))
     jumps = np.diff(logs)
     above = n_total - 1 - np.arange(jumps.size)  # eigenvalues above each jump
-    ok = (jumps >= config.zero_gap_decades) & (above >= max(1.0, config.min_tail_fraction * n_total))
+    span_below = logs[:-1] - logs[0]
+    big = jumps >= config.zero_gap_decades
+    ok = big & ((above >= max(1.0, config.min_tail_fraction * n_total)) | (span_below < jumps))
     if not ok.any():
         return 0.0
     return (int(np.flatnonzero(ok)[-1]) + 1) / n_total
