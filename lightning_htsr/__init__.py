@@ -8,6 +8,7 @@ The pure stages are in :mod:`lightning_htsr.functional`.
 from __future__ import annotations
 
 from .analysis import AnalysisOptions, analyze
+from .callback import HTSRCallback
 from .phases import Phase, PhaseConfig, PhaseTracker
 from .powerlaw import PowerLawFit
 from .records import summarize
@@ -16,6 +17,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AnalysisOptions",
+    "HTSRCallback",
     "Phase",
     "PhaseConfig",
     "PhaseTracker",

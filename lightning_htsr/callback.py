@@ -1,0 +1,339 @@
+"""``HTSRCallback``: HT-SR diagnostics of every weight matrix during training, live in TensorBoard (or any Lightning
+logger), with optional early stopping once the layers are heavy-tailed.
+
+The callback is a thin, resumable shell around the pure stages (see :mod:`lightning_htsr.functional`): it holds the
+schedule (:class:`~lightning_htsr.schedule.AnalysisSchedule`), the phase tracker, the stop state, and dispatches each
+analysis to the sinks. It works with ``lightning.pytorch`` (this module) and ``pytorch_lightning``
+(:mod:`lightning_htsr.pytorch_lightning`, same class on the other namespace's ``Callback``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from .analysis import AnalysisOptions, analyze_matrices, bad_input_rows
+from .distributed import assign_owners, full_weight_access, gather_objects
+from .layers import weight_matrices
+from .phases import PhaseConfig, PhaseTracker
+from .records import empty_record
+from .schedule import AnalysisSchedule
+from .sinks.history import HistoryWriter
+from .sinks.scalars import scalar_metrics
+from .sinks.tensorboard import TensorBoardSink, tensorboard_writer
+from .stopping import StopCriteria, StopReason, evaluate_stop
+
+__all__ = ["HTSRCallback"]
+
+log = logging.getLogger(__name__)
+
+PhaseName = Literal["random_like", "bleeding_out", "bulk_plus_spikes", "bulk_decay", "heavy_tailed", "rank_collapse"]
+
+
+class _HTSRCallbackImpl:
+    """Analyze every weight matrix's eigenvalue spectrum during training (Heavy-Tailed Self-Regularization).
+
+    At the chosen epochs (and/or steps, and once before training as a baseline) the callback computes the ESD of
+    ``W^T W / N`` for every ``Linear``, ``Conv``, ``Embedding``, attention and recurrent weight *on the weights'
+    device*, fits the power-law tail (``alpha``), the spectral entropy, a Marchenko-Pastur bulk with Tracy-Widom
+    spikes and the 5+1 phase, and logs them:
+
+    * to every logger as scalars ``htsr/<layer>/alpha``, ``.../entropy``, ``.../phase`` (integer code), ``.../
+      alpha_weighted``, ``.../stable_rank``, ``.../mp_softrank``, ``.../num_spikes`` and model-level
+      ``htsr/alpha_mean``, ``htsr/entropy_mean``, ``htsr/frac_heavy_tailed`` ... at ``step=trainer.global_step``;
+    * to ``trainer.callback_metrics`` (so ``EarlyStopping(monitor="htsr/alpha_mean")`` works);
+    * with a TensorBoard logger, also histograms of log10 eigenvalues, ESD figures, a phase map, a dashboard and a
+      table;
+    * to a history file (one row per matrix per analysis, flushed immediately) under the logger's log dir.
+
+    Optionally it stops training once ``stop_fraction`` of the classified matrices are in phase ``stop_on`` for
+    ``patience`` consecutive analyses (phases are smoothed with ``phase_hysteresis``), or when a layer becomes
+    over-trained (alpha < 2). Under DDP each rank analyzes a share of the matrices and all ranks receive all
+    results; FSDP2/DTensor weights are gathered with ``full_tensor()``.
+
+    Args:
+        every_n_epochs: Analyze at the end of every n-th epoch; 0 disables epoch-based analyses.
+        epochs: Explicit 0-based epochs to analyze at the end of (overrides ``every_n_epochs``).
+        every_n_steps: Also analyze every n optimizer steps (``None``: never).
+        analyze_on_train_start: Analyze once before the first step: the baseline of a fresh run (logged at step
+            0; it never stops training and does not count towards ``patience``).
+        include: Regex (or list) a matrix name must match to be analyzed.
+        exclude: Regex (or list) of matrix names to skip.
+        layer_types: Restrict to these layer types (``"linear"``, ``"conv2d"``, ``"embedding"``,
+            ``"attention_in_proj"``, ``"lstm"``, ... or class names).
+        backend: ``"torch"`` (``torch.linalg``) or ``"cupy"`` (CUDA; ``pip install lightning-htsr[cupy]``).
+        fit: Power-law search, ``"fast"`` or ``"exact"``.
+        precision: ``"auto"`` (float32 where accurate enough), ``"float32"`` or ``"float64"``.
+        min_evals: Skip matrices with fewer pooled eigenvalues.
+        max_evals: Skip matrices with more pooled eigenvalues (``None``: no limit).
+        phase_hysteresis: A matrix's reported phase changes after this many consecutive agreeing analyses.
+        log_histograms: TensorBoard histogram of log10 eigenvalues per matrix at every analysis.
+        log_figures_every: TensorBoard ESD figures every this many analyses (``None`` or 0: never).
+        history_file: File name (relative to the logger's log dir) or path of the history; ``None`` disables it.
+            ``.jsonl`` writes JSON lines, anything else CSV.
+        stop_on: Phase that ends training (``"heavy_tailed"``); ``None`` observes only.
+        stop_fraction: Share of classified matrices that must be in ``stop_on``.
+        patience: Consecutive qualifying analyses before stopping.
+        min_epochs: Never stop before this epoch.
+        stop_on_over_trained: Also stop when a matrix with a trusted power-law tail has alpha < 2.
+        prefix: Namespace of logged keys; two callbacks in one Trainer need different prefixes.
+        verbose: Log the stop decision and one line per analysis at INFO level.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        epochs: list[int] | None = None,
+        every_n_steps: int | None = None,
+        analyze_on_train_start: bool = True,
+        include: str | list[str] | None = None,
+        exclude: str | list[str] | None = None,
+        layer_types: list[str] | None = None,
+        backend: Literal["torch", "cupy"] = "torch",
+        fit: Literal["fast", "exact"] = "fast",
+        precision: Literal["auto", "float32", "float64"] = "auto",
+        min_evals: int = 10,
+        max_evals: int | None = None,
+        phase_hysteresis: int = 2,
+        log_histograms: bool = True,
+        log_figures_every: int | None = 5,
+        history_file: str | None = "htsr_history.csv",
+        stop_on: PhaseName | None = None,
+        stop_fraction: float = 0.8,
+        patience: int = 1,
+        min_epochs: int = 0,
+        stop_on_over_trained: bool = False,
+        prefix: str = "htsr",
+        verbose: bool = False,
+    ) -> None:
+        super().__init__()
+        if backend not in ("torch", "cupy"):
+            raise ValueError(f"backend must be 'torch' or 'cupy', got {backend!r}")
+        if fit not in ("fast", "exact"):
+            raise ValueError(f"fit must be 'fast' or 'exact', got {fit!r}")
+        if precision not in ("auto", "float32", "float64"):
+            raise ValueError(f"precision must be 'auto', 'float32' or 'float64', got {precision!r}")
+        self.schedule = AnalysisSchedule(every_n_epochs=every_n_epochs, epochs=epochs, every_n_steps=every_n_steps,
+                                         on_train_start=analyze_on_train_start)
+        self.criteria = StopCriteria(stop_on=stop_on, stop_fraction=stop_fraction, patience=patience,
+                                     min_epochs=min_epochs, stop_on_over_trained=stop_on_over_trained)
+        self.include, self.exclude, self.layer_types = include, exclude, layer_types
+        self.options = AnalysisOptions(fit=fit, precision=precision, backend=backend, min_evals=min_evals,
+                                       max_evals=max_evals, phase_config=PhaseConfig())
+        self.history_file = history_file
+        self.prefix = prefix
+        self.verbose = verbose
+        self.tensorboard = TensorBoardSink(prefix, log_histograms, log_figures_every)
+        # checkpointed state (plain Python values only: loads with torch.load(weights_only=True))
+        self.tracker = PhaseTracker(k=phase_hysteresis)
+        self.analysis_count = 0
+        self.wait_count = 0
+        self.stopped_epoch = -1
+        self.stopping_reason = StopReason.NOT_STOPPED
+        self.stopping_reason_message = ""
+        self.last_analysis_step = -1
+        self.phase_history: list[dict[str, Any]] = []
+        # per-run, not checkpointed
+        self.latest_records: list[dict[str, Any]] = []
+        self.history_path: str | None = None
+        self._warned_no_logger = False
+        self._warned_bad: set[str] = set()
+
+    # ------------------------------------------------------------------------------------------- Lightning API
+
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix)  # type: ignore[attr-defined]
+
+    def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        if stage != "fit":
+            return
+        if self.history_file:
+            root = trainer.log_dir or trainer.default_root_dir  # collective: every rank must call it (all do)
+            path = self.history_file if os.path.isabs(self.history_file) else os.path.join(root, self.history_file)
+            self.history_path = path
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.schedule.on_train_start and trainer.global_step == 0 and self.analysis_count == 0:
+            self._run(trainer, pl_module, "train_start")
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.schedule.step_due(trainer.global_step) and trainer.global_step != self.last_analysis_step:
+            self._run(trainer, pl_module, "step")
+
+    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.schedule.epoch_due(trainer.current_epoch) and trainer.global_step != self.last_analysis_step:
+            self._run(trainer, pl_module, "epoch_end")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "analysis_count": self.analysis_count,
+            "wait_count": self.wait_count,
+            "stopped_epoch": self.stopped_epoch,
+            "stopping_reason": self.stopping_reason.value,
+            "stopping_reason_message": self.stopping_reason_message,
+            "last_analysis_step": self.last_analysis_step,
+            "tracker": self.tracker.state_dict(),
+            "phase_history": [dict(h) for h in self.phase_history],
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.analysis_count = int(state_dict.get("analysis_count", 0))
+        self.wait_count = int(state_dict.get("wait_count", 0))
+        self.stopped_epoch = int(state_dict.get("stopped_epoch", -1))
+        self.stopping_reason = StopReason(int(state_dict.get("stopping_reason", 0)))
+        self.stopping_reason_message = str(state_dict.get("stopping_reason_message", ""))
+        self.last_analysis_step = int(state_dict.get("last_analysis_step", -1))
+        self.tracker.load_state_dict(state_dict.get("tracker", {}))
+        self.phase_history = [dict(h) for h in state_dict.get("phase_history", [])]
+
+    # ---------------------------------------------------------------------------------------------- analysis
+
+    def _run(self, trainer: Any, pl_module: Any, trigger: str) -> None:
+        start = time.perf_counter()
+        with trainer.profiler.profile(f"[HTSR]{self.prefix}.analyze"):
+            results = self._compute(trainer, pl_module)
+        records = [r for r, _, _ in results]
+        smoothed = self.tracker.update({r["name"]: r["phase"] for r in records})
+        smoothed = {r["name"]: smoothed.get(r["name"]) for r in records}
+        step, epoch = int(trainer.global_step), int(trainer.current_epoch)
+        self.phase_history.append({"step": step, "epoch": epoch, "phases": dict(smoothed)})
+        metrics = scalar_metrics(records, smoothed, prefix=self.prefix)
+        metrics[f"{self.prefix}/compute_seconds"] = time.perf_counter() - start
+        # the baseline is an observation: it never stops training nor counts towards patience
+        should_stop, message = self._decide(trainer, records, smoothed, epoch) if trigger != "train_start" else \
+            (False, "")
+        self._publish(trainer, metrics, step, epoch)
+        if trainer.is_global_zero:
+            self._write_views(trainer, results, smoothed, step, trigger, epoch, message if should_stop else "")
+        self._warn_bad_input(trainer, records)
+        self.latest_records = records
+        self.analysis_count += 1
+        self.last_analysis_step = step
+        if self.verbose and trainer.is_global_zero:
+            log.info("HT-SR analysis %d at step %d (%s): %s", self.analysis_count, step, trigger,
+                     {k.split("/", 1)[1]: round(v, 3) for k, v in metrics.items() if k.count("/") == 1})
+
+    @contextmanager
+    def _compute_threads(self, trainer: Any, pl_module: Any):  # noqa: ANN202 - context manager
+        """On CPU, cap torch's intra-op threads at this process' share of the cores during the analysis."""
+        device = getattr(pl_module, "device", torch.device("cpu"))
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", getattr(trainer, "num_devices", 1) or 1))
+        before = torch.get_num_threads()
+        if device.type == "cpu" and local > 1:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
+
+    def _compute(self, trainer: Any, pl_module: Any) -> list[tuple[dict[str, Any], np.ndarray | None, Any]]:
+        """Analyze this rank's share of the matrices and gather everyone's results (all ranks, same order)."""
+        world, rank = int(trainer.world_size), int(trainer.global_rank)
+        selection = {"include": self.include, "exclude": self.exclude, "layer_types": self.layer_types,
+                     "min_evals": self.options.min_evals, "max_evals": self.options.max_evals}
+        model = trainer.model if trainer.model is not None else pl_module
+        local: list[tuple[dict[str, Any], np.ndarray | None, Any]] = []
+        with torch.no_grad(), self._compute_threads(trainer, pl_module), full_weight_access(model) as access:
+            plan = weight_matrices(pl_module, access=access, materialize=False, **selection)
+            owners = assign_owners(plan, world) if world > 1 else None
+            select = (lambda source: owners[source] == rank) if owners is not None else None
+            try:
+                mats = weight_matrices(pl_module, access=access, select=select, **selection)
+                for res in analyze_matrices(mats, self.options):
+                    res.record["rank"] = rank
+                    ev = res.eigenvalues.numpy().astype(np.float32) if res.eigenvalues is not None else None
+                    local.append((res.record, ev, {"powerlaw": res.powerlaw, "mp": res.mp}))
+            except Exception as err:  # noqa: BLE001 - a bug here must not end anybody's training run
+                warnings.warn(f"lightning-htsr: analysis failed on rank {rank} ({type(err).__name__}: {err}); "
+                              "these matrices are recorded as skipped", UserWarning, stacklevel=2)
+                local = [(empty_record(name=m.name, layer_type=m.layer_type, module_type=m.module_type, N=m.N,
+                                       M=m.M, Q=m.Q, num_slices=m.num_slices, num_evals=m.num_evals, status="skipped",
+                                       skip_reason=f"analysis error: {type(err).__name__}: {err}"), None, None)
+                         for m in plan if select is None or select(m.source)]
+        if world == 1:
+            return local
+        parts = gather_objects(local, world)  # records, float32 eigenvalues and the (small, frozen) fits
+        by_name = {r["name"]: (r, ev, extras) for part in parts for r, ev, extras in part}
+        return [by_name[m.name] for m in plan if m.name in by_name]
+
+    def _decide(self, trainer: Any, records: list[dict[str, Any]], smoothed: dict[str, str | None],
+                epoch: int) -> tuple[bool, str]:
+        if not self.criteria.active:
+            return False, ""
+        should_stop, reason, message, self.wait_count = evaluate_stop(
+            self.criteria, records, smoothed, epoch=epoch, wait_count=self.wait_count)
+        if getattr(trainer, "fast_dev_run", False):
+            should_stop = False  # like EarlyStopping: a smoke run computes but never stops
+        # the same records reach every rank, but reduce anyway: every rank must agree (and EarlyStopping does)
+        should_stop = bool(trainer.strategy.reduce_boolean_decision(should_stop, all=False))
+        if should_stop:
+            trainer.should_stop = True
+            self.stopped_epoch = epoch
+            self.stopping_reason = reason if reason is not StopReason.NOT_STOPPED else StopReason.PHASE_FRACTION
+            self.stopping_reason_message = message
+            if trainer.is_global_zero:
+                log.info("HTSRCallback: %s", message)
+        return should_stop, message
+
+    def _publish(self, trainer: Any, metrics: dict[str, float], step: int, epoch: int) -> None:
+        """Scalars to every logger (rank-zero inside the loggers) and to ``trainer.callback_metrics``."""
+        if self.stopping_reason is not StopReason.NOT_STOPPED:
+            metrics[f"{self.prefix}/stopping_reason"] = float(self.stopping_reason.value)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
+        if not trainer.loggers:
+            if not self._warned_no_logger and trainer.is_global_zero:
+                warnings.warn("HTSRCallback: the Trainer has no logger; HT-SR metrics go to trainer.callback_metrics "
+                              "and the history file only.", UserWarning, stacklevel=3)
+            self._warned_no_logger = True
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics({**metrics, "epoch": float(epoch)}, step=step)
+            logger.save()
+
+    def _write_views(self, trainer: Any, results: Sequence[tuple[dict[str, Any], Any, Any]],
+                     smoothed: dict[str, str | None], step: int, trigger: str, epoch: int, stop_message: str) -> None:
+        for logger in trainer.loggers:
+            writer = tensorboard_writer(logger)
+            if writer is None:
+                continue
+            self.tensorboard.write(writer, results, smoothed, self.phase_history, step=step,
+                                   analysis_index=self.analysis_count)
+            if stop_message:
+                self.tensorboard.write_stop(writer, stop_message, step)
+        if self.history_path:
+            rows = [{**r, "analysis": self.analysis_count, "epoch": epoch, "global_step": step, "trigger": trigger,
+                     "smoothed_phase": smoothed.get(r["name"]), "stopping_reason": stop_message}
+                    for r, _, _ in results]
+            HistoryWriter(self.history_path).append(rows)
+
+    def _warn_bad_input(self, trainer: Any, records: list[dict[str, Any]]) -> None:
+        """One warning per matrix and reason for the whole run (bad weights often stay bad for many epochs)."""
+        fresh = [r for r in bad_input_rows(records) if f"{r['name']}|{r['skip_reason']}" not in self._warned_bad]
+        if not fresh:
+            return
+        self._warned_bad.update(f"{r['name']}|{r['skip_reason']}" for r in fresh)
+        if trainer.is_global_zero:
+            shown = "; ".join(f"{r['name']} ({r['status']}: {r['skip_reason']})" for r in fresh[:8])
+            more = f"; and {len(fresh) - 8} more" if len(fresh) > 8 else ""
+            warnings.warn(f"HTSRCallback: {len(fresh)} weight matrices not fully analyzed: {shown}{more}. "
+                          "Training continues; see skip_reason in the history.", UserWarning, stacklevel=3)
+
+
+try:
+    from lightning.pytorch import Callback as _Callback
+except ImportError:  # pragma: no cover - only the standalone pytorch_lightning package is installed
+    from pytorch_lightning import Callback as _Callback  # type: ignore[no-redef]
+
+
+class HTSRCallback(_HTSRCallbackImpl, _Callback):  # type: ignore[misc,valid-type]
+    __doc__ = _HTSRCallbackImpl.__doc__
+

@@ -1,0 +1,22 @@
+"""Stage 7 of the pipeline: records -> where users see them.
+
+* :mod:`.scalars`: the flat ``{"htsr/<matrix>/alpha": value}`` metrics every Lightning logger accepts (and
+  ``trainer.callback_metrics``, so ``EarlyStopping``/``ModelCheckpoint`` can monitor them).
+* :mod:`.tensorboard`: histograms of log10 eigenvalues, ESD figures, the phase map, a custom-scalars dashboard and
+  a text table, for loggers whose ``experiment`` is a TensorBoard ``SummaryWriter``.
+* :mod:`.history`: an append-only CSV/JSONL file with one row per matrix per analysis.
+"""
+
+from .history import HISTORY_COLUMNS, HistoryWriter, read_history
+from .scalars import MATRIX_SCALARS, scalar_metrics
+from .tensorboard import TensorBoardSink, tensorboard_writer
+
+__all__ = [
+    "HISTORY_COLUMNS",
+    "MATRIX_SCALARS",
+    "HistoryWriter",
+    "TensorBoardSink",
+    "read_history",
+    "scalar_metrics",
+    "tensorboard_writer",
+]

@@ -1,0 +1,160 @@
+"""TensorBoard extras: eigenvalue histograms, ESD figures, the phase map, a custom-scalars dashboard, a table.
+
+The writer is found by capability (``logger.experiment`` has ``add_histogram``, ``add_figure``, ``add_text`` and
+``add_custom_scalars``), so ``lightning.pytorch`` and ``pytorch_lightning`` TensorBoard loggers both qualify, and
+so does any logger exposing a ``SummaryWriter``. Everything is written at ``global_step = trainer.global_step``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..phases import Phase
+from .scalars import MATRIX_SCALARS, phase_legend
+
+__all__ = ["TensorBoardSink", "dashboard_layout", "tensorboard_writer"]
+
+_WRITER_METHODS = ("add_histogram", "add_figure", "add_text", "add_custom_scalars", "add_scalar")
+
+
+def tensorboard_writer(logger: Any) -> Any | None:
+    """The ``SummaryWriter``-like ``experiment`` of a logger, or ``None`` if it is not a TensorBoard logger."""
+    try:
+        writer = logger.experiment
+    except Exception:  # noqa: BLE001 - some loggers raise when offline; they are simply not TensorBoard
+        return None
+    if all(callable(getattr(writer, m, None)) for m in _WRITER_METHODS):
+        return writer
+    return None
+
+
+def dashboard_layout(prefix: str) -> dict[str, dict[str, list[Any]]]:
+    """Custom-scalars layout grouping alpha, entropy and phase across layers (tags are regular expressions)."""
+    p = prefix.replace(".", r"\.")
+    return {
+        "HT-SR alpha": {
+            "alpha per matrix": ["Multiline", [rf"^{p}/.+/alpha$"]],
+            "alpha mean": ["Multiline", [rf"^{p}/alpha_mean$"]],
+            "alpha-weighted per matrix": ["Multiline", [rf"^{p}/.+/alpha_weighted$"]],
+        },
+        "HT-SR entropy": {
+            "entropy per matrix": ["Multiline", [rf"^{p}/.+/entropy$"]],
+            "entropy mean": ["Multiline", [rf"^{p}/entropy_mean$"]],
+        },
+        "HT-SR phase": {
+            "phase code per matrix (0 random_like .. 4 heavy_tailed, 5 rank_collapse)": [
+                "Multiline", [rf"^{p}/.+/phase$"]],
+            "share of matrices per phase": ["Multiline", [rf"^{p}/frac_.+$"]],
+        },
+        "HT-SR rank": {
+            "stable rank per matrix": ["Multiline", [rf"^{p}/.+/stable_rank$"]],
+            "MP soft rank per matrix": ["Multiline", [rf"^{p}/.+/mp_softrank$"]],
+            "spikes per matrix": ["Multiline", [rf"^{p}/.+/num_spikes$"]],
+        },
+    }
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.3g}"
+    return "" if value is None else str(value)
+
+
+def results_table(records: Sequence[Mapping[str, Any]], smoothed: Mapping[str, str | None]) -> str:
+    """Markdown table of the latest analysis (one row per matrix)."""
+    columns = ["name", "N", "M", *MATRIX_SCALARS, "D", "phase", "smoothed", "warning", "status"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in records:
+        row = {**r, "smoothed": smoothed.get(r["name"])}
+        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+class TensorBoardSink:
+    """Writes the TensorBoard-only views of each analysis (rank 0 only; scalars go through the loggers).
+
+    Args:
+        prefix: Tag namespace.
+        log_histograms: Histogram of log10 eigenvalues per matrix at every analysis.
+        log_figures_every: ESD log-log figures with the fitted power law every this many analyses (and at the
+            first); ``None`` or 0 disables them. The phase map is drawn at every analysis.
+    """
+
+    def __init__(self, prefix: str = "htsr", log_histograms: bool = True, log_figures_every: int | None = 5) -> None:
+        self.prefix = prefix
+        self.log_histograms = log_histograms
+        self.log_figures_every = log_figures_every
+        self._initialized: set[int] = set()
+
+    def figures_due(self, analysis_index: int) -> bool:
+        """Whether analysis number ``analysis_index`` (0-based) draws the ESD figures."""
+        return bool(self.log_figures_every) and analysis_index % self.log_figures_every == 0  # type: ignore[operator]
+
+    def write(
+        self,
+        writer: Any,
+        analyses: Sequence[tuple[Mapping[str, Any], np.ndarray | None, Any]],
+        smoothed: Mapping[str, str | None],
+        phase_history: Sequence[Mapping[str, Any]],
+        *,
+        step: int,
+        analysis_index: int,
+    ) -> None:
+        """Write one analysis.
+
+        Args:
+            writer: A ``SummaryWriter``.
+            analyses: ``(record, eigenvalues, extras)`` per matrix; ``extras`` holds the fits for figures
+                (``{"powerlaw": ..., "mp": ...}``) or ``None``.
+            smoothed: Smoothed phase per matrix.
+            phase_history: ``[{"step": s, "phases": {name: phase}}]`` of all analyses so far (for the phase map).
+            step: Global step.
+            analysis_index: 0-based analysis number.
+        """
+        p = self.prefix
+        if id(writer) not in self._initialized:
+            writer.add_custom_scalars(dashboard_layout(p))
+            writer.add_text(f"{p}/phase_legend", phase_legend(), step)
+            self._initialized.add(id(writer))
+        if self.log_histograms:
+            for record, eigenvalues, _ in analyses:
+                if eigenvalues is None:
+                    continue
+                positive = eigenvalues[eigenvalues > 0]
+                if positive.size:
+                    writer.add_histogram(f"{p}/{record['name']}/log10_eigenvalues",
+                                         torch.from_numpy(np.log10(positive.astype(np.float64))), step)
+        from ..plotting import plot_esd, plot_phase_map  # matplotlib only when figures are drawn
+
+        if self.figures_due(analysis_index):
+            for record, eigenvalues, extras in analyses:
+                if eigenvalues is None:
+                    continue
+                extras = extras or {}
+                fig = plot_esd(eigenvalues, powerlaw=extras.get("powerlaw"), mp=extras.get("mp"),
+                               phase=smoothed.get(record["name"]) or record.get("phase"), Q=record.get("Q"),
+                               title=f"{record['name']} (step {step})")
+                writer.add_figure(f"{p}/{record['name']}/esd", fig, step, close=False)
+        if phase_history:
+            names = [r["name"] for r, _, _ in analyses]
+            grid = [[h["phases"].get(n) for h in phase_history] for n in names]
+            fig = plot_phase_map(names, [h["step"] for h in phase_history], grid,
+                                 title="phase per matrix and analysis (smoothed)")
+            writer.add_figure(f"{p}/phase_map", fig, step, close=False)
+        writer.add_text(f"{p}/latest", results_table([r for r, _, _ in analyses], smoothed), step)
+        writer.flush()
+
+    def write_stop(self, writer: Any, message: str, step: int) -> None:
+        """Record why training was stopped."""
+        writer.add_text(f"{self.prefix}/stopping_reason", message, step)
+        writer.flush()
+
+
+def phase_codes(smoothed: Mapping[str, str | None]) -> dict[str, int]:
+    """``{name: code}`` with -1 for unclassified matrices."""
+    return {name: (Phase(p).code if p else -1) for name, p in smoothed.items()}

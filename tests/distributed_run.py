@@ -1,0 +1,100 @@
+"""Standalone training run with HTSRCallback, used by tests/test_callback_distributed.py.
+
+Lightning's subprocess launchers (``ddp``, ``ModelParallelStrategy``) re-execute ``sys.argv``; inside pytest that
+would re-run the test session, so distributed runs go through this script instead:
+
+    python tests/distributed_run.py MODE OUT_DIR      # MODE: single | ddp | ddp_spawn | fsdp2
+
+Every mode trains the same seeded model with lr = 0 (weights never change), so all modes must produce the same
+per-matrix results; each writes ``OUT_DIR/htsr_history.csv`` and ``OUT_DIR/result.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+from torch import nn
+
+import lightning.pytorch as pl
+from lightning.pytorch.demos.boring_classes import RandomDataset
+from torch.utils.data import DataLoader
+
+from lightning_htsr import HTSRCallback
+from lightning_htsr.synthetic import pareto
+
+
+class Net(pl.LightningModule):
+    """A few layers of different shapes and phases (random-like and heavy-tailed), trained with lr = 0."""
+
+    def __init__(self, shard: bool = False) -> None:
+        super().__init__()
+        self.shard = shard
+        torch.manual_seed(0)
+        self.blocks = nn.Sequential(
+            nn.Linear(32, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
+            nn.Linear(128, 192), nn.ReLU(), nn.Linear(192, 2),
+        )
+        with torch.no_grad():
+            self.blocks[2].weight.copy_(pareto(256, 256, 1.2, seed=1))
+            self.blocks[6].weight.copy_(pareto(192, 128, 1.5, seed=2))
+
+    def configure_model(self) -> None:
+        if not self.shard:
+            return
+        from torch.distributed._composable.fsdp import fully_shard
+
+        for layer in self.blocks:
+            if isinstance(layer, nn.Linear):
+                fully_shard(layer, mesh=self.device_mesh["data_parallel"])
+        fully_shard(self, mesh=self.device_mesh["data_parallel"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(x)
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        return self(batch).sum() * 0.0 + self(batch).pow(2).mean()
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(RandomDataset(32, 64), batch_size=8)
+
+
+def main(mode: str, out: str) -> None:
+    torch.set_num_threads(1)
+    kwargs: dict = {"accelerator": "cpu", "devices": 1}
+    shard = False
+    if mode == "ddp":
+        kwargs.update(strategy="ddp", devices=2)
+    elif mode == "ddp_spawn":
+        kwargs.update(strategy="ddp_spawn", devices=2)
+    elif mode == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        kwargs.update(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), devices=2)
+        shard = True
+    callback = HTSRCallback(history_file=os.path.join(out, "htsr_history.csv"), stop_on="heavy_tailed",
+                            stop_fraction=0.3, patience=3, log_figures_every=None)
+    trainer = pl.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[callback], **kwargs)
+    trainer.fit(Net(shard=shard))
+    if trainer.is_global_zero:
+        import pandas as pd
+
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("htsr/")}
+        # ddp_spawn returns metrics, not callback state, to the parent: read the stop from the history instead
+        history = pd.read_csv(os.path.join(out, "htsr_history.csv"))
+        stops = history.dropna(subset=["stopping_reason"])
+        stopped_epoch = int(stops["epoch"].iloc[0]) if len(stops) else -1
+        sharded = any(type(p).__name__ == "DTensor" for p in trainer.lightning_module.parameters())
+        with open(os.path.join(out, "result.json"), "w") as handle:
+            json.dump({"current_epoch": trainer.current_epoch, "world_size": trainer.world_size, "dtensor": sharded,
+                       "stopped_epoch": stopped_epoch, "metrics": metrics}, handle)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
