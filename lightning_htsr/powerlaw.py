@@ -13,9 +13,10 @@ Two search methods share that objective:
   weightwatcher 0.7.7's ``WWFit`` does. Together with ``ks="lower"``, ``min_tail=2`` and the small-n branch below it
   reproduces weightwatcher's default fit.
 * ``"fast"`` (default) scores a coarse grid of candidates (log-spaced in tail size plus uniform in index) with a KS
-  distance evaluated on a subsample of each tail, refines the intervals around the best grid points, and finally
-  ranks a short list with the exact KS distance. All ``alpha`` values come from one reversed cumulative sum of
-  ``ln x`` (O(n)); the KS work is O(n) per scored candidate instead of O(n^2) overall.
+  distance evaluated on a subsample of each tail, refines the intervals around the best grid points, then scores
+  exactly every candidate in windows around the best ones until the minimum is surrounded by exact evaluations
+  (KS minima are often nearly degenerate: see :func:`_exact_local_search`). All ``alpha`` values come from one
+  reversed cumulative sum of ``ln x`` (O(n)); the KS work is O(tail) per scored candidate instead of O(n^2).
 
 Everything runs in float64 on the eigenvalues' own device (CPU or CUDA tensors, or NumPy arrays).
 """
@@ -55,7 +56,12 @@ _COARSE_LIN = 96  # grid points uniform in candidate index
 _SAMPLES = 256  # tail points at which the screening KS distance is evaluated
 _REFINE_TOP = 6  # grid points whose neighbourhoods are refined at each level
 _REFINE_POINTS = 96  # new points per refined interval and level
-_SHORTLIST = 16  # candidates ranked with the exact KS distance at the end
+_SHORTLIST = 16  # candidates ranked with the exact KS distance at the end ...
+_CENTERS = 3  # ... around the best few of which every candidate in a window is scored exactly:
+_WINDOW_FRACTION = 0.05  # half-width as a share of the tail,
+_WINDOW_MIN = 16  # at least this many candidates,
+_WINDOW_MAX = 64  # at most this many.
+_EXHAUSTIVE_WORK = 1 << 17  # below this many (candidates x points) the exhaustive search is as cheap
 _CHUNK = 1 << 16  # elements per block of the (candidates x tail) KS matrix
 
 
@@ -272,9 +278,49 @@ def _fast_search(logx: Tensor, lo: int, hi: int, alpha: Tensor, valid: Tensor, t
         order = torch.argsort(merged)
         evaluated, scores = merged[order], merged_scores[order]
     shortlist = torch.sort(evaluated[torch.argsort(scores)[:_SHORTLIST]]).values
-    exact = _ks_many(logx, shortlist, alpha, two_sided, None)
-    exact = torch.where(valid[shortlist], exact, torch.full_like(exact, 2.0))
-    return int(shortlist[torch.argmin(exact)])
+    return _exact_local_search(logx, hi, shortlist, alpha, valid, two_sided)
+
+
+def _exact_local_search(logx: Tensor, hi: int, start: Tensor, alpha: Tensor, valid: Tensor, two_sided: bool) -> int:
+    """Exact KS distances around the best candidates until the best one is surrounded by exact evaluations.
+
+    KS minima are often nearly degenerate: neighbouring ``xmin`` within a few percent of the tail can have the same
+    D to 1e-5 and exponents 0.05 apart, below what the subsampled screening resolves. So the final choice is made on
+    exact distances over a window (``_WINDOW_FRACTION`` of the tail, at least ``_WINDOW_MIN`` candidates, at most
+    ``_WINDOW_MAX``) around each of the ``_CENTERS`` best exact candidates, re-centred until it stops moving.
+    """
+    device = logx.device
+    n = logx.numel()
+    known: dict[int, float] = {}
+
+    def evaluate(candidates: list[int]) -> None:
+        fresh = [c for c in candidates if c not in known]
+        if not fresh:
+            return
+        idx = torch.tensor(fresh, device=device)
+        d = _ks_many(logx, idx, alpha, two_sided, None)
+        d = torch.where(valid[idx], d, torch.full_like(d, 2.0))
+        known.update(zip(fresh, d.tolist()))
+
+    evaluate(start.tolist())
+    for _ in range(16):
+        ranked = sorted(known, key=lambda c: (known[c], c))
+        centers: list[int] = []
+        for c in ranked:
+            if all(abs(c - o) > _window(n - o) for o in centers):
+                centers.append(c)
+            if len(centers) == _CENTERS:
+                break
+        todo = [j for c in centers for j in range(max(0, c - _window(n - c)), min(hi, c + _window(n - c)) + 1)]
+        if all(j in known for j in todo):
+            break
+        evaluate(todo)
+    best = min(known.values())
+    return min(c for c, d in known.items() if d == best)  # first minimum, as an exhaustive argmin would give
+
+
+def _window(tail: int) -> int:
+    return int(min(_WINDOW_MAX, max(_WINDOW_MIN, _WINDOW_FRACTION * tail)))
 
 
 def fit_power_law(
@@ -349,7 +395,7 @@ def fit_power_law(
             return PowerLawFit.failed("degenerate tail (all eigenvalues equal)", n, xmax)
     else:
         work = (hi + 1) * n  # exhaustive KS work, elements
-        if method == "exact" or work <= 16 * _CHUNK:
+        if method == "exact" or work <= _EXHAUSTIVE_WORK:
             idx = torch.arange(hi + 1, device=x.device)
             d = _ks_many(logx, idx, alpha, two_sided, None)
             d = torch.where(valid[: hi + 1], d, torch.ones_like(d))  # weightwatcher: D = 1 when alpha <= 1
