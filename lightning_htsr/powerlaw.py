@@ -234,10 +234,16 @@ def ks_distances(
 
 
 def _grid(lo: int, hi: int, n: int, device: torch.device) -> Tensor:
-    """Coarse candidate grid on ``[lo, hi]``: log-spaced in tail size ``n - i`` plus uniform in ``i``."""
+    """Coarse candidate grid on ``[lo, hi]``: log-spaced in tail size ``n - i`` plus uniform in ``i``.
+
+    Sized for large spectra and thinned for small ones (about one grid point per 8 candidates), where the exact
+    local search covers the gaps anyway.
+    """
     m_hi, m_lo = n - lo, n - hi
-    by_tail = n - torch.exp(torch.linspace(math.log(m_lo), math.log(m_hi), _COARSE_LOG, dtype=torch.float64))
-    by_index = torch.linspace(lo, hi, _COARSE_LIN, dtype=torch.float64)
+    k_log = max(16, min(_COARSE_LOG, (hi - lo) // 8))
+    k_lin = max(8, min(_COARSE_LIN, (hi - lo) // 12))
+    by_tail = n - torch.exp(torch.linspace(math.log(m_lo), math.log(m_hi), k_log, dtype=torch.float64))
+    by_index = torch.linspace(lo, hi, k_lin, dtype=torch.float64)
     grid = torch.cat([by_tail.round(), by_index.round(), torch.tensor([float(lo), float(hi)], dtype=torch.float64)])
     return torch.unique(grid.clamp_(lo, hi).long()).to(device)
 
