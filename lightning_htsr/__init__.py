@@ -7,7 +7,7 @@ The pure stages are in :mod:`lightning_htsr.functional`.
 
 from __future__ import annotations
 
-from .analysis import AnalysisOptions, analyze
+from .analysis import AnalysisOptions, analyze, analyze_state_dict
 from .callback import HTSRCallback
 from .phases import Phase, PhaseConfig, PhaseTracker
 from .powerlaw import PowerLawFit
@@ -24,5 +24,6 @@ __all__ = [
     "PowerLawFit",
     "__version__",
     "analyze",
+    "analyze_state_dict",
     "summarize",
 ]

@@ -21,14 +21,22 @@ import torch
 from torch import Tensor, nn
 
 from .eigenvalues import Backend, Precision, Route, Spectrum, compute_spectra
-from .layers import WeightMatrix, weight_matrices
+from .layers import WeightMatrix, state_dict_matrices, weight_matrices
 from .marchenko_pastur import MarchenkoPasturFit
 from .metrics import WW_ENTROPY_EPSILON, alpha_warning, matrix_entropy, norm_metrics, rank_metrics
 from .phases import PhaseConfig, PhaseResult, classify_phase
 from .powerlaw import FitMethod, KSConvention, PowerLawFit, fit_power_law
 from .records import empty_record, records_to_frame
 
-__all__ = ["AnalysisOptions", "MatrixAnalysis", "analyze", "analyze_matrices", "bad_input_rows", "warn_bad_input"]
+__all__ = [
+    "AnalysisOptions",
+    "MatrixAnalysis",
+    "analyze",
+    "analyze_matrices",
+    "analyze_state_dict",
+    "bad_input_rows",
+    "warn_bad_input",
+]
 
 #: weightwatcher's near-zero filter before the power-law fit (``constants.EVALS_THRESH``, CPU value).
 WW_EVALS_THRESH = 1e-5
@@ -264,20 +272,8 @@ def analyze(
            0 512 256 success random_like
            2 512  10 success         NaN
     """
-    if options is None:
-        base = AnalysisOptions.weightwatcher() if ww_compat else AnalysisOptions()
-        changes: dict[str, Any] = {"precision": precision if not ww_compat else base.precision, "backend": backend}
-        if not ww_compat:
-            changes["fit"] = fit
-        if min_tail is not None:
-            changes["min_tail"] = min_tail
-        if min_evals is not None:
-            changes["min_evals"] = min_evals
-        if max_evals is not None:
-            changes["max_evals"] = max_evals
-        if phase_config is not None:
-            changes["phase_config"] = phase_config
-        options = replace(base, **changes)
+    options = _resolve_options(options, ww_compat=ww_compat, fit=fit, min_tail=min_tail, precision=precision,
+                               backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # e.g. TypedStorage / lazy-module chatter while traversing
         matrices = weight_matrices(
@@ -288,6 +284,58 @@ def analyze(
             min_evals=options.min_evals,
             max_evals=options.max_evals,
         )
+    results = analyze_matrices(matrices, options)
+    warn_bad_input(r.record for r in results)
+    return records_to_frame(r.record for r in results)
+
+
+def _resolve_options(options: AnalysisOptions | None, *, ww_compat: bool, fit: FitMethod, min_tail: int | None,
+                     precision: Precision, backend: Backend, min_evals: int | None, max_evals: int | None,
+                     phase_config: PhaseConfig | None) -> AnalysisOptions:
+    if options is not None:
+        return options
+    base = AnalysisOptions.weightwatcher() if ww_compat else AnalysisOptions()
+    changes: dict[str, Any] = {"precision": precision if not ww_compat else base.precision, "backend": backend}
+    if not ww_compat:
+        changes["fit"] = fit
+    for key, value in (("min_tail", min_tail), ("min_evals", min_evals), ("max_evals", max_evals),
+                       ("phase_config", phase_config)):
+        if value is not None:
+            changes[key] = value
+    return replace(base, **changes)
+
+
+def analyze_state_dict(
+    state_dict: dict[str, Any],
+    *,
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    fit: FitMethod = "fast",
+    min_tail: int | None = None,
+    precision: Precision = "auto",
+    backend: Backend = "torch",
+    min_evals: int | None = None,
+    max_evals: int | None = None,
+    ww_compat: bool = False,
+    phase_config: PhaseConfig | None = None,
+    options: AnalysisOptions | None = None,
+) -> pd.DataFrame:
+    """:func:`analyze` for a bare ``state_dict`` (weights by name and shape; no model class needed).
+
+    See :func:`~lightning_htsr.layers.state_dict_matrices` for how tensors become matrices. Arguments as in
+    :func:`analyze`; ``ww_compat`` scales every 4-D weight as weightwatcher scales ``Conv2d``.
+
+    Example:
+        >>> import torch
+        >>> sd = {"fc.weight": torch.randn(512, 256, generator=torch.Generator().manual_seed(0))}
+        >>> analyze_state_dict(sd)[["name", "phase"]].values.tolist()
+        [['fc', 'random_like']]
+    """
+    options = _resolve_options(options, ww_compat=ww_compat, fit=fit, min_tail=min_tail, precision=precision,
+                               backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config)
+    with torch.no_grad():
+        matrices = state_dict_matrices(state_dict, include=include, exclude=exclude, min_evals=options.min_evals,
+                                       max_evals=options.max_evals)
     results = analyze_matrices(matrices, options)
     warn_bad_input(r.record for r in results)
     return records_to_frame(r.record for r in results)

@@ -54,7 +54,7 @@ def assign_owners(plan: Sequence[WeightMatrix], world_size: int) -> dict[str, in
         >>> plan = weight_matrices(nn.Sequential(nn.Linear(512, 512), nn.Linear(64, 64), nn.Linear(512, 512)),
         ...                        materialize=False)
         >>> assign_owners(plan, 2)
-        {'0': 0, '2': 1, '1': 1}
+        {'0': 0, '2': 1, '1': 0}
     """
     costs: dict[str, float] = {}
     for m in plan:

@@ -15,7 +15,7 @@ Each stage of the pipeline in one import::
 from __future__ import annotations
 
 from .eigenvalues import compute_spectra, eigenvalues, resolution_floor
-from .layers import layer_type_of, weight_matrices
+from .layers import layer_type_of, state_dict_matrices, weight_matrices
 from .marchenko_pastur import (
     fit_marchenko_pastur,
     mp_cdf,
@@ -47,6 +47,7 @@ __all__ = [
     "norm_metrics",
     "rank_metrics",
     "resolution_floor",
+    "state_dict_matrices",
     "tracy_widom_quantile",
     "tracy_widom_scale",
     "tracy_widom_tail",

@@ -16,6 +16,7 @@ import math
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -24,6 +25,7 @@ __all__ = [
     "LAYER_TYPES",
     "WeightAccess",
     "WeightMatrix",
+    "state_dict_matrices",
     "weight_matrices",
     "layer_type_of",
 ]
@@ -416,6 +418,105 @@ def _matrices_of(
         yield record
     if records:
         seen[key] = records
+
+
+_RNN_KEY = re.compile(r"^(?P<module>.*?)\.?(?P<param>weight_(?:ih|hh)_l\d+(?:_reverse)?)$")
+_STATE_DICT_CONV = {3: "conv1d", 4: "conv2d", 5: "conv3d"}
+
+
+def _is_weight_key(key: str) -> bool:
+    last = key.rsplit(".", 1)[-1]
+    return last == "weight" or last.startswith("weight_") or last.endswith("_weight")
+
+
+def state_dict_matrices(
+    state_dict: dict[str, Any],
+    *,
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    min_evals: int = 0,
+    max_evals: int | None = None,
+) -> list[WeightMatrix]:
+    """The weight matrices of a bare ``state_dict``, recognized by name and shape (no model class needed).
+
+    Rules: keys whose last part is ``weight``, ``weight_*`` or ``*_weight`` with 2+ dimensions; 2-D tensors are
+    matrices (``layer_type "linear"``: a state dict cannot tell a Linear from an Embedding), 3/4/5-D tensors are
+    convolutions (``(out, in, *kernel)`` -> one slice per kernel position, groups assumed 1), ``*in_proj_weight``
+    is split into q/k/v, recurrent ``weight_ih_l*``/``weight_hh_l*`` are split per gate (4 gates for LSTM, 3 for
+    GRU, read off the ``weight_hh`` shape). Tensors sharing storage (tied weights) appear once.
+
+    Args:
+        state_dict: ``{name: tensor}`` (e.g. ``torch.load(path)``, a Lightning checkpoint's ``"state_dict"``, or
+            ``safetensors.torch.load_file(path)``); non-tensor values are ignored.
+        include: Regex(es) a matrix name must match.
+        exclude: Regex(es) of names to drop.
+        min_evals: Matrices with fewer pooled eigenvalues are kept as skipped records.
+        max_evals: Matrices with more pooled eigenvalues are kept as skipped records.
+
+    Returns:
+        One :class:`WeightMatrix` per matrix, named by the key without its ``.weight`` suffix.
+
+    Example:
+        >>> import torch
+        >>> sd = {"fc.weight": torch.zeros(64, 32), "fc.bias": torch.zeros(64), "conv.weight": torch.zeros(8, 3, 3, 3)}
+        >>> [(m.name, m.layer_type, m.N, m.M, m.num_slices) for m in state_dict_matrices(sd)]
+        [('fc', 'linear', 64, 32, 1), ('conv', 'conv2d', 8, 3, 9)]
+    """
+    gates_of: dict[str, int] = {}
+    for key, value in state_dict.items():
+        match = _RNN_KEY.match(key)
+        if match and "_hh_" in match["param"] and isinstance(value, Tensor) and value.dim() == 2:
+            rows, cols = value.shape
+            gates_of[f"{match['module']}|{match['param'].replace('_hh_', '_ih_')}"] = rows // cols if cols else 1
+            gates_of[f"{match['module']}|{match['param']}"] = rows // cols if cols else 1
+    seen: dict[tuple[int, int, tuple[int, ...]], list[WeightMatrix]] = {}
+    out: list[WeightMatrix] = []
+    access = WeightAccess()
+    for key, value in state_dict.items():
+        if not isinstance(value, Tensor) or value.dim() < 2 or not _is_weight_key(key):
+            continue
+        name = key[: -len(".weight")] if key.endswith(".weight") else key
+        rnn = _RNN_KEY.match(key)
+        if key.endswith("in_proj_weight") and value.dim() == 2 and value.shape[0] == 3 * value.shape[1]:
+            name, layer_type = key[: -len("_weight")], "attention_in_proj"
+
+            def build(w: Tensor) -> list[tuple[str, Tensor]]:
+                q, k, v = w.chunk(3, dim=0)
+                return [(".q", q.unsqueeze(0)), (".k", k.unsqueeze(0)), (".v", v.unsqueeze(0))]
+
+        elif rnn and value.dim() == 2:
+            gates = gates_of.get(f"{rnn['module']}|{rnn['param']}", 1)
+            layer_type = {4: "lstm", 3: "gru"}.get(gates, "rnn")
+            names = _RNN_GATES.get(layer_type.upper())
+
+            def build(w: Tensor, names: tuple[str, ...] | None = names) -> list[tuple[str, Tensor]]:
+                if not names:
+                    return _single(w)
+                return [(f".{g}", c.unsqueeze(0)) for g, c in zip(names, w.chunk(len(names), dim=0))]
+
+        elif value.dim() == 2:
+            layer_type, build = "linear", _single
+        elif value.dim() in _STATE_DICT_CONV:
+            layer_type = _STATE_DICT_CONV[value.dim()]
+
+            def build(w: Tensor) -> list[tuple[str, Tensor]]:
+                return [("", _conv_slices(w, 1))]
+
+        else:
+            continue
+        entry = _Entry(name, layer_type, torch.nn.Identity(), value, build)
+        tie = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape)) \
+            if value.device.type != "meta" else (id(value), 0, ())
+        if tie in seen:
+            for record in seen[tie]:
+                record.aliases.append(name + record.name[len(record.source):])
+            continue
+        records = list(_matrices_of(entry, include, exclude, min_evals, max_evals, access, None, True, {}))
+        for record in records:
+            record.module_type = "state_dict"
+        seen[tie] = records
+        out.extend(records)
+    return out
 
 
 def _kept(name: str, include: Sequence[str] | str | None, exclude: Sequence[str] | str | None) -> bool:
