@@ -26,7 +26,7 @@ from .layers import weight_matrices
 from .phases import PhaseConfig, PhaseTracker
 from .records import empty_record
 from .schedule import AnalysisSchedule
-from .sinks.history import HistoryWriter
+from .sinks.history import HistoryWriter, write_spectra
 from .sinks.scalars import scalar_metrics
 from .sinks.tensorboard import TensorBoardSink, tensorboard_writer
 from .stopping import StopCriteria, StopReason, evaluate_stop
@@ -79,6 +79,8 @@ class _HTSRCallbackImpl:
         log_figures_every: TensorBoard ESD figures every this many analyses (``None`` or 0: never).
         history_file: File name (relative to the logger's log dir) or path of the history; ``None`` disables it.
             ``.jsonl`` writes JSON lines, anything else CSV.
+        spectra_file: File (relative to the log dir) holding the eigenvalues of the latest analysis (``.npz``,
+            replaced at each analysis; read by ``lightning-htsr report``); ``None`` disables it.
         stop_on: Phase that ends training (``"heavy_tailed"``); ``None`` observes only.
         stop_fraction: Share of classified matrices that must be in ``stop_on``.
         patience: Consecutive qualifying analyses before stopping.
@@ -106,6 +108,7 @@ class _HTSRCallbackImpl:
         log_histograms: bool = True,
         log_figures_every: int | None = 5,
         history_file: str | None = "htsr_history.csv",
+        spectra_file: str | None = "htsr_spectra.npz",
         stop_on: PhaseName | None = None,
         stop_fraction: float = 0.8,
         patience: int = 1,
@@ -129,6 +132,8 @@ class _HTSRCallbackImpl:
         self.options = AnalysisOptions(fit=fit, precision=precision, backend=backend, min_evals=min_evals,
                                        max_evals=max_evals, phase_config=PhaseConfig())
         self.history_file = history_file
+        self.spectra_file = spectra_file
+        self.spectra_path: str | None = None
         self.prefix = prefix
         self.verbose = verbose
         self.tensorboard = TensorBoardSink(prefix, log_histograms, log_figures_every)
@@ -156,10 +161,12 @@ class _HTSRCallbackImpl:
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
         if stage != "fit":
             return
-        if self.history_file:
+        if self.history_file or self.spectra_file:
             root = trainer.log_dir or trainer.default_root_dir  # collective: every rank must call it (all do)
-            path = self.history_file if os.path.isabs(self.history_file) else os.path.join(root, self.history_file)
-            self.history_path = path
+            if self.history_file:
+                self.history_path = os.path.join(root, self.history_file)  # join keeps an absolute history_file
+            if self.spectra_file:
+                self.spectra_path = os.path.join(root, self.spectra_file)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.schedule.on_train_start and trainer.global_step == 0 and self.analysis_count == 0:
@@ -314,6 +321,8 @@ class _HTSRCallbackImpl:
                      "smoothed_phase": smoothed.get(r["name"]), "stopping_reason": stop_message}
                     for r, _, _ in results]
             HistoryWriter(self.history_path).append(rows)
+        if self.spectra_path:
+            write_spectra(self.spectra_path, {r["name"]: ev for r, ev, _ in results}, step=step, epoch=epoch)
 
     def _warn_bad_input(self, trainer: Any, records: list[dict[str, Any]]) -> None:
         """One warning per matrix and reason for the whole run (bad weights often stay bad for many epochs)."""

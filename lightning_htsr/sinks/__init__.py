@@ -4,10 +4,11 @@
   ``trainer.callback_metrics``, so ``EarlyStopping``/``ModelCheckpoint`` can monitor them).
 * :mod:`.tensorboard`: histograms of log10 eigenvalues, ESD figures, the phase map, a custom-scalars dashboard and
   a text table, for loggers whose ``experiment`` is a TensorBoard ``SummaryWriter``.
-* :mod:`.history`: an append-only CSV/JSONL file with one row per matrix per analysis.
+* :mod:`.history`: an append-only CSV/JSONL file with one row per matrix per analysis, and the latest spectra
+  (``.npz``) for offline reports.
 """
 
-from .history import HISTORY_COLUMNS, HistoryWriter, read_history
+from .history import HISTORY_COLUMNS, HistoryWriter, read_history, read_spectra, write_spectra
 from .scalars import MATRIX_SCALARS, scalar_metrics
 from .tensorboard import TensorBoardSink, tensorboard_writer
 
@@ -17,6 +18,8 @@ __all__ = [
     "HistoryWriter",
     "TensorBoardSink",
     "read_history",
+    "read_spectra",
     "scalar_metrics",
     "tensorboard_writer",
+    "write_spectra",
 ]

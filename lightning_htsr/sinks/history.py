@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..records import COLUMNS
 
-__all__ = ["HISTORY_COLUMNS", "HistoryWriter", "read_history"]
+__all__ = ["HISTORY_COLUMNS", "HistoryWriter", "read_history", "read_spectra", "write_spectra"]
 
 #: Columns of the history file: when (analysis index, epoch, step, what triggered it), the record, the smoothed
 #: phase the callback acts on, the rank that computed the row, and the stop reason on the rows of the analysis
@@ -78,3 +78,34 @@ def read_history(path: str | os.PathLike[str]) -> pd.DataFrame:
     if path.suffix.lower() in (".jsonl", ".json"):
         return pd.read_json(path, lines=True)
     return pd.read_csv(path, keep_default_na=True)
+
+
+def write_spectra(path: str | os.PathLike[str], spectra: Mapping[str, Any], *, step: int, epoch: int) -> None:
+    """Save the latest eigenvalues (``{matrix name: 1-D array}``) as ``.npz``, replacing the file atomically."""
+    import numpy as np
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {f"ev/{name}": np.asarray(values, dtype=np.float32) for name, values in spectra.items()
+              if values is not None}
+    tmp = path.with_name(path.name + ".tmp.npz")
+    np.savez_compressed(tmp, __step__=np.array(step), __epoch__=np.array(epoch), **arrays)
+    os.replace(tmp, path)
+
+
+def read_spectra(path: str | os.PathLike[str]) -> tuple[dict[str, Any], int, int]:
+    """Inverse of :func:`write_spectra`: ``({matrix name: eigenvalues}, step, epoch)``.
+
+    Example:
+        >>> import tempfile, os, numpy as np
+        >>> path = os.path.join(tempfile.mkdtemp(), "s.npz")
+        >>> write_spectra(path, {"fc": np.array([1.0, 2.0])}, step=8, epoch=0)
+        >>> spectra, step, epoch = read_spectra(path)
+        >>> spectra["fc"].tolist(), step, epoch
+        ([1.0, 2.0], 8, 0)
+    """
+    import numpy as np
+
+    with np.load(path) as data:
+        spectra = {key[3:]: data[key] for key in data.files if key.startswith("ev/")}
+        return spectra, int(data["__step__"]), int(data["__epoch__"])
