@@ -1,0 +1,187 @@
+"""The pure pieces behind the callback: schedule, stop rule, scalar keys, history/spectra files, work sharing."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from lightning_htsr.distributed import assign_owners, matrix_cost
+from lightning_htsr.layers import weight_matrices
+from lightning_htsr.phases import Phase
+from lightning_htsr.schedule import AnalysisSchedule
+from lightning_htsr.sinks import HISTORY_COLUMNS, HistoryWriter, read_history, read_spectra, scalar_metrics, write_spectra
+from lightning_htsr.sinks.scalars import phase_legend
+from lightning_htsr.sinks.tensorboard import dashboard_layout, results_table, tensorboard_writer
+from lightning_htsr.stopping import StopCriteria, StopReason, evaluate_stop, over_trained, phase_fraction
+
+# ---------------------------------------------------------------------------------------------- schedule
+
+
+def test_schedule_every_n_epochs_and_explicit_list() -> None:
+    assert [e for e in range(7) if AnalysisSchedule(every_n_epochs=3).epoch_due(e)] == [2, 5]
+    assert [e for e in range(7) if AnalysisSchedule(every_n_epochs=0).epoch_due(e)] == []
+    explicit = AnalysisSchedule(every_n_epochs=1, epochs=[0, 5])
+    assert [e for e in range(7) if explicit.epoch_due(e)] == [0, 5]
+
+
+def test_schedule_steps() -> None:
+    s = AnalysisSchedule(every_n_steps=50)
+    assert [t for t in range(0, 201, 10) if s.step_due(t)] == [50, 100, 150, 200]
+    assert not AnalysisSchedule().step_due(100)
+
+
+@pytest.mark.parametrize("kwargs", [{"every_n_epochs": -1}, {"every_n_steps": 0}, {"epochs": [-2]}])
+def test_schedule_rejects_nonsense(kwargs) -> None:
+    with pytest.raises(ValueError):
+        AnalysisSchedule(**kwargs)
+
+
+# -------------------------------------------------------------------------------------------- stop rule
+
+RECORDS = [{"name": "a", "alpha": 1.8}, {"name": "b", "alpha": 3.0}, {"name": "c", "alpha": 9.0},
+           {"name": "d", "alpha": math.nan}]
+PHASES = {"a": "heavy_tailed", "b": "heavy_tailed", "c": "random_like", "d": None}
+
+
+def test_phase_fraction_ignores_unclassified() -> None:
+    assert phase_fraction(PHASES, "heavy_tailed") == (2 / 3, 3)
+    fraction, classified = phase_fraction({"x": None}, "heavy_tailed")
+    assert math.isnan(fraction) and classified == 0
+
+
+def test_stop_needs_fraction_patience_and_min_epochs() -> None:
+    crit = StopCriteria(stop_on="heavy_tailed", stop_fraction=0.6, patience=2, min_epochs=3)
+    stop, reason, msg, wait = evaluate_stop(crit, RECORDS, PHASES, epoch=5, wait_count=0)
+    assert (stop, reason, wait) == (False, StopReason.NOT_STOPPED, 1)
+    stop, reason, msg, wait = evaluate_stop(crit, RECORDS, PHASES, epoch=1, wait_count=1)
+    assert (stop, wait) == (False, 2)  # patience met, but epoch 1 < min_epochs 3
+    stop, reason, msg, wait = evaluate_stop(crit, RECORDS, PHASES, epoch=3, wait_count=1)
+    assert stop and reason is StopReason.PHASE_FRACTION and "67% of 3 classified" in msg
+    # a non-qualifying analysis resets the streak
+    assert evaluate_stop(crit, RECORDS, {"a": "random_like"}, epoch=9, wait_count=5)[3] == 0
+    strict = StopCriteria(stop_on="heavy_tailed", stop_fraction=0.9)
+    assert not evaluate_stop(strict, RECORDS, PHASES, epoch=9, wait_count=0)[0]
+
+
+def test_over_trained_needs_a_trusted_power_law() -> None:
+    assert over_trained(RECORDS, PHASES) == ["a"]
+    assert over_trained(RECORDS, {**PHASES, "a": "bulk_decay"}) == []  # alpha < 2 without a trusted tail
+    crit = StopCriteria(stop_on_over_trained=True)
+    stop, reason, msg, _ = evaluate_stop(crit, RECORDS, PHASES, epoch=0, wait_count=0)
+    assert stop and reason is StopReason.OVER_TRAINED and "a" in msg
+
+
+def test_criteria_validation() -> None:
+    assert not StopCriteria().active
+    with pytest.raises(ValueError):
+        StopCriteria(stop_on="banana")
+    with pytest.raises(ValueError):
+        StopCriteria(stop_on="heavy_tailed", stop_fraction=0.0)
+    with pytest.raises(ValueError):
+        StopCriteria(stop_on="heavy_tailed", patience=0)
+
+
+# ---------------------------------------------------------------------------------------------- scalars
+
+
+def test_scalar_keys_and_values() -> None:
+    records = [
+        {"name": "l1", "status": "success", "alpha": 2.5, "entropy": 0.8, "stable_rank": 10.0, "num_spikes": 3,
+         "alpha_weighted": 1.0, "mp_softrank": 0.4, "phase": "heavy_tailed", "log_spectral_norm": 0.0},
+        {"name": "l2", "status": "success", "alpha": 7.5, "entropy": 0.95, "stable_rank": 50.0, "num_spikes": 0,
+         "alpha_weighted": 2.0, "mp_softrank": 1.0, "phase": None, "log_spectral_norm": 0.2},
+        {"name": "l3", "status": "skipped", "alpha": math.nan, "entropy": math.nan, "phase": None},
+    ]
+    m = scalar_metrics(records, {"l1": "heavy_tailed", "l2": None, "l3": None}, prefix="p")
+    assert m["p/l1/alpha"] == 2.5 and m["p/l1/num_spikes"] == 3.0
+    assert m["p/l1/phase"] == Phase.HEAVY_TAILED.code and m["p/l2/phase"] == -1.0
+    assert "p/l3/alpha" not in m and "p/l3/phase" not in m  # skipped: nothing logged, NaN never logged
+    assert m["p/alpha_mean"] == pytest.approx(5.0) and m["p/entropy_mean"] == pytest.approx(0.875)
+    assert m["p/frac_heavy_tailed"] == 1.0 and m["p/num_valid"] == 2.0
+    assert all(math.isfinite(v) for v in m.values())
+
+
+def test_phase_legend_and_dashboard() -> None:
+    legend = phase_legend()
+    for phase in Phase:
+        assert f"| {phase.code} | {phase.value} |" in legend
+    layout = dashboard_layout("htsr")
+    tags = [t for charts in layout.values() for _, (kind, regexes) in charts.items() for t in regexes]
+    import re
+
+    assert any(re.match(t, "htsr/blocks.0.attn.in_proj.q/alpha") for t in tags)
+    assert any(re.match(t, "htsr/alpha_mean") for t in tags)
+    assert "| fc |" in results_table([{"name": "fc", "alpha": 2.0}], {"fc": "heavy_tailed"})
+
+
+def test_tensorboard_writer_detection_by_capability() -> None:
+    class Plain:
+        experiment = object()
+
+    class Board:
+        class experiment:  # noqa: N801 - mimics a SummaryWriter
+            add_histogram = add_figure = add_text = add_custom_scalars = add_scalar = staticmethod(lambda *a: None)
+
+    class Broken:
+        @property
+        def experiment(self):
+            raise RuntimeError("offline")
+
+    assert tensorboard_writer(Plain()) is None
+    assert tensorboard_writer(Board()) is Board.experiment
+    assert tensorboard_writer(Broken()) is None
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_history_appends_and_round_trips(tmp_path, suffix: str) -> None:
+    path = tmp_path / f"h{suffix}"
+    writer = HistoryWriter(path)
+    writer.append([{"analysis": 0, "name": "a", "alpha": 2.5, "phase": "heavy_tailed", "unknown": 1}])
+    writer.append([{"analysis": 1, "name": "a", "alpha": math.nan, "phase": None, "stopping_reason": "why"}])
+    frame = read_history(path)
+    assert list(frame.columns) == list(HISTORY_COLUMNS)
+    assert frame["analysis"].tolist() == [0, 1]
+    assert frame["alpha"].iloc[0] == 2.5 and math.isnan(frame["alpha"].iloc[1])
+    assert frame["stopping_reason"].iloc[1] == "why"
+
+
+def test_spectra_file_round_trips(tmp_path) -> None:
+    path = tmp_path / "s.npz"
+    write_spectra(path, {"blocks.0.attn.in_proj.q": np.array([1.0, 2.0]), "skipped": None}, step=16, epoch=1)
+    write_spectra(path, {"fc": np.array([3.0])}, step=24, epoch=2)  # replaced, not appended
+    spectra, step, epoch = read_spectra(path)
+    assert (step, epoch) == (24, 2) and list(spectra) == ["fc"]
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+# ---------------------------------------------------------------------------------------- work sharing
+
+
+def test_owners_balance_cost_and_keep_split_matrices_together() -> None:
+    model = nn.Sequential(nn.Linear(512, 2048), nn.MultiheadAttention(256, 4), nn.Linear(64, 64),
+                          nn.LSTM(128, 128), nn.Linear(2048, 512))
+    plan = weight_matrices(model, materialize=False)
+    owners = assign_owners(plan, 2)
+    assert set(owners) == {m.source for m in plan}
+    load = [0.0, 0.0]
+    for m in plan:
+        load[owners[m.source]] += matrix_cost(m)
+    assert max(load) / sum(load) < 0.6
+    # q, k, v of one attention module go to one rank; so do the gates of one recurrent weight
+    assert len({owners[m.source] for m in plan if m.name.startswith("1.in_proj")}) == 1
+    assert assign_owners(plan, 1) == {s: 0 for s in owners}
+
+
+def test_plan_does_not_read_weights() -> None:
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Linear(64, 128), nn.Conv2d(3, 8, 3))
+    plan = weight_matrices(model, materialize=False)
+    assert [(m.N, m.M, m.num_slices) for m in plan] == [(128, 64, 1), (8, 3, 9)]
+    assert all(m.slices is None for m in plan)
