@@ -354,12 +354,29 @@ def bad_input_rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def warn_bad_input(records: Iterable[dict[str, Any]], stacklevel: int = 3) -> None:
-    """One ``UserWarning`` naming every matrix whose weights could not be analyzed (or only partly), and why."""
+def warn_bad_input(
+    records: Iterable[dict[str, Any]],
+    *,
+    who: str = "lightning-htsr",
+    seen: set[str] | None = None,
+    stacklevel: int = 3,
+) -> None:
+    """One ``UserWarning`` naming every matrix whose weights could not be analyzed (or only partly), and why.
+
+    Args:
+        records: Records of one analysis.
+        who: Start of the message.
+        seen: ``"name|reason"`` keys already warned about; they are left out and new ones added (the callback keeps
+            one set per run, so a matrix that stays bad for many epochs is reported once).
+        stacklevel: Passed to ``warnings.warn``.
+    """
     bad = bad_input_rows(records)
+    if seen is not None:
+        bad = [r for r in bad if f"{r['name']}|{r['skip_reason']}" not in seen]
+        seen.update(f"{r['name']}|{r['skip_reason']}" for r in bad)
     if not bad:
         return
     shown = "; ".join(f"{r['name']} ({r['status']}: {r['skip_reason']})" for r in bad[:8])
     more = f"; and {len(bad) - 8} more" if len(bad) > 8 else ""
-    warnings.warn(f"lightning-htsr: {len(bad)} weight matrices not fully analyzed: {shown}{more}", UserWarning,
+    warnings.warn(f"{who}: {len(bad)} weight matrices not fully analyzed: {shown}{more}", UserWarning,
                   stacklevel=stacklevel)

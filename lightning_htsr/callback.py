@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .analysis import AnalysisOptions, analyze_matrices, bad_input_rows
+from .analysis import AnalysisOptions, analyze_matrices, warn_bad_input
 from .distributed import assign_owners, full_weight_access, gather_objects
 from .layers import weight_matrices
 from .phases import PhaseConfig, PhaseTracker
@@ -326,15 +326,8 @@ class _HTSRCallbackImpl:
 
     def _warn_bad_input(self, trainer: Any, records: list[dict[str, Any]]) -> None:
         """One warning per matrix and reason for the whole run (bad weights often stay bad for many epochs)."""
-        fresh = [r for r in bad_input_rows(records) if f"{r['name']}|{r['skip_reason']}" not in self._warned_bad]
-        if not fresh:
-            return
-        self._warned_bad.update(f"{r['name']}|{r['skip_reason']}" for r in fresh)
         if trainer.is_global_zero:
-            shown = "; ".join(f"{r['name']} ({r['status']}: {r['skip_reason']})" for r in fresh[:8])
-            more = f"; and {len(fresh) - 8} more" if len(fresh) > 8 else ""
-            warnings.warn(f"HTSRCallback: {len(fresh)} weight matrices not fully analyzed: {shown}{more}. "
-                          "Training continues; see skip_reason in the history.", UserWarning, stacklevel=3)
+            warn_bad_input(records, who="HTSRCallback", seen=self._warned_bad, stacklevel=4)
 
 
 try:

@@ -273,7 +273,7 @@ def test_bad_weights_during_training_warn_once_and_training_continues(tmp_path) 
         warnings.simplefilter("always")
         trainer = fit(tmp_path, model, [Poison(), callback], logger=False, max_epochs=4)
     assert trainer.current_epoch == 4
-    mine = [w for w in caught if "not fully analyzed" in str(w.message)]
+    mine = [w for w in caught if "HTSRCallback: 1 weight matrices not fully analyzed" in str(w.message)]
     assert len(mine) == 1 and "spare (skipped: non-finite" in str(mine[0].message)  # once, for four bad analyses
     history = read_history(callback.history_path)
     bad = history[(history.name == "spare") & (history.epoch >= 1)]
@@ -309,3 +309,22 @@ def test_pytorch_lightning_namespace(tmp_path) -> None:
     tags = read_events(logger.log_dir).Tags()
     assert "htsr/net.2/alpha" in tags["scalars"]
     assert "htsr/net.2/log10_eigenvalues" in tags["histograms"]  # TensorBoard detected by capability
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("backend", ["torch", "cupy"])
+def test_on_gpu_the_spectra_are_computed_on_the_device_and_match_cpu(tmp_path, backend: str) -> None:
+    if backend == "cupy":
+        pytest.importorskip("cupy")
+    model = TinyNet(lr=0.0, heavy=True)
+    reference = htsr.analyze(TinyNet(lr=0.0, heavy=True)).set_index("name")
+    callback = HTSRCallback(backend=backend)
+    trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(tmp_path, accelerator="gpu", devices=1, logger=False,
+                                                                 max_epochs=1))
+    trainer.fit(model)
+    assert next(model.parameters()).device.type == "cuda"
+    for name in ("net.2", "net.4"):
+        assert float(trainer.callback_metrics[f"htsr/{name}/alpha"]) == pytest.approx(
+            reference.loc[name, "alpha"], rel=1e-3)
+        assert float(trainer.callback_metrics[f"htsr/{name}/entropy"]) == pytest.approx(
+            reference.loc[name, "entropy"], rel=1e-4)
