@@ -7,13 +7,27 @@ The pure stages are in :mod:`lightning_htsr.functional`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from .analysis import AnalysisOptions, analyze, analyze_state_dict
-from .callback import HTSRCallback
 from .phases import Phase, PhaseConfig, PhaseTracker
 from .powerlaw import PowerLawFit
 from .records import summarize
 
+if TYPE_CHECKING:
+    from .callback import HTSRCallback
+
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # HTSRCallback pulls in Lightning (seconds of import time); load it on first use so that offline analysis and
+    # the command line start fast.
+    if name == "HTSRCallback":
+        from .callback import HTSRCallback
+
+        return HTSRCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
     "AnalysisOptions",

@@ -209,8 +209,10 @@ class _HTSRCallbackImpl:
         with trainer.profiler.profile(f"[HTSR]{self.prefix}.analyze"):
             results = self._compute(trainer, pl_module)
         records = [r for r, _, _ in results]
-        smoothed = self.tracker.update({r["name"]: r["phase"] for r in records})
-        smoothed = {r["name"]: smoothed.get(r["name"]) for r in records}
+        tracked = self.tracker.update({r["name"]: r["phase"] for r in records})
+        # A matrix counts with its smoothed label only when this analysis classified it: the tracker remembers old
+        # labels across unclassified analyses (hysteresis), but a matrix that is now NaN or skipped has no phase.
+        smoothed = {r["name"]: tracked.get(r["name"]) if r["phase"] else None for r in records}
         step, epoch = int(trainer.global_step), int(trainer.current_epoch)
         self.phase_history.append({"step": step, "epoch": epoch, "phases": dict(smoothed)})
         metrics = scalar_metrics(records, smoothed, prefix=self.prefix)
@@ -295,6 +297,14 @@ class _HTSRCallbackImpl:
         """Scalars to every logger (rank-zero inside the loggers) and to ``trainer.callback_metrics``."""
         if self.stopping_reason is not StopReason.NOT_STOPPED:
             metrics[f"{self.prefix}/stopping_reason"] = float(self.stopping_reason.value)
+        # Keys of earlier analyses that this one did not produce must not linger: a per-matrix value disappears
+        # (its matrix was skipped), a model-level aggregate becomes NaN (nothing left to average: e.g. diverged
+        # weights), which EarlyStopping(check_finite=True) on it turns into a stop.
+        for key in [k for k in trainer.callback_metrics if k.startswith(f"{self.prefix}/") and k not in metrics]:
+            if key.count("/") == 1:
+                trainer.callback_metrics[key] = torch.tensor(float("nan"))
+            else:
+                del trainer.callback_metrics[key]
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})
         if not trainer.loggers:
             if not self._warned_no_logger and trainer.is_global_zero:

@@ -262,6 +262,7 @@ def plot_phase_map(
     phases: Sequence[Sequence[str | Phase | None]],
     *,
     title: str | None = None,
+    xlabel: str = "analysis",
 ) -> Figure:
     """Phase of every matrix (rows) at every analysis (columns) as an image coloured with :data:`PHASE_COLORS`.
 
@@ -271,6 +272,7 @@ def plot_phase_map(
         phases: ``phases[i][j]`` is the phase name of matrix ``i`` at analysis ``j``; ``None``, ``""`` or NaN for
             unclassified (:class:`Phase` members are accepted too).
         title: Figure title.
+        xlabel: Label of the column axis (what ``steps`` are: analyses, global steps, epochs).
 
     Returns:
         A new figure; its axes hold one RGB ``AxesImage`` with cell ``(i, j)`` at data coordinates ``(j, i)``.
@@ -301,7 +303,7 @@ def plot_phase_map(
         every = max(1, math.ceil(n_cols / 25))
         cols = list(range(0, n_cols, every))
         ax.set_xticks(cols, [str(steps[j]) for j in cols], fontsize=8, rotation=90 if n_cols > 12 else 0)
-        ax.set_xlabel("analysis")
+        ax.set_xlabel(xlabel)
         ax.tick_params(length=0)
     present = {phase_label(p) for row in phases for p in row}
     legend = [p.value for p in Phase] + ([UNCLASSIFIED] if UNCLASSIFIED in present else [])
@@ -362,7 +364,8 @@ def plot_metric_history(
         ax.plot(series.index, series.to_numpy(), "-", marker="" if thin else ".", lw=0.8 if thin else 1.2,
                 alpha=0.45 if thin else 0.85, label=None if thin else str(name), gid=f"name:{name}")
     mean = data.groupby(by, sort=True)[metric].mean()
-    ax.plot(mean.index, mean.to_numpy(), "-", color="black", lw=2.8, label=f"mean over {len(names)} matrices",
+    with_values = data["name"].nunique()  # matrices never analyzed (skipped) draw no line and are not counted
+    ax.plot(mean.index, mean.to_numpy(), "-", color="black", lw=2.8, label=f"mean over {with_values} matrices",
             gid="mean")
     ax.set_xlabel(by)
     ax.set_ylabel(metric)

@@ -76,7 +76,11 @@ def records_to_frame(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
 
 
 def summarize(
-    frame: pd.DataFrame, metrics: Iterable[str] = SUMMARY_METRICS, *, max_alpha: float | None = None
+    frame: pd.DataFrame,
+    metrics: Iterable[str] = SUMMARY_METRICS,
+    *,
+    max_alpha: float | None = None,
+    classified_only: bool = False,
 ) -> dict[str, float | int]:
     """Model-level means over the valid rows of an ``analyze()`` table.
 
@@ -88,6 +92,8 @@ def summarize(
         metrics: Columns to average.
         max_alpha: Also drop rows whose alpha exceeds this (weightwatcher's README discards alpha > 8 as
             spurious); ``None`` keeps them.
+        classified_only: Average only rows that have a phase (enough eigenvalues to classify): the same set as
+            the ``frac_<phase>`` shares. A 10-eigenvalue classifier head has a "tail" that is its whole spectrum.
 
     Returns:
         ``{metric: mean}`` plus ``num_layers`` (rows), ``num_valid`` (rows with status success), ``<metric>_n``
@@ -101,6 +107,8 @@ def summarize(
         (3.0, 2, 2)
     """
     ok = frame[frame["status"] == "success"] if "status" in frame else frame
+    if classified_only and "phase" in ok:
+        ok = ok[ok["phase"].notna() & (ok["phase"] != "")]
     if max_alpha is not None and "alpha" in ok:
         ok = ok[~(ok["alpha"] > max_alpha)]
     out: dict[str, float | int] = {"num_layers": int(len(frame)), "num_valid": int(len(ok))}

@@ -77,7 +77,8 @@ def main(mode: str, out: str) -> None:
 
         kwargs.update(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), devices=2)
         shard = True
-    callback = HTSRCallback(history_file=os.path.join(out, "htsr_history.csv"), stop_on="heavy_tailed",
+    callback = HTSRCallback(history_file=os.path.join(out, "htsr_history.csv"),
+                            spectra_file=os.path.join(out, "htsr_spectra.npz"), stop_on="heavy_tailed",
                             stop_fraction=0.3, patience=3, log_figures_every=None)
     trainer = pl.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[callback], **kwargs)

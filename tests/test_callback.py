@@ -328,3 +328,40 @@ def test_on_gpu_the_spectra_are_computed_on_the_device_and_match_cpu(tmp_path, b
             reference.loc[name, "alpha"], rel=1e-3)
         assert float(trainer.callback_metrics[f"htsr/{name}/entropy"]) == pytest.approx(
             reference.loc[name, "entropy"], rel=1e-4)
+
+
+def test_diverged_weights_do_not_keep_stale_phases_or_stop_the_run(tmp_path) -> None:
+    """After NaN takes over, no matrix is classified: the last good labels must not count (or trigger a stop)."""
+
+    class Diverge(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            if trainer.current_epoch == 1:
+                with torch.no_grad():
+                    for p in pl_module.parameters():
+                        p.fill_(float("nan"))
+
+    callback = HTSRCallback(stop_on="heavy_tailed", stop_fraction=0.5, patience=2)
+    with pytest.warns(UserWarning, match="not fully analyzed"):
+        trainer = fit(tmp_path, TinyNet(lr=0.0, heavy=True), [Diverge(), callback], logger=False, max_epochs=4)
+    assert callback.stopping_reason is StopReason.NOT_STOPPED and trainer.current_epoch == 4
+    history = read_history(callback.history_path)
+    after = history[history.epoch >= 1]
+    assert (after.status == "skipped").all() and after.smoothed_phase.isna().all()
+    # nothing stale in callback_metrics: per-matrix values are gone, model-level aggregates are NaN
+    assert not any(k.startswith("htsr/net.") for k in trainer.callback_metrics)
+    assert math.isnan(float(trainer.callback_metrics["htsr/alpha_mean"]))
+
+
+def test_early_stopping_on_alpha_mean_catches_divergence(tmp_path) -> None:
+    class Diverge(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            if trainer.current_epoch == 2:
+                with torch.no_grad():
+                    for p in pl_module.parameters():
+                        p.fill_(float("nan"))
+
+    stopper = EarlyStopping(monitor="htsr/alpha_mean", patience=100, check_on_train_epoch_end=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = fit(tmp_path, TinyNet(lr=0.0), [Diverge(), HTSRCallback(), stopper], logger=False, max_epochs=10)
+    assert stopper.stopping_reason.name == "NON_FINITE_METRIC" and trainer.current_epoch == 3

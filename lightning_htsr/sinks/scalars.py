@@ -14,7 +14,8 @@ __all__ = ["MATRIX_SCALARS", "MODEL_SCALARS", "phase_legend", "scalar_metrics"]
 #: Per-matrix scalars, logged as ``<prefix>/<matrix name>/<metric>`` (plus ``/phase``, the smoothed phase code).
 MATRIX_SCALARS: tuple[str, ...] = ("alpha", "entropy", "alpha_weighted", "stable_rank", "mp_softrank", "num_spikes")
 
-#: Model-level scalars: ``<prefix>/alpha_mean`` etc. (means over valid matrices) and phase fractions.
+#: Model-level scalars: ``<prefix>/alpha_mean`` etc. (means over the matrices with enough eigenvalues to classify,
+#: the same set as the ``frac_<phase>`` shares) and phase fractions.
 MODEL_SCALARS: dict[str, str] = {
     "alpha_mean": "alpha",
     "entropy_mean": "entropy",
@@ -65,18 +66,17 @@ def scalar_metrics(
     out: dict[str, float] = {}
     for record in records:
         name = record["name"]
+        if record.get("status") == "skipped":  # no spectrum: nothing to log (its counts are placeholders)
+            continue
         for metric in MATRIX_SCALARS:
             value = record.get(metric)
             if _finite(value):
                 out[f"{prefix}/{name}/{metric}"] = float(value)
         phase = smoothed.get(name)
-        if phase:
-            out[f"{prefix}/{name}/phase"] = float(Phase(phase).code)
-        elif record.get("status") not in (None, "skipped"):
-            out[f"{prefix}/{name}/phase"] = -1.0  # analyzed, but too small (or degenerate) to classify
+        out[f"{prefix}/{name}/phase"] = float(Phase(phase).code) if phase else -1.0  # -1: too small to classify
     frame = records_to_frame(records)
     if len(frame) and "status" in frame:
-        summary = summarize(frame, [c for c in MODEL_SCALARS.values() if c in frame])
+        summary = summarize(frame, [c for c in MODEL_SCALARS.values() if c in frame], classified_only=True)
         for key, column in MODEL_SCALARS.items():
             if _finite(summary.get(column)):
                 out[f"{prefix}/{key}"] = float(summary[column])

@@ -143,7 +143,7 @@ class TensorBoardSink:
         if phase_history:
             names = [r["name"] for r, _, _ in analyses]
             grid = [[h["phases"].get(n) for h in phase_history] for n in names]
-            fig = plot_phase_map(names, [h["step"] for h in phase_history], grid,
+            fig = plot_phase_map(names, [h["step"] for h in phase_history], grid, xlabel="global step",
                                  title="phase per matrix and analysis (smoothed)")
             writer.add_figure(f"{p}/phase_map", fig, step, close=False)
         writer.add_text(f"{p}/latest", results_table([r for r, _, _ in analyses], smoothed), step)
