@@ -121,7 +121,8 @@ class MatrixAnalysis:
     phase: PhaseResult | None = None
 
 
-def _identity(matrix: WeightMatrix) -> dict[str, Any]:
+def matrix_identity(matrix: WeightMatrix) -> dict[str, Any]:
+    """The record columns that describe what a matrix is (name, type, shape, dtype, note)."""
     return {
         "name": matrix.name,
         "layer_type": matrix.layer_type,
@@ -171,7 +172,7 @@ def analyze_matrices(matrices: Sequence[WeightMatrix], options: AnalysisOptions 
     for matrix in matrices:
         spectrum = by_name.get(id(matrix))
         if spectrum is None:
-            out.append(MatrixAnalysis(empty_record(**_identity(matrix), status="skipped",
+            out.append(MatrixAnalysis(empty_record(**matrix_identity(matrix), status="skipped",
                                                    skip_reason=matrix.skip_reason or "not analyzed")))
         else:
             out.append(_analyze_spectrum(matrix, spectrum, options))
@@ -179,7 +180,7 @@ def analyze_matrices(matrices: Sequence[WeightMatrix], options: AnalysisOptions 
 
 
 def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: AnalysisOptions) -> MatrixAnalysis:
-    ident = _identity(matrix)
+    ident = matrix_identity(matrix)
     ident.update(precision=spectrum.precision, route=spectrum.route)
     if spectrum.error:
         return MatrixAnalysis(empty_record(**ident, status="skipped", skip_reason=spectrum.error))

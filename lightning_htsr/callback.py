@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .analysis import AnalysisOptions, analyze_matrices, warn_bad_input
+from .analysis import AnalysisOptions, analyze_matrices, matrix_identity, warn_bad_input
 from .distributed import assign_owners, full_weight_access, gather_objects
 from .layers import weight_matrices
 from .phases import PhaseConfig, PhaseTracker
@@ -264,9 +264,8 @@ class _HTSRCallbackImpl:
             except Exception as err:  # noqa: BLE001 - a bug here must not end anybody's training run
                 warnings.warn(f"lightning-htsr: analysis failed on rank {rank} ({type(err).__name__}: {err}); "
                               "these matrices are recorded as skipped", UserWarning, stacklevel=2)
-                local = [(empty_record(name=m.name, layer_type=m.layer_type, module_type=m.module_type, N=m.N,
-                                       M=m.M, Q=m.Q, num_slices=m.num_slices, num_evals=m.num_evals, status="skipped",
-                                       skip_reason=f"analysis error: {type(err).__name__}: {err}"), None, None)
+                reason = f"analysis error: {type(err).__name__}: {err}"
+                local = [(empty_record(**matrix_identity(m), status="skipped", skip_reason=reason), None, None)
                          for m in plan if select is None or select(m.source)]
         if world == 1:
             return local

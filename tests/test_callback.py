@@ -365,3 +365,19 @@ def test_early_stopping_on_alpha_mean_catches_divergence(tmp_path) -> None:
         warnings.simplefilter("ignore")
         trainer = fit(tmp_path, TinyNet(lr=0.0), [Diverge(), HTSRCallback(), stopper], logger=False, max_epochs=10)
     assert stopper.stopping_reason.name == "NON_FINITE_METRIC" and trainer.current_epoch == 3
+
+
+def test_an_exception_inside_the_analysis_never_ends_training(tmp_path, monkeypatch) -> None:
+    import lightning_htsr.callback as callback_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulated eigensolver crash")
+
+    monkeypatch.setattr(callback_module, "analyze_matrices", broken)
+    callback = HTSRCallback(stop_on="heavy_tailed")
+    with pytest.warns(UserWarning, match="analysis failed on rank 0 .*simulated eigensolver crash"):
+        trainer = fit(tmp_path, TinyNet(lr=0.01), [callback], logger=False, max_epochs=2)
+    assert trainer.current_epoch == 2 and callback.analysis_count == 3
+    history = read_history(callback.history_path)
+    assert len(history) == 3 * 4 and (history.status == "skipped").all()
+    assert history.skip_reason.str.contains("analysis error: RuntimeError: simulated eigensolver crash").all()
