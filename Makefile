@@ -14,7 +14,7 @@ $(VENV)/.installed-%: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[$*]"
 	@touch $@
 
-demo: $(VENV)/.installed-test
+demo: $(VENV)/.installed-examples
 	OMP_NUM_THREADS=1 $(PY) examples/quickstart.py
 
 test: $(VENV)/.installed-test
