@@ -34,6 +34,7 @@ import math
 import os
 import sys
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -48,16 +49,9 @@ from lightning_htsr.functional import eigenvalues, resolution_floor  # noqa: E40
 
 DECAYED = "net.2"  # the layer that gets the strong weight decay
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the examples share the quickstart's data loader
+from quickstart import load_digits_tensors  # noqa: E402
 
-def load_digits_tensors(seed: int = 0, val_fraction: float = 0.2):
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
-    y = torch.tensor(digits.target, dtype=torch.long)
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
-    n_val = int(len(x) * val_fraction)
-    return (x[perm[n_val:]], y[perm[n_val:]]), (x[perm[:n_val]], y[perm[:n_val]])
 
 
 class MLP(pl.LightningModule):
