@@ -23,6 +23,7 @@ weights are always computed in float64; ``precision="float64"`` forces it for al
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Sequence
@@ -175,12 +176,20 @@ def _raw_eigenvalues(
         return [(torch.linalg.svdvals(w) ** 2).reshape(-1) for w in work]
     results: list[Tensor | None] = [None] * len(work)
     groups: dict[tuple, list[int]] = defaultdict(list)
-    grams = [_gram(w, backend) for w in work]
     for i, w in enumerate(work):
         groups[(w.shape[-1], w.dtype, w.device)].append(i)
-    for (m, _, _), members in groups.items():
-        per_matrix = [grams[i].shape[0] for i in members]
-        batch = torch.cat([grams[i] for i in members]) if len(members) > 1 else grams[members[0]]
+    for (m, dtype, device), members in groups.items():
+        per_matrix = [work[i].shape[0] for i in members]
+        if len(members) == 1:
+            batch = _gram(work[members[0]], backend)
+        elif backend == "torch":
+            # Write each Gram straight into the batch (no torch.cat copy of the whole stack afterwards).
+            batch = torch.empty((sum(per_matrix), m, m), dtype=dtype, device=device)
+            for i, start in zip(members, itertools.accumulate([0, *per_matrix[:-1]])):
+                w = work[i]
+                torch.matmul(w.transpose(-1, -2), w, out=batch[start : start + w.shape[0]])
+        else:
+            batch = torch.cat([_gram(work[i], backend) for i in members])
         rows = max(1, MAX_BATCH_BYTES // (m * m * batch.element_size()))
         values = torch.cat([_eigvalsh(batch[s : s + rows], backend) for s in range(0, batch.shape[0], rows)])
         for i, part in zip(members, torch.split(values, per_matrix)):
