@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .eigenvalues import Backend, Precision, Route, Spectrum, compute_spectra
-from .layers import WeightMatrix, state_dict_matrices, weight_matrices
+from .layers import LOW_PRECISION, WeightMatrix, state_dict_matrices, weight_matrices
 from .marchenko_pastur import MarchenkoPasturFit
 from .metrics import WW_ENTROPY_EPSILON, alpha_warning, matrix_entropy, norm_metrics, rank_metrics
 from .phases import PhaseConfig, PhaseResult, classify_phase
@@ -35,6 +35,7 @@ __all__ = [
     "analyze_matrices",
     "analyze_state_dict",
     "bad_input_rows",
+    "low_precision_rows",
     "warn_bad_input",
 ]
 
@@ -360,6 +361,11 @@ def bad_input_rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def low_precision_rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Records analyzed from weights whose stored precision blurs the ESD (8-bit floats, integer-quantized)."""
+    return [r for r in records if r["status"] == "success" and str(r.get("note") or "").startswith(LOW_PRECISION)]
+
+
 def warn_bad_input(
     records: Iterable[dict[str, Any]],
     *,
@@ -367,7 +373,11 @@ def warn_bad_input(
     seen: set[str] | None = None,
     stacklevel: int = 3,
 ) -> None:
-    """One ``UserWarning`` naming every matrix whose weights could not be analyzed (or only partly), and why.
+    """Warn about every matrix whose weights could not be analyzed (or only partly), and why.
+
+    One ``UserWarning`` lists the skipped and degenerate matrices with their ``skip_reason`` (size-based skips such
+    as ``min_evals`` are routine and left out); a second one lists matrices analyzed from low-precision weights
+    (8-bit floats, integer-quantized) with the ``note`` saying what that does to the ESD.
 
     Args:
         records: Records of one analysis.
@@ -376,13 +386,16 @@ def warn_bad_input(
             one set per run, so a matrix that stays bad for many epochs is reported once).
         stacklevel: Passed to ``warnings.warn``.
     """
-    bad = bad_input_rows(records)
-    if seen is not None:
-        bad = [r for r in bad if f"{r['name']}|{r['skip_reason']}" not in seen]
-        seen.update(f"{r['name']}|{r['skip_reason']}" for r in bad)
-    if not bad:
-        return
-    shown = "; ".join(f"{r['name']} ({r['status']}: {r['skip_reason']})" for r in bad[:8])
-    more = f"; and {len(bad) - 8} more" if len(bad) > 8 else ""
-    warnings.warn(f"{who}: {len(bad)} weight matrices not fully analyzed: {shown}{more}", UserWarning,
-                  stacklevel=stacklevel)
+    records = list(records)
+    for rows, reason_key, what in (
+        (bad_input_rows(records), "skip_reason", "weight matrices not fully analyzed"),
+        (low_precision_rows(records), "note", "weight matrices analyzed from low-precision weights"),
+    ):
+        if seen is not None:
+            rows = [r for r in rows if f"{r['name']}|{r[reason_key]}" not in seen]
+            seen.update(f"{r['name']}|{r[reason_key]}" for r in rows)
+        if not rows:
+            continue
+        shown = "; ".join(f"{r['name']} ({r['status']}: {r[reason_key]})" for r in rows[:8])
+        more = f"; and {len(rows) - 8} more" if len(rows) > 8 else ""
+        warnings.warn(f"{who}: {len(rows)} {what}: {shown}{more}", UserWarning, stacklevel=stacklevel)

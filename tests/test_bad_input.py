@@ -28,9 +28,8 @@ from lightning_htsr.eigenvalues import compute_spectra
 
 def linear_with(weight: torch.Tensor) -> nn.Linear:
     """A bias-free Linear whose weight is exactly ``weight`` (shape ``(out, in)``), dtype preserved."""
-    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, dtype=weight.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
+    layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False)  # float8 has no random init: set it after
+    layer.weight = nn.Parameter(weight.clone(), requires_grad=weight.is_floating_point())
     return layer
 
 
@@ -259,7 +258,8 @@ def test_half_precision_is_upcast(dtype: torch.dtype) -> None:
     dh, msgs = run(nn.ModuleDict({"x": half}))
     dr, _ = run(nn.ModuleDict({"x": ref}))
     h, r = dh.loc["x"], dr.loc["x"]
-    assert msgs == []
+    assert msgs == []  # fp16/bf16 values are exact in float32: nothing to warn about, only a note
+    assert h["note"] == f"upcast from {dtype} (exact)" and r["note"] == ""
     assert h["status"] == "success" and r["status"] == "success"
     assert h["dtype"] == str(dtype) and r["dtype"] == "torch.float32"
     assert h["precision"] in ("float32", "float64")
@@ -317,13 +317,14 @@ def test_dynamically_quantized_linear_is_dequantized() -> None:
     model, q = quantized_model()
     assert "quantized" in type(q[0]).__module__
     df, msgs = run(q)
-    assert msgs == []
+    assert len(msgs) == 1 and "3 weight matrices analyzed from low-precision weights" in msgs[0]
+    assert "dequantized from torch.qint8" in msgs[0]
     assert list(df.index) == ["0", "2", "4"]  # the packed-params submodules are not matrices
     for name, (n_rows, m_cols) in (("0", (128, 64)), ("2", (128, 96)), ("4", (96, 96))):
         row = df.loc[name]
         assert row["layer_type"] == "quantized_linear"
         assert row["status"] == "success", row["skip_reason"]
-        assert "dequantized" in row["note"]
+        assert row["note"].startswith("low precision: dequantized from torch.qint8")
         assert row["dtype"] == "torch.qint8"
         assert (row["N"], row["M"]) == (n_rows, m_cols)
         deq = q[int(name)].weight().dequantize()
@@ -333,6 +334,40 @@ def test_dynamically_quantized_linear_is_dequantized() -> None:
         # 8-bit rounding barely moves the spectrum of the float layer it came from
         ev_float = svd_evals(model[int(name)].weight) / n_rows
         assert row["norm"] == pytest.approx(ev_float.sum(), rel=1e-2)
+
+
+@pytest.mark.parametrize(("dtype", "bits", "error"), [(torch.float8_e4m3fn, 3, "6.25 %"), (torch.float8_e5m2, 2, "12.5 %")])
+def test_float8_is_analyzed_with_a_low_precision_warning(dtype: torch.dtype, bits: int, error: str) -> None:
+    w = randn(512, 256, seed=21) / 16
+    fp8 = linear_with(w.to(dtype))
+    ref = linear_with(w.to(dtype).float())  # the same rounded values in fp32
+    d8, msgs = run(nn.ModuleDict({"x": fp8, "ok": linear_with(randn(512, 256, seed=22))}))
+    dr, ref_msgs = run(nn.ModuleDict({"x": ref}))
+    assert ref_msgs == []
+    assert len(msgs) == 1
+    assert msgs[0].startswith("lightning-htsr: 1 weight matrices analyzed from low-precision weights: x (success: ")
+    row = d8.loc["x"]
+    assert row["status"] == "success" and row["skip_reason"] == ""
+    assert row["dtype"] == str(dtype)
+    assert row["note"].startswith(f"low precision: upcast from {dtype} ({bits} mantissa bits")
+    assert error in row["note"]
+    assert d8.loc["ok", "note"] == ""
+    # analyzed exactly as the upcast values would be
+    for col in ("alpha", "norm", "spectral_norm", "entropy", "stable_rank"):
+        assert row[col] == pytest.approx(dr.loc["x", col], rel=1e-6), col
+    # ... and 8-bit rounding of a Gaussian layer leaves it random-like
+    assert row["phase"] == "random_like"
+
+
+def test_low_precision_warning_is_given_once_per_matrix_with_seen() -> None:
+    rows = [{"name": "a", "status": "success", "skip_reason": "", "note": "low precision: upcast from x"},
+            {"name": "b", "status": "success", "skip_reason": "", "note": "upcast from torch.bfloat16 (exact)"}]
+    seen: set[str] = set()
+    with pytest.warns(UserWarning, match=r"1 weight matrices analyzed from low-precision weights: a \(success"):
+        warn_bad_input(rows, seen=seen)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warn_bad_input(rows, seen=seen)  # already reported in this run: silent
 
 
 def test_meta_device_is_skipped() -> None:
