@@ -136,14 +136,15 @@ def _eigvalsh(grams: Tensor, backend: Backend) -> Tensor:
     return torch.linalg.eigvalsh(grams)
 
 
-def _gram(stack: Tensor, backend: Backend) -> Tensor:
+def _gram(stack: Tensor, backend: Backend, out: Tensor | None = None) -> Tensor:
+    """``W^T W`` per slice; with ``out`` (torch backend only) written into it instead of a new tensor."""
     if backend == "cupy":
         cupy = _import_cupy()
         if stack.device.type != "cuda":
             raise BackendUnavailableError("backend='cupy' needs CUDA tensors; these are on " + str(stack.device))
         w = cupy.from_dlpack(stack.contiguous())
         return torch.from_dlpack(cupy.matmul(w.transpose(0, 2, 1), w))
-    return stack.transpose(-1, -2) @ stack
+    return torch.matmul(stack.transpose(-1, -2), stack, out=out)
 
 
 def _import_cupy():  # noqa: ANN202 - returns the cupy module
@@ -180,16 +181,14 @@ def _raw_eigenvalues(
         groups[(w.shape[-1], w.dtype, w.device)].append(i)
     for (m, dtype, device), members in groups.items():
         per_matrix = [work[i].shape[0] for i in members]
-        if len(members) == 1:
-            batch = _gram(work[members[0]], backend)
-        elif backend == "torch":
+        if backend == "torch" and len(members) > 1:
             # Write each Gram straight into the batch (no torch.cat copy of the whole stack afterwards).
             batch = torch.empty((sum(per_matrix), m, m), dtype=dtype, device=device)
-            for i, start in zip(members, itertools.accumulate([0, *per_matrix[:-1]])):
-                w = work[i]
-                torch.matmul(w.transpose(-1, -2), w, out=batch[start : start + w.shape[0]])
+            for i, start, rows in zip(members, itertools.accumulate([0, *per_matrix[:-1]]), per_matrix):
+                _gram(work[i], backend, out=batch[start : start + rows])
         else:
-            batch = torch.cat([_gram(work[i], backend) for i in members])
+            grams = [_gram(work[i], backend) for i in members]
+            batch = grams[0] if len(grams) == 1 else torch.cat(grams)
         rows = max(1, MAX_BATCH_BYTES // (m * m * batch.element_size()))
         values = torch.cat([_eigvalsh(batch[s : s + rows], backend) for s in range(0, batch.shape[0], rows)])
         for i, part in zip(members, torch.split(values, per_matrix)):

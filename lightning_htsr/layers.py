@@ -211,22 +211,23 @@ class WeightAccess:
 LOW_PRECISION = "low precision"
 
 
-def _precision_note(dtype: torch.dtype) -> str:
+def _precision_note(weight: Tensor) -> str:
     """What the analysis did with weights stored in less than float32, for the record's ``note``.
 
     fp16/bf16 values are exact in float32, so upcasting them changes nothing (no warning). 8-bit floats and
     integer-quantized weights are analyzed too, but their rounding is coarse enough to blur the ESD: the note starts
     with :data:`LOW_PRECISION`, which makes the analysis warn.
     """
+    dtype = weight.dtype
+    if weight.is_quantized:
+        return (f"{LOW_PRECISION}: dequantized from {dtype} (integer levels times scale); the small eigenvalues "
+                "are blurred")
     if dtype in (torch.float16, torch.bfloat16):
         return f"upcast from {dtype} (exact)"
     if dtype.is_floating_point and torch.finfo(dtype).bits <= 8:
         mantissa = round(-math.log2(torch.finfo(dtype).eps))
         return (f"{LOW_PRECISION}: upcast from {dtype} ({mantissa} mantissa bits, rounding error up to "
                 f"{100 * 2.0 ** -(mantissa + 1):.3g} % per entry); the small eigenvalues are blurred")
-    if dtype in (torch.qint8, torch.quint8, torch.qint32, torch.quint4x2, torch.quint2x4):
-        return (f"{LOW_PRECISION}: dequantized from {dtype} (integer levels times scale); the small eigenvalues "
-                "are blurred")
     return ""
 
 
@@ -408,7 +409,7 @@ def _matrices_of(
         if not wanted:
             return
         layout = weight
-    note = _precision_note(param.dtype) if problem is None else ""
+    note = _precision_note(param) if problem is None else ""
     if weight is not None and weight.is_quantized:
         weight = weight.dequantize()
         layout = weight
