@@ -26,7 +26,7 @@ from .layers import weight_matrices
 from .phases import PhaseConfig, PhaseTracker
 from .records import empty_record
 from .schedule import AnalysisSchedule
-from .sinks.history import HistoryWriter, write_spectra
+from .sinks.history import HISTORY_FILE, SPECTRA_FILE, HistoryWriter, write_spectra
 from .sinks.scalars import scalar_metrics
 from .sinks.tensorboard import TensorBoardSink, tensorboard_writer
 from .stopping import StopCriteria, StopReason, evaluate_stop
@@ -107,8 +107,8 @@ class _HTSRCallbackImpl:
         phase_hysteresis: int = 2,
         log_histograms: bool = True,
         log_figures_every: int | None = 5,
-        history_file: str | None = "htsr_history.csv",
-        spectra_file: str | None = "htsr_spectra.npz",
+        history_file: str | None = HISTORY_FILE,
+        spectra_file: str | None = SPECTRA_FILE,
         stop_on: PhaseName | None = None,
         stop_fraction: float = 0.8,
         patience: int = 1,

@@ -325,9 +325,8 @@ def _cell(record: Mapping[str, Any], column: str, columns: Sequence[str]) -> str
     value = record.get(column)
     if column == "status" and "skip_reason" not in columns and record.get("skip_reason"):
         return f"{value}: {record['skip_reason']}"
-    if column in ("phase", "warning") and (value is None or value == "" or
-                                           (isinstance(value, float) and math.isnan(value))):
-        return "-"
+    if column in ("phase", "warning") and value == "":
+        return "-"  # format_value gives "-" for None and NaN too
     return format_value(value)
 
 
@@ -463,19 +462,14 @@ def _esd_plotter(plots_dir: Path, plotted: list[dict[str, Any]]) -> Callable[[An
 def _write_plot_index(plots_dir: Path, source: Path, plotted: Sequence[Mapping[str, Any]]) -> Path:
     import html
 
-    from .report import html_page, html_table
+    from .report import esd_grid, html_page, html_table
 
     links = {str(r["name"]): str(r["file"]) for r in plotted}
     body = [f"<h1>ESD of every weight matrix</h1><p>Checkpoint: <code>{html.escape(str(source.resolve()))}</code>"
             f" ({len(plotted)} matrices with a spectrum).</p>",
             html_table(plotted, ["name", "N", "M", "alpha", "D", "entropy", "num_spikes", "phase", "warning",
                                  "status"], links=links),
-            '<div class="grid">']
-    for r in plotted:
-        file = html.escape(str(r["file"]), quote=True)
-        body.append(f'<figure><a href="{file}"><img src="{file}" alt="ESD of {html.escape(str(r["name"]))}"></a>'
-                    f'<figcaption>{html.escape(str(r["name"]))}</figcaption></figure>')
-    body.append("</div>")
+            esd_grid((str(r["name"]), str(r["file"]), str(r["name"])) for r in plotted)]
     index = plots_dir / "index.html"
     index.write_text(html_page(f"ESDs of {source.name}", "\n".join(body)), encoding="utf-8")
     return index

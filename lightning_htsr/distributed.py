@@ -122,8 +122,9 @@ def full_weight_access(model: nn.Module) -> Iterator[WeightAccess]:
         with FullyShardedDataParallel.summon_full_params(root, recurse=True, writeback=False, rank0_only=False):
             yield WeightAccess()
         return
-    if any(hasattr(p, "ds_id") for p in model.parameters()):
-        yield DeepSpeedAccess()
+    deepspeed = DeepSpeedAccess()
+    if any(deepspeed.is_sharded(p) for p in model.parameters()):
+        yield deepspeed
         return
     yield WeightAccess()
 

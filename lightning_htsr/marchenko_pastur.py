@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 
 import numpy as np
-import torch
 from torch import Tensor
 
 __all__ = [

@@ -180,13 +180,12 @@ def _ks_many(logx: Tensor, idx: Tensor, alpha_all: Tensor, two_sided: bool, samp
     order = torch.argsort(idx)
     sorted_idx = idx[order]
     n = logx.numel()
-    width = samples if samples is not None else None
     start = 0
     total = idx.numel()
     # One host read of the indices to plan the blocks; the arithmetic itself stays on the device.
     starts = sorted_idx.tolist()
     while start < total:
-        row_len = width if width is not None else n - starts[start]
+        row_len = samples if samples is not None else n - starts[start]
         rows = max(1, _CHUNK // max(row_len, 1))
         block = sorted_idx[start : start + rows]
         alpha = alpha_all[block]

@@ -14,6 +14,8 @@ from typing import Any
 
 import pandas as pd
 
+from .phases import Phase
+
 __all__ = ["COLUMNS", "SUMMARY_METRICS", "empty_record", "records_to_frame", "summarize"]
 
 #: Columns of a record, in table order.
@@ -122,8 +124,7 @@ def summarize(
     if "phase" in frame:
         labels = frame["phase"].dropna()
         labels = labels[labels != ""]
-        for phase in ("random_like", "bleeding_out", "bulk_plus_spikes", "bulk_decay", "heavy_tailed",
-                      "rank_collapse"):
+        for phase in (p.value for p in Phase):
             out[f"frac_{phase}"] = float((labels == phase).mean()) if len(labels) else math.nan
         out["num_classified"] = int(len(labels))
     return out

@@ -31,8 +31,9 @@ import numpy as np
 import pandas as pd
 
 from .marchenko_pastur import MarchenkoPasturFit
+from .phases import Phase
 from .powerlaw import PowerLawFit
-from .sinks.history import HISTORY_COLUMNS, read_history, read_spectra
+from .sinks.history import HISTORY_COLUMNS, SPECTRA_FILE, read_history, read_spectra
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -58,9 +59,6 @@ __all__ = [
 
 #: Name of the report directory created next to the history file (or inside the run directory).
 DEFAULT_REPORT_DIR = "htsr_report"
-
-#: File name of the latest spectra written by the callback next to its history.
-SPECTRA_FILE = "htsr_spectra.npz"
 
 #: Columns of the final-analysis table in ``index.html`` (those present in the history are shown).
 REPORT_TABLE_COLUMNS: tuple[str, ...] = (
@@ -313,7 +311,7 @@ def save_png(fig: Figure, path: Path) -> None:
     path.write_bytes(figure_to_png(fig))
 
 
-_PHASE_ORDER = ("random_like", "bleeding_out", "bulk_plus_spikes", "bulk_decay", "heavy_tailed", "rank_collapse")
+_PHASE_ORDER = tuple(p.value for p in Phase)
 
 
 def phase_counts(phases: Iterable[Any]) -> str:
@@ -351,6 +349,16 @@ def format_value(value: Any) -> str:
             return f"{v:.3e}"
         return f"{v:.3f}"
     return str(value)
+
+
+def esd_grid(items: Iterable[tuple[str, str, str]]) -> str:
+    """HTML grid of ESD figures, one ``(matrix name, image file, caption)`` each; every image links to its file."""
+    figures = []
+    for name, file, caption in items:
+        src = html.escape(file, quote=True)
+        figures.append(f'<figure><a href="{src}"><img src="{src}" alt="ESD of {html.escape(name, quote=True)}"></a>'
+                       f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return '<div class="grid">' + "\n".join(figures) + "</div>"
 
 
 def html_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[str], *,
@@ -398,30 +406,29 @@ def html_page(title: str, body: str) -> str:
 # ------------------------------------------------------------------------------------------------ the report
 
 
-def _x_axis(frame: pd.DataFrame) -> str:
+def _x_axis(analyses: pd.DataFrame) -> str:
     """The column to plot analyses against: epoch or global step when they tell analyses apart, else the index."""
-    per = frame.groupby("report_analysis", sort=True)[["epoch", "global_step"]].first()
     for column in ("epoch", "global_step"):
-        values = pd.to_numeric(per[column], errors="coerce")
+        values = pd.to_numeric(analyses[column], errors="coerce")
         if values.notna().all() and values.is_unique:
             return column
     return "report_analysis"
 
 
-def _stop_section(frame: pd.DataFrame, analyses: pd.DataFrame) -> tuple[str, str]:
-    """``(html, plain text)`` of the "Stopped" section."""
+def _stop_section(frame: pd.DataFrame, analyses: pd.DataFrame) -> str:
+    """The HTML of the "Stopped" section."""
     stops = frame[frame["stopping_reason"] != ""]
     if stops.empty:
         last = analyses.iloc[-1]
         text = (f"Not stopped: no analysis recorded a stop (the run ended on its own, was interrupted, or is still "
                 f"running). Last analysis: epoch {format_value(last['epoch'])}, global step "
                 f"{format_value(last['global_step'])}.")
-        return f'<p class="notstopped">{html.escape(text)}</p>', text
+        return f'<p class="notstopped">{html.escape(text)}</p>'
     first = stops.iloc[0]
     text = (f"Training was stopped by HTSRCallback at epoch {format_value(first['epoch'])} (global step "
             f"{format_value(first['global_step'])}, analysis {format_value(first['analysis'])}): "
             f"{first['stopping_reason']}")
-    return f'<p class="stopped">{html.escape(text)}</p>', text
+    return f'<p class="stopped">{html.escape(text)}</p>'
 
 
 def write_report(
@@ -454,11 +461,13 @@ def write_report(
     out = Path(out_dir) if out_dir is not None else history_path.parent / DEFAULT_REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
 
+    rows_of = dict(list(frame.groupby("report_analysis", sort=True)))  # rows of each analysis, in file order
+    summaries = {report_id: summarize(rows) for report_id, rows in rows_of.items()}
     analyses = frame.groupby("report_analysis", sort=True).agg(
         analysis=("analysis", "first"), epoch=("epoch", "first"), global_step=("global_step", "first"),
         trigger=("trigger", "first"), matrices=("name", "size"))
     names = list(dict.fromkeys(frame["name"].astype(str)))
-    x = _x_axis(frame)
+    x = _x_axis(analyses)
     x_label = {"report_analysis": "analysis"}.get(x, x)
     plot_frame = frame.rename(columns={"report_analysis": "analysis #"}) if x == "report_analysis" else frame
     x_col = "analysis #" if x == "report_analysis" else x
@@ -474,10 +483,8 @@ def write_report(
     phase_column = "smoothed_phase" if (frame["smoothed_phase"] != "").any() else "phase"
     grid = frame.pivot_table(index="name", columns="report_analysis", values=phase_column, aggfunc="last")
     grid = grid.reindex(index=names, columns=list(analyses.index))
-    steps = [format_value(analyses.loc[a, x if x != "report_analysis" else "analysis"]) if x != "report_analysis"
-             else str(a) for a in analyses.index]
-    cells = [[(None if (v is None or v == "" or (isinstance(v, float) and math.isnan(v))) else str(v))
-              for v in grid.loc[name].tolist()] for name in names]
+    steps = [format_value(analyses.loc[a, x]) if x != "report_analysis" else str(a) for a in analyses.index]
+    cells = grid.loc[names].values.tolist()  # plot_phase_map reads None, "" and NaN alike as "no phase"
     fig = plot_phase_map(names, steps, cells, title=f"{phase_column.replace('_', ' ')} per matrix "
                                                       f"(columns: {x_label})")
     save_png(fig, out / "phase_map.png")
@@ -505,9 +512,8 @@ def write_report(
             else:
                 spectra_note = (f"{spectra_file.name} holds the spectra of step {step} (epoch {epoch}), which is "
                                 "not in the history; the fits drawn are those of the last analysis.")
-            rows = frame[frame["report_analysis"] == esd_id]
             taken: set[str] = set()
-            for row in rows.to_dict("records"):
+            for row in rows_of[esd_id].to_dict("records"):
                 name = str(row["name"])
                 ev = spectra.get(name)
                 if ev is None or np.asarray(ev).size == 0:
@@ -525,10 +531,10 @@ def write_report(
                         "there are no ESD figures.")
 
     # ---- index.html
-    final_rows = frame[frame["report_analysis"] == final_id]
+    final_rows = rows_of[final_id]
     final = analyses.loc[final_id]
-    stop_html, _ = _stop_section(frame, analyses)
-    summary = summarize(final_rows)
+    stop_html = _stop_section(frame, analyses)
+    summary = summaries[final_id]
     summary_text = (f"{summary['num_layers']} matrices, {summary['num_valid']} analyzed; mean alpha "
                     f"{format_value(summary.get('alpha', math.nan))}, mean entropy "
                     f"{format_value(summary.get('entropy', math.nan))}; phases: {phase_counts(final_rows['phase'])}")
@@ -561,14 +567,10 @@ def write_report(
     if esd_items:
         parts.append("<p>Histogram of the eigenvalues of W<sup>T</sup>W/N (log-log) with the power-law fit (dashed, "
                      "from xmin), the Marchenko-Pastur bulk and its edge, and the Tracy-Widom spike threshold.</p>")
-        parts.append('<div class="grid">' + "\n".join(
-            f'<figure><a href="{html.escape(file, quote=True)}"><img src="{html.escape(file, quote=True)}" '
-            f'alt="ESD of {html.escape(name, quote=True)}"></a><figcaption>{html.escape(caption)}</figcaption>'
-            "</figure>" for name, file, caption in esd_items) + "</div>")
+        parts.append(esd_grid(esd_items))
     per_analysis = []
     for report_id, info in analyses.iterrows():
-        rows = frame[frame["report_analysis"] == report_id]
-        s = summarize(rows)
+        rows, s = rows_of[report_id], summaries[report_id]
         per_analysis.append({"analysis": info["analysis"], "epoch": info["epoch"], "global_step": info["global_step"],
                              "trigger": info["trigger"], "matrices": int(info["matrices"]),
                              "alpha_mean": s.get("alpha", math.nan), "entropy_mean": s.get("entropy", math.nan),

@@ -126,8 +126,6 @@ def evaluate_stop(
         return False, StopReason.NOT_STOPPED, "", 0
     wait = wait_count + 1
     reason, message = reasons[0]
-    if wait < criteria.patience:
-        return False, StopReason.NOT_STOPPED, "", wait
-    if epoch < criteria.min_epochs:
+    if wait < criteria.patience or epoch < criteria.min_epochs:
         return False, StopReason.NOT_STOPPED, "", wait
     return True, reason, f"{message} for {wait} consecutive analyses; signaling Trainer to stop.", wait

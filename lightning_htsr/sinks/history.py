@@ -14,7 +14,13 @@ import pandas as pd
 
 from ..records import COLUMNS
 
-__all__ = ["HISTORY_COLUMNS", "HistoryWriter", "read_history", "read_spectra", "write_spectra"]
+#: Default file names, under the logger's log dir, of the callback's history and latest spectra.
+HISTORY_FILE = "htsr_history.csv"
+SPECTRA_FILE = "htsr_spectra.npz"
+
+__all__ = [
+    "HISTORY_COLUMNS", "HISTORY_FILE", "SPECTRA_FILE", "HistoryWriter", "read_history", "read_spectra", "write_spectra",
+]
 
 #: Columns of the history file: when (analysis index, epoch, step, what triggered it), the record, the smoothed
 #: phase the callback acts on, the rank that computed the row, and the stop reason on the rows of the analysis
@@ -50,7 +56,7 @@ class HistoryWriter:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.jsonl = self.path.suffix.lower() in (".jsonl", ".json")
+        self.jsonl = _is_jsonl(self.path)
 
     def append(self, rows: Sequence[Mapping[str, Any]]) -> None:
         """Write ``rows`` (missing columns left empty, unknown keys dropped) and flush them to disk."""
@@ -75,9 +81,14 @@ class HistoryWriter:
 def read_history(path: str | os.PathLike[str]) -> pd.DataFrame:
     """Read a history file written by :class:`HistoryWriter` (CSV or JSON lines) into a ``DataFrame``."""
     path = Path(path)
-    if path.suffix.lower() in (".jsonl", ".json"):
+    if _is_jsonl(path):
         return pd.read_json(path, lines=True)
     return pd.read_csv(path, keep_default_na=True)
+
+
+def _is_jsonl(path: Path) -> bool:
+    """JSON lines (``.jsonl``/``.json``) rather than CSV, by the file's suffix."""
+    return path.suffix.lower() in (".jsonl", ".json")
 
 
 def write_spectra(path: str | os.PathLike[str], spectra: Mapping[str, Any], *, step: int, epoch: int) -> None:

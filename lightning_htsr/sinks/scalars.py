@@ -8,6 +8,7 @@ from typing import Any
 
 from ..phases import Phase
 from ..records import records_to_frame, summarize
+from ..stopping import phase_fraction
 
 __all__ = ["MATRIX_SCALARS", "MODEL_SCALARS", "phase_legend", "scalar_metrics"]
 
@@ -81,8 +82,8 @@ def scalar_metrics(
             if _finite(summary.get(column)):
                 out[f"{prefix}/{key}"] = float(summary[column])
         out[f"{prefix}/num_valid"] = float(summary["num_valid"])
-    labels = [p for p in smoothed.values() if p]
-    if labels:
-        for phase in Phase:
-            out[f"{prefix}/frac_{phase.value}"] = sum(p == phase.value for p in labels) / len(labels)
+    for phase in Phase:
+        fraction, classified = phase_fraction(smoothed, phase.value)
+        if classified:
+            out[f"{prefix}/frac_{phase.value}"] = fraction
     return out

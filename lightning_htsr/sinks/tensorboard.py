@@ -14,7 +14,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..phases import Phase
 from .scalars import MATRIX_SCALARS, phase_legend
 
 __all__ = ["TensorBoardSink", "dashboard_layout", "tensorboard_writer"]
@@ -163,8 +162,3 @@ def _fast_layout(fig: Any) -> None:
     fig.subplots_adjust(left=0.11, right=0.98, bottom=0.11, top=0.91)
     for ax in fig.axes:
         ax.minorticks_off()
-
-
-def phase_codes(smoothed: Mapping[str, str | None]) -> dict[str, int]:
-    """``{name: code}`` with -1 for unclassified matrices."""
-    return {name: (Phase(p).code if p else -1) for name, p in smoothed.items()}
