@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -253,10 +253,10 @@ def _conv_slices(weight: Tensor, groups: int) -> Tensor:
 class _Entry:
     name: str
     layer_type: str
-    module: nn.Module
+    module_type: str
     param: Tensor | None
     build: Callable[[Tensor], list[tuple[str, Tensor]]]
-    dedupe: bool = True  # tied-weight detection by parameter identity (not for per-call quantized tensors)
+    tie_key: Hashable | None  # entries with equal keys hold one (tied) weight, analyzed once; None: never tied
 
 
 def _join(prefix: str, suffix: str) -> str:
@@ -267,44 +267,50 @@ def _single(w: Tensor) -> list[tuple[str, Tensor]]:
     return [("", w.unsqueeze(0))]
 
 
+def _split(names: Sequence[str]) -> Callable[[Tensor], list[tuple[str, Tensor]]]:
+    """Builder: the weight's rows cut into equal blocks named ``.<name>`` (in_proj's q/k/v, recurrent gates)."""
+
+    def build(w: Tensor) -> list[tuple[str, Tensor]]:
+        return [(f".{n}", c.unsqueeze(0)) for n, c in zip(names, w.chunk(len(names), dim=0))]
+
+    return build
+
+
+def _conv(groups: int) -> Callable[[Tensor], list[tuple[str, Tensor]]]:
+    """Builder: a convolution's kernel positions (and groups) as one pooled stack of slices."""
+    return lambda w: [("", _conv_slices(w, groups))]
+
+
+_QKV = ("q", "k", "v")
+
+
 def _entries(name: str, module: nn.Module, layer_type: str) -> list[_Entry]:
     """How to turn this module's parameters into (suffix, stack) pairs."""
+    module_type = type(module).__name__
+
+    def entry(entry_name: str, param: Tensor | None, build: Callable[[Tensor], list[tuple[str, Tensor]]]) -> _Entry:
+        # a parameter shared by several modules (tied embeddings) is one weight: keyed by identity
+        return _Entry(entry_name, layer_type, module_type, param, build, id(param) if param is not None else None)
+
     if layer_type in ("linear", "embedding", "other", "transformers_conv1d"):
-        return [_Entry(name or "weight", layer_type, module, module.weight, _single)]
-    if layer_type == "quantized_linear":
-        return [_Entry(name or "weight", layer_type, module, module.weight(), _single, dedupe=False)]
+        return [entry(name or "weight", module.weight, _single)]
+    if layer_type == "quantized_linear":  # weight() builds a new tensor per call: no identity to tie by
+        return [_Entry(name or "weight", layer_type, module_type, module.weight(), _single, None)]
     if layer_type.startswith("conv"):
-        groups = int(getattr(module, "groups", 1))
-        return [_Entry(name or "weight", layer_type, module, module.weight,
-                       lambda w: [("", _conv_slices(w, groups))])]
+        return [entry(name or "weight", module.weight, _conv(int(getattr(module, "groups", 1))))]
     if layer_type == "attention_in_proj":
         if module.in_proj_weight is not None:
-
-            def split_qkv(w: Tensor) -> list[tuple[str, Tensor]]:
-                q, k, v = w.chunk(3, dim=0)
-                return [(".q", q.unsqueeze(0)), (".k", k.unsqueeze(0)), (".v", v.unsqueeze(0))]
-
-            return [_Entry(_join(name, "in_proj"), layer_type, module, module.in_proj_weight, split_qkv)]
-        return [
-            _Entry(_join(name, f"in_proj.{s}"), layer_type, module, getattr(module, f"{s}_proj_weight"), _single)
-            for s in ("q", "k", "v")
-        ]
+            return [entry(_join(name, "in_proj"), module.in_proj_weight, _split(_QKV))]
+        return [entry(_join(name, f"in_proj.{s}"), getattr(module, f"{s}_proj_weight"), _single) for s in _QKV]
     if layer_type in ("lstm", "gru", "rnn"):
         gates = _RNN_GATES.get(module.mode)
-        entries = []
-        for pname in module._flat_weights_names:
-            if not pname.startswith("weight"):
-                continue
-            param = getattr(module, pname)
-            if gates is not None and not pname.startswith("weight_hr"):  # projections (LSTM proj_size) are not gated
-
-                def split_gates(w: Tensor, gates: tuple[str, ...] = gates) -> list[tuple[str, Tensor]]:
-                    return [(f".{g}", c.unsqueeze(0)) for g, c in zip(gates, w.chunk(len(gates), dim=0))]
-
-                entries.append(_Entry(_join(name, pname), layer_type, module, param, split_gates))
-            else:
-                entries.append(_Entry(_join(name, pname), layer_type, module, param, _single))
-        return entries
+        return [
+            # projections (LSTM proj_size, weight_hr) are not gated
+            entry(_join(name, pname), getattr(module, pname),
+                  _split(gates) if gates is not None and not pname.startswith("weight_hr") else _single)
+            for pname in module._flat_weights_names
+            if pname.startswith("weight")
+        ]
     return []
 
 
@@ -362,7 +368,7 @@ def weight_matrices(
         [('0', 'linear', 64, 32, 1), ('2', 'conv2d', 8, 3, 9)]
     """
     access = access or WeightAccess()
-    seen: dict[int, list[WeightMatrix]] = {}
+    seen: dict[Hashable, list[WeightMatrix]] = {}
     out: list[WeightMatrix] = []
     for module_name, module in model.named_modules():
         layer_type = layer_type_of(module)
@@ -383,17 +389,17 @@ def _matrices_of(
     access: WeightAccess,
     select: Callable[[str], bool] | None,
     materialize: bool,
-    seen: dict[int, list[WeightMatrix]],
+    seen: dict[Hashable, list[WeightMatrix]],
 ) -> Iterator[WeightMatrix]:
     param = entry.param
     if param is None:
         return
-    key = id(entry.module) if not entry.dedupe else id(param)
-    if entry.dedupe and key in seen:  # tied weights: analyze once
+    key = entry.tie_key
+    if key is not None and key in seen:  # tied weights: analyze once
         for record in seen[key]:
             record.aliases.append(entry.name + record.name[len(record.source) :])
         return
-    module_type = type(entry.module).__name__
+    module_type = entry.module_type
     dtype = str(param.dtype)
     problem = access.problem(param)
     sharded = access.is_sharded(param) and problem is None
@@ -439,7 +445,7 @@ def _matrices_of(
         record.source = entry.name
         records.append(record)
         yield record
-    if records:
+    if records and key is not None:
         seen[key] = records
 
 
@@ -492,7 +498,7 @@ def state_dict_matrices(
             rows, cols = value.shape
             gates_of[f"{match['module']}|{match['param'].replace('_hh_', '_ih_')}"] = rows // cols if cols else 1
             gates_of[f"{match['module']}|{match['param']}"] = rows // cols if cols else 1
-    seen: dict[tuple[int, int, tuple[int, ...]], list[WeightMatrix]] = {}
+    seen: dict[Hashable, list[WeightMatrix]] = {}
     out: list[WeightMatrix] = []
     access = WeightAccess()
     for key, value in state_dict.items():
@@ -501,44 +507,23 @@ def state_dict_matrices(
         name = key[: -len(".weight")] if key.endswith(".weight") else key
         rnn = _RNN_KEY.match(key)
         if key.endswith("in_proj_weight") and value.dim() == 2 and value.shape[0] == 3 * value.shape[1]:
-            name, layer_type = key[: -len("_weight")], "attention_in_proj"
-
-            def build(w: Tensor) -> list[tuple[str, Tensor]]:
-                q, k, v = w.chunk(3, dim=0)
-                return [(".q", q.unsqueeze(0)), (".k", k.unsqueeze(0)), (".v", v.unsqueeze(0))]
-
+            name, layer_type, build = key[: -len("_weight")], "attention_in_proj", _split(_QKV)
         elif rnn and value.dim() == 2:
             gates = gates_of.get(f"{rnn['module']}|{rnn['param']}", 1)
             layer_type = {4: "lstm", 3: "gru"}.get(gates, "rnn")
             names = _RNN_GATES.get(layer_type.upper())
-
-            def build(w: Tensor, names: tuple[str, ...] | None = names) -> list[tuple[str, Tensor]]:
-                if not names:
-                    return _single(w)
-                return [(f".{g}", c.unsqueeze(0)) for g, c in zip(names, w.chunk(len(names), dim=0))]
-
+            build = _split(names) if names else _single
         elif value.dim() == 2:
             layer_type, build = "linear", _single
         elif value.dim() in _STATE_DICT_CONV:
-            layer_type = _STATE_DICT_CONV[value.dim()]
-
-            def build(w: Tensor) -> list[tuple[str, Tensor]]:
-                return [("", _conv_slices(w, 1))]
-
+            layer_type, build = _STATE_DICT_CONV[value.dim()], _conv(1)
         else:
             continue
-        entry = _Entry(name, layer_type, torch.nn.Identity(), value, build)
+        # tensors of a loaded state_dict are distinct objects even when tied: key them by storage
         tie = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape)) \
-            if value.device.type != "meta" else (id(value), 0, ())
-        if tie in seen:
-            for record in seen[tie]:
-                record.aliases.append(name + record.name[len(record.source):])
-            continue
-        records = list(_matrices_of(entry, include, exclude, min_evals, max_evals, access, None, True, {}))
-        for record in records:
-            record.module_type = "state_dict"
-        seen[tie] = records
-        out.extend(records)
+            if value.device.type != "meta" else id(value)
+        entry = _Entry(name, layer_type, "state_dict", value, build, tie)
+        out.extend(_matrices_of(entry, include, exclude, min_evals, max_evals, access, None, True, seen))
     return out
 
 

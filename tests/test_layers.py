@@ -21,7 +21,7 @@ from torch import nn
 
 import lightning_htsr
 from lightning_htsr import functional as F
-from lightning_htsr.layers import LAYER_TYPES, WeightMatrix, layer_type_of, weight_matrices
+from lightning_htsr.layers import LAYER_TYPES, WeightMatrix, layer_type_of, state_dict_matrices, weight_matrices
 
 # --------------------------------------------------------------------------------------------------------------------
 # helpers
@@ -489,6 +489,24 @@ def test_tied_embeddings_analyzed_once() -> None:
     assert [m.name for m in first_head] == ["head", "body"]
     assert first_head[0].aliases == ["emb"]
     assert first_head[0].layer_type == "linear"
+
+
+def test_tied_weights_in_a_state_dict_analyzed_once(tmp_path) -> None:
+    seeded(13)
+    model = TiedLM()
+    path = tmp_path / "tied.pt"
+    torch.save(model.state_dict(), path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded["head.weight"] is not loaded["emb.weight"]  # distinct tensors, one storage
+    for sd in (model.state_dict(), loaded):
+        mats = state_dict_matrices(sd)
+        assert [m.name for m in mats] == ["emb", "body"]
+        assert mats[0].aliases == ["head"] and mats[1].aliases == []
+        assert all(m.module_type == "state_dict" for m in mats)
+        assert_spectrum(mats[0].slices, pooled_evals([npw(model.emb.weight)]))
+    # a filter that drops the first name keeps the tied weight under the other one, as for the model itself
+    assert [m.name for m in weight_matrices(model, include="head")] == ["head"]
+    assert [m.name for m in state_dict_matrices(loaded, include="head")] == ["head"]
 
 
 def test_frozen_layers_are_analyzed() -> None:
