@@ -33,6 +33,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from .layers import _tall
+
 __all__ = [
     "Backend",
     "BackendUnavailableError",
@@ -126,25 +128,27 @@ def _rank_eps(weight_dtype: torch.dtype) -> float:
     return torch.finfo(torch.float64 if weight_dtype == torch.float64 else torch.float32).eps
 
 
-def _eigvalsh(grams: Tensor, backend: Backend) -> Tensor:
-    if backend == "cupy":
-        cupy = _import_cupy()
-        if grams.device.type != "cuda":
-            raise BackendUnavailableError("backend='cupy' needs CUDA tensors; these are on " + str(grams.device))
-        values = cupy.linalg.eigvalsh(cupy.from_dlpack(grams.contiguous()))
-        return torch.from_dlpack(values)
+def _eigvalsh(grams: Tensor, cupy) -> Tensor:  # noqa: ANN001 - the cupy module, or None for torch
+    if cupy is not None:
+        return torch.from_dlpack(cupy.linalg.eigvalsh(cupy.from_dlpack(grams.contiguous())))
     return torch.linalg.eigvalsh(grams)
 
 
-def _gram(stack: Tensor, backend: Backend, out: Tensor | None = None) -> Tensor:
-    """``W^T W`` per slice; with ``out`` (torch backend only) written into it instead of a new tensor."""
-    if backend == "cupy":
-        cupy = _import_cupy()
-        if stack.device.type != "cuda":
-            raise BackendUnavailableError("backend='cupy' needs CUDA tensors; these are on " + str(stack.device))
+def _gram(stack: Tensor, cupy, out: Tensor | None = None) -> Tensor:  # noqa: ANN001 - cupy module or None
+    """``W^T W`` per slice; with ``out`` (torch only) written into it instead of a new tensor."""
+    if cupy is not None:
         w = cupy.from_dlpack(stack.contiguous())
         return torch.from_dlpack(cupy.matmul(w.transpose(0, 2, 1), w))
     return torch.matmul(stack.transpose(-1, -2), stack, out=out)
+
+
+def _cupy_for(tensors: Sequence[Tensor]):  # noqa: ANN202 - returns the cupy module
+    """CuPy, once it is known to be importable, to see a device, and that every tensor is on CUDA."""
+    cupy = _import_cupy()
+    for t in tensors:
+        if t.device.type != "cuda":
+            raise BackendUnavailableError("backend='cupy' needs CUDA tensors; these are on " + str(t.device))
+    return cupy
 
 
 def _import_cupy():  # noqa: ANN202 - returns the cupy module
@@ -175,22 +179,23 @@ def _raw_eigenvalues(
     work = [stack.to(dtype) for stack, dtype in zip(stacks, dtypes)]
     if route == "svd":
         return [(torch.linalg.svdvals(w) ** 2).reshape(-1) for w in work]
+    cupy = _cupy_for(work) if backend == "cupy" else None
     results: list[Tensor | None] = [None] * len(work)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, w in enumerate(work):
         groups[(w.shape[-1], w.dtype, w.device)].append(i)
     for (m, dtype, device), members in groups.items():
         per_matrix = [work[i].shape[0] for i in members]
-        if backend == "torch" and len(members) > 1:
+        if cupy is None and len(members) > 1:
             # Write each Gram straight into the batch (no torch.cat copy of the whole stack afterwards).
             batch = torch.empty((sum(per_matrix), m, m), dtype=dtype, device=device)
             for i, start, rows in zip(members, itertools.accumulate([0, *per_matrix[:-1]]), per_matrix):
-                _gram(work[i], backend, out=batch[start : start + rows])
+                _gram(work[i], None, out=batch[start : start + rows])
         else:
-            grams = [_gram(work[i], backend) for i in members]
+            grams = [_gram(work[i], cupy) for i in members]
             batch = grams[0] if len(grams) == 1 else torch.cat(grams)
         rows = max(1, MAX_BATCH_BYTES // (m * m * batch.element_size()))
-        values = torch.cat([_eigvalsh(batch[s : s + rows], backend) for s in range(0, batch.shape[0], rows)])
+        values = torch.cat([_eigvalsh(batch[s : s + rows], cupy) for s in range(0, batch.shape[0], rows)])
         for i, part in zip(members, torch.split(values, per_matrix)):
             results[i] = part.reshape(-1)
     return [r for r in results if r is not None]
@@ -233,7 +238,7 @@ def compute_spectra(
     epsilons = [rank_eps if rank_eps is not None else _rank_eps(s.dtype) for s in stacks]
     spectra = _solve(stacks, dtypes, scales, epsilons, chosen, backend)
     if precision == "auto" and chosen == "gram":
-        redo = [i for i, sp in enumerate(spectra) if sp.precision == "float32" and _needs_float64(sp, stacks[i])]
+        redo = [i for i, sp in enumerate(spectra) if sp.precision == "float32" and _needs_float64(sp)]
         if redo:
             again = _solve([stacks[i] for i in redo], [torch.float64] * len(redo), [scales[i] for i in redo],
                            [epsilons[i] for i in redo], chosen, backend)
@@ -242,14 +247,13 @@ def compute_spectra(
     return spectra
 
 
-def _needs_float64(spectrum: Spectrum, stack: Tensor) -> bool:
+def _needs_float64(spectrum: Spectrum) -> bool:
+    """Whether a float32 Gram-route spectrum must be redone in float64 (its ``floor`` is the float32 one)."""
     if spectrum.error.startswith("float32 "):  # overflow or solver failure in single precision
         return True
     if spectrum.error:
         return False
-    ev = spectrum.eigenvalues
-    floor = resolution_floor(float(ev[-1]), stack.shape[-1], torch.float32, "gram")
-    return bool((ev <= floor).sum()) and float((ev <= floor).double().mean()) > AUTO_FLOAT64_FRACTION
+    return float((spectrum.eigenvalues <= spectrum.floor).double().mean()) > AUTO_FLOAT64_FRACTION
 
 
 def _solve(
@@ -340,9 +344,7 @@ def eigenvalues(
         weight = weight.unsqueeze(0)
     if weight.dim() != 3:
         raise ValueError(f"expected a 2-D matrix or a 3-D stack of slices, got shape {tuple(weight.shape)}")
-    stack = weight.detach()
-    if stack.shape[-2] < stack.shape[-1]:
-        stack = stack.transpose(-1, -2)
+    stack = _tall(weight.detach())
     scale = 1.0 / stack.shape[-2] if normalize else 1.0
     spectrum = compute_spectra([stack], scales=[scale], precision=precision, route=route, backend=backend)[0]
     if spectrum.error:
