@@ -29,11 +29,11 @@ from .schedule import AnalysisSchedule
 from .sinks.history import HISTORY_FILE, SPECTRA_FILE, HistoryWriter, write_spectra
 from .sinks.scalars import scalar_metrics
 from .sinks.tensorboard import TensorBoardSink, tensorboard_writer
-from .stopping import StopCriteria, StopReason, evaluate_stop
+from .sinks.summary import fit_summary
+from .stopping import StopCriteria, StopReason, StopState, evaluate_stop
 
 __all__ = ["HTSRCallback"]
 
-log = logging.getLogger(__name__)
 
 PhaseName = Literal["random_like", "bleeding_out", "bulk_plus_spikes", "bulk_decay", "heavy_tailed", "rank_collapse"]
 
@@ -54,10 +54,15 @@ class _HTSRCallbackImpl:
       table;
     * to a history file (one row per matrix per analysis, flushed immediately) under the logger's log dir.
 
-    Optionally it stops training once ``stop_fraction`` of the classified matrices are in phase ``stop_on`` for
-    ``patience`` consecutive analyses (phases are smoothed with ``phase_hysteresis``), or when a layer becomes
-    over-trained (alpha < 2). Under DDP each rank analyzes a share of the matrices and all ranks receive all
-    results; FSDP2/DTensor weights are gathered with ``full_tensor()``.
+    With ``stop_on="heavy_tailed"`` it stops training once self-regularization has *settled*: every learning
+    matrix (classified, not random-like) has kept its alpha within ``alpha_tolerance`` and its entropy within
+    ``entropy_tolerance`` (relative) for ``patience`` analyses, and at least one matrix is heavy-tailed (phases
+    smoothed with ``phase_hysteresis``). The rule reads the weights only and was chosen on a benchmark of 7 tasks
+    (``benchmarks/bench_stopping.py``; README, "Does HT-SR early stopping work?"). ``stop_rule="phase_fraction"``
+    is the rule of version 0.1 (stop when ``stop_fraction`` of the matrices are in ``stop_on``), which stops too
+    early or never. When it stops, one line says why (at INFO, rank zero); at the end of ``fit`` a short summary
+    is printed (``print_summary``). Under DDP each rank analyzes a share of the matrices and all ranks receive all
+    results; the stop decision is reduced across ranks; FSDP2/DTensor weights are gathered with ``full_tensor()``.
 
     Args:
         every_n_epochs: Analyze at the end of every n-th epoch; 0 disables epoch-based analyses.
@@ -82,12 +87,23 @@ class _HTSRCallbackImpl:
         spectra_file: File (relative to the log dir) holding the eigenvalues of the latest analysis (``.npz``,
             replaced at each analysis; read by ``lightning-htsr report``); ``None`` disables it.
         stop_on: Phase that ends training (``"heavy_tailed"``); ``None`` observes only.
-        stop_fraction: Share of classified matrices that must be in ``stop_on``.
-        patience: Consecutive qualifying analyses before stopping.
+        stop_rule: ``"settled"`` (default: stop once the learning matrices' alpha and entropy have settled and at
+            least one is in ``stop_on``) or ``"phase_fraction"`` (stop once ``stop_fraction`` of the classified
+            matrices are in ``stop_on``: measured to stop while accuracy still climbs, or never).
+        stop_fraction: ``stop_rule="phase_fraction"`` only: share of classified matrices that must be in ``stop_on``.
+        patience: ``"settled"``: analyses every learning matrix must stay within the tolerances (default 5);
+            ``"phase_fraction"`` and ``stop_on_over_trained``: consecutive qualifying analyses (default 1 for
+            ``"phase_fraction"``). Counted in analyses: with a denser schedule (``every_n_steps``) raise it.
+        alpha_tolerance: ``"settled"``: relative change of a matrix's alpha that still counts as settled.
+        entropy_tolerance: ``"settled"``: relative change of a matrix's spectral entropy that still counts as
+            settled.
         min_epochs: Never stop before this epoch.
-        stop_on_over_trained: Also stop when a matrix with a trusted power-law tail has alpha < 2.
+        stop_on_over_trained: Also stop when a matrix with a trusted power-law tail has alpha < 2 (measured to
+            stop early on tasks whose accuracy still improves; off by default).
+        print_summary: At the end of ``fit``, print per matrix the phase reached, alpha and since when it settled,
+            and whether and why training stopped (rank zero).
         prefix: Namespace of logged keys; two callbacks in one Trainer need different prefixes.
-        verbose: Log the stop decision and one line per analysis at INFO level.
+        verbose: Log one line per analysis at INFO level.
     """
 
     def __init__(
@@ -110,10 +126,14 @@ class _HTSRCallbackImpl:
         history_file: str | None = HISTORY_FILE,
         spectra_file: str | None = SPECTRA_FILE,
         stop_on: PhaseName | None = None,
+        stop_rule: Literal["settled", "phase_fraction"] = "settled",
         stop_fraction: float = 0.8,
-        patience: int = 1,
+        patience: int | None = None,
+        alpha_tolerance: float = StopCriteria.alpha_tolerance,
+        entropy_tolerance: float = StopCriteria.entropy_tolerance,
         min_epochs: int = 0,
         stop_on_over_trained: bool = False,
+        print_summary: bool = True,
         prefix: str = "htsr",
         verbose: bool = False,
     ) -> None:
@@ -126,8 +146,10 @@ class _HTSRCallbackImpl:
             raise ValueError(f"precision must be 'auto', 'float32' or 'float64', got {precision!r}")
         self.schedule = AnalysisSchedule(every_n_epochs=every_n_epochs, epochs=epochs, every_n_steps=every_n_steps,
                                          on_train_start=analyze_on_train_start)
-        self.criteria = StopCriteria(stop_on=stop_on, stop_fraction=stop_fraction, patience=patience,
+        self.criteria = StopCriteria(stop_on=stop_on, rule=stop_rule, stop_fraction=stop_fraction, patience=patience,
+                                     alpha_tolerance=alpha_tolerance, entropy_tolerance=entropy_tolerance,
                                      min_epochs=min_epochs, stop_on_over_trained=stop_on_over_trained)
+        self.print_summary = print_summary
         self.include, self.exclude, self.layer_types = include, exclude, layer_types
         self.options = AnalysisOptions(fit=fit, precision=precision, backend=backend, min_evals=min_evals,
                                        max_evals=max_evals, phase_config=PhaseConfig())
@@ -140,7 +162,7 @@ class _HTSRCallbackImpl:
         # checkpointed state (plain Python values only: loads with torch.load(weights_only=True))
         self.tracker = PhaseTracker(k=phase_hysteresis)
         self.analysis_count = 0
-        self.wait_count = 0
+        self.stop_state = StopState()
         self.stopped_epoch = -1
         self.stopping_reason = StopReason.NOT_STOPPED
         self.stopping_reason_message = ""
@@ -148,9 +170,16 @@ class _HTSRCallbackImpl:
         self.phase_history: list[dict[str, Any]] = []
         # per-run, not checkpointed
         self.latest_records: list[dict[str, Any]] = []
+        self.latest_smoothed: dict[str, str | None] = {}
         self.history_path: str | None = None
         self._warned_no_logger = False
         self._warned_bad: set[str] = set()
+
+    #: Logger namespace whose handler Lightning installs (INFO lines show up like Lightning's own).
+    _log_namespace = "lightning.pytorch"
+
+    def _info(self, message: str) -> None:
+        logging.getLogger(f"{self._log_namespace}.callbacks.htsr").info(message)
 
     # ------------------------------------------------------------------------------------------- Lightning API
 
@@ -174,16 +203,28 @@ class _HTSRCallbackImpl:
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.schedule.step_due(trainer.global_step) and trainer.global_step != self.last_analysis_step:
-            self._run(trainer, pl_module, "step")
+            batches = trainer.num_training_batches
+            fraction = (batch_idx + 1) / batches if isinstance(batches, int) and batches > 0 else 0.0
+            self._run(trainer, pl_module, "step", progress=trainer.current_epoch + min(fraction, 1.0))
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self.schedule.epoch_due(trainer.current_epoch) and trainer.global_step != self.last_analysis_step:
             self._run(trainer, pl_module, "epoch_end")
 
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.print_summary and trainer.is_global_zero and self.latest_records:
+            print(fit_summary(self.latest_records, self.latest_smoothed, self.stop_state, self.criteria,
+                              self.stopping_reason_message if self.stopped_epoch >= 0 else None))
+
+    @property
+    def wait_count(self) -> int:
+        """Consecutive analyses that met a ``phase_fraction`` / over-training criterion."""
+        return self.stop_state.wait_count
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "analysis_count": self.analysis_count,
-            "wait_count": self.wait_count,
+            "stop_state": self.stop_state.state_dict(),
             "stopped_epoch": self.stopped_epoch,
             "stopping_reason": self.stopping_reason.value,
             "stopping_reason_message": self.stopping_reason_message,
@@ -194,7 +235,7 @@ class _HTSRCallbackImpl:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.analysis_count = int(state_dict.get("analysis_count", 0))
-        self.wait_count = int(state_dict.get("wait_count", 0))
+        self.stop_state = StopState.from_state_dict(state_dict.get("stop_state", {}))
         self.stopped_epoch = int(state_dict.get("stopped_epoch", -1))
         self.stopping_reason = StopReason(int(state_dict.get("stopping_reason", 0)))
         self.stopping_reason_message = str(state_dict.get("stopping_reason_message", ""))
@@ -204,7 +245,7 @@ class _HTSRCallbackImpl:
 
     # ---------------------------------------------------------------------------------------------- analysis
 
-    def _run(self, trainer: Any, pl_module: Any, trigger: str) -> None:
+    def _run(self, trainer: Any, pl_module: Any, trigger: str, progress: float | None = None) -> None:
         start = time.perf_counter()
         with trainer.profiler.profile(f"[HTSR]{self.prefix}.analyze"):
             results = self._compute(trainer, pl_module)
@@ -218,18 +259,18 @@ class _HTSRCallbackImpl:
         metrics = scalar_metrics(records, smoothed, prefix=self.prefix)
         metrics[f"{self.prefix}/compute_seconds"] = time.perf_counter() - start
         # the baseline is an observation: it never stops training nor counts towards patience
-        should_stop, message = self._decide(trainer, records, smoothed, epoch) if trigger != "train_start" else \
-            (False, "")
+        should_stop, message = self._decide(trainer, records, smoothed, epoch, progress) \
+            if trigger != "train_start" else (False, "")
         self._publish(trainer, metrics, step, epoch)
         if trainer.is_global_zero:
             self._write_views(trainer, results, smoothed, step, trigger, epoch, message if should_stop else "")
         self._warn_bad_input(trainer, records)
-        self.latest_records = records
+        self.latest_records, self.latest_smoothed = records, smoothed
         self.analysis_count += 1
         self.last_analysis_step = step
         if self.verbose and trainer.is_global_zero:
-            log.info("HT-SR analysis %d at step %d (%s): %s", self.analysis_count, step, trigger,
-                     {k.split("/", 1)[1]: round(v, 3) for k, v in metrics.items() if k.count("/") == 1})
+            self._info(f"HT-SR analysis {self.analysis_count} at step {step} ({trigger}): "
+                       f"{ {k.split('/', 1)[1]: round(v, 3) for k, v in metrics.items() if k.count('/') == 1} }")
 
     @contextmanager
     def _compute_threads(self, trainer: Any, pl_module: Any):  # noqa: ANN202 - context manager
@@ -274,11 +315,12 @@ class _HTSRCallbackImpl:
         return [by_name[m.name] for m in plan if m.name in by_name]
 
     def _decide(self, trainer: Any, records: list[dict[str, Any]], smoothed: dict[str, str | None],
-                epoch: int) -> tuple[bool, str]:
+                epoch: int, progress: float | None) -> tuple[bool, str]:
         if not self.criteria.active:
             return False, ""
-        should_stop, reason, message, self.wait_count = evaluate_stop(
-            self.criteria, records, smoothed, epoch=epoch, wait_count=self.wait_count)
+        decision, self.stop_state = evaluate_stop(self.criteria, self.stop_state, records, smoothed, epoch=epoch,
+                                                  progress=progress)
+        should_stop, reason, message = decision.should_stop, decision.reason, decision.message
         if getattr(trainer, "fast_dev_run", False):
             should_stop = False  # like EarlyStopping: a smoke run computes but never stops
         # the same records reach every rank, but reduce anyway: every rank must agree (and EarlyStopping does)
@@ -286,11 +328,12 @@ class _HTSRCallbackImpl:
         if should_stop:
             trainer.should_stop = True
             self.stopped_epoch = epoch
-            self.stopping_reason = reason if reason is not StopReason.NOT_STOPPED else StopReason.PHASE_FRACTION
-            self.stopping_reason_message = message
-            if trainer.is_global_zero:
-                log.info("HTSRCallback: %s", message)
-        return should_stop, message
+            self.stopping_reason = reason if reason is not StopReason.NOT_STOPPED else StopReason.SETTLED
+            self.stopping_reason_message = f"{message}; signaling Trainer to stop at epoch {epoch}." if message else \
+                "another rank's analysis met the stop rule; signaling Trainer to stop."
+            if trainer.is_global_zero:  # whatever `verbose` is, as users of EarlyStopping expect in their log
+                self._info(f"HTSRCallback: {self.stopping_reason_message}")
+        return should_stop, self.stopping_reason_message
 
     def _publish(self, trainer: Any, metrics: dict[str, float], step: int, epoch: int) -> None:
         """Scalars to every logger (rank-zero inside the loggers) and to ``trainer.callback_metrics``."""

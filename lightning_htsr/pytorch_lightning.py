@@ -16,3 +16,4 @@ __all__ = ["HTSRCallback"]
 
 class HTSRCallback(_HTSRCallbackImpl, Callback):
     __doc__ = _HTSRCallbackImpl.__doc__
+    _log_namespace = "pytorch_lightning"

@@ -79,7 +79,7 @@ def main(mode: str, out: str) -> None:
         shard = True
     callback = HTSRCallback(history_file=os.path.join(out, "htsr_history.csv"),
                             spectra_file=os.path.join(out, "htsr_spectra.npz"), stop_on="heavy_tailed",
-                            stop_fraction=0.3, patience=3, log_figures_every=None)
+                            patience=2, log_figures_every=None)
     trainer = pl.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[callback], **kwargs)
     trainer.fit(Net(shard=shard))

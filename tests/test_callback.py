@@ -117,7 +117,7 @@ def test_metrics_reach_callback_metrics_for_early_stopping_and_checkpointing(tmp
 
 
 def test_no_logger_warns_still_writes_history_and_still_stops(tmp_path) -> None:
-    callback = HTSRCallback(stop_on="heavy_tailed", stop_fraction=0.5)
+    callback = HTSRCallback(stop_on="heavy_tailed", stop_rule="phase_fraction", stop_fraction=0.5)
     with pytest.warns(UserWarning, match="has no logger"):
         trainer = fit(tmp_path, TinyNet(heavy=True), [callback], logger=False, max_epochs=6)
     assert callback.stopping_reason is StopReason.PHASE_FRACTION
@@ -129,7 +129,7 @@ def test_no_logger_warns_still_writes_history_and_still_stops(tmp_path) -> None:
 
 
 def test_fast_dev_run_computes_but_never_stops(tmp_path) -> None:
-    callback = HTSRCallback(stop_on="heavy_tailed", stop_fraction=0.1)
+    callback = HTSRCallback(stop_on="heavy_tailed", patience=1)
     trainer = pl.Trainer(fast_dev_run=True, callbacks=[callback], default_root_dir=str(tmp_path),
                          enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(TinyNet(heavy=True))
@@ -141,8 +141,35 @@ def test_fast_dev_run_computes_but_never_stops(tmp_path) -> None:
 # -------------------------------------------------------------------------------------- early stopping
 
 
-def test_stops_on_a_heavy_tailed_model_and_not_on_a_random_one(tmp_path) -> None:
-    heavy = HTSRCallback(stop_on="heavy_tailed", stop_fraction=0.6, patience=3)
+def test_default_rule_stops_once_the_spectra_have_settled_and_says_why(tmp_path, caplog, capsys) -> None:
+    callback = HTSRCallback(stop_on="heavy_tailed", patience=3)
+    with caplog.at_level("INFO"):
+        trainer = fit(tmp_path, TinyNet(lr=0.0, heavy=True), [callback], logger=False, max_epochs=10)
+    # lr = 0: the spectra never move. Anchored at the end of epoch 0, held for epochs 1-3 -> stop after epoch 3
+    assert callback.stopping_reason is StopReason.SETTLED and callback.stopped_epoch == 3
+    assert trainer.current_epoch == 4
+    assert "all 2 learning weight matrices (2 heavy_tailed)" in callback.stopping_reason_message
+    lines = [r.getMessage() for r in caplog.records if r.name.endswith("callbacks.htsr")]
+    assert len(lines) == 1 and "HT-SR settled" in lines[0] and "epoch 3" in lines[0]  # one line, without verbose
+    out = capsys.readouterr().out
+    assert "HT-SR summary" in out and "Stopped early: HT-SR settled" in out
+    assert "since epoch 0" in out  # net.2 and net.4 settled since their first analysis
+    history = read_history(callback.history_path)
+    assert history["stopping_reason"].dropna().str.contains("settled").any()
+
+
+def test_default_rule_never_stops_a_model_that_stays_random_like_and_the_summary_says_why(tmp_path, capsys) -> None:
+    callback = HTSRCallback(stop_on="heavy_tailed", patience=1)
+    trainer = fit(tmp_path, TinyNet(lr=0.0), [callback], logger=False, max_epochs=4)
+    assert callback.stopping_reason is StopReason.NOT_STOPPED and trainer.current_epoch == 4
+    assert "Not stopped by HT-SR: no learning weight matrix is heavy_tailed yet" in capsys.readouterr().out
+    quiet = HTSRCallback(stop_on="heavy_tailed", print_summary=False)
+    fit(tmp_path / "quiet", TinyNet(lr=0.0), [quiet], logger=False, max_epochs=1)
+    assert "HT-SR summary" not in capsys.readouterr().out
+
+
+def test_phase_fraction_rule_stops_on_a_heavy_tailed_model_and_not_on_a_random_one(tmp_path) -> None:
+    heavy = HTSRCallback(stop_on="heavy_tailed", stop_rule="phase_fraction", stop_fraction=0.6, patience=3)
     trainer = fit(tmp_path / "heavy", TinyNet(heavy=True), [heavy], logger=False, max_epochs=8)
     # epochs 0, 1, 2 qualify -> the third consecutive analysis (end of epoch 2) stops; the baseline does not count
     assert heavy.stopping_reason is StopReason.PHASE_FRACTION
@@ -150,7 +177,7 @@ def test_stops_on_a_heavy_tailed_model_and_not_on_a_random_one(tmp_path) -> None
     # net.0 (M = 32) is too small to classify; net.2 and net.4 are the classified ones
     assert "100% of 2 classified weight matrices are heavy_tailed" in heavy.stopping_reason_message
 
-    random = HTSRCallback(stop_on="heavy_tailed", stop_fraction=0.6, patience=1)
+    random = HTSRCallback(stop_on="heavy_tailed", stop_rule="phase_fraction", stop_fraction=0.6, patience=1)
     trainer = fit(tmp_path / "random", TinyNet(), [random], logger=False, max_epochs=3)
     assert random.stopping_reason is StopReason.NOT_STOPPED
     assert trainer.current_epoch == 3
@@ -158,7 +185,7 @@ def test_stops_on_a_heavy_tailed_model_and_not_on_a_random_one(tmp_path) -> None
 
 
 def test_min_epochs_delays_the_stop(tmp_path) -> None:
-    callback = HTSRCallback(stop_on="heavy_tailed", stop_fraction=0.6, min_epochs=3)
+    callback = HTSRCallback(stop_on="heavy_tailed", patience=1, min_epochs=3)
     fit(tmp_path, TinyNet(heavy=True), [callback], logger=False, max_epochs=8)
     assert callback.stopped_epoch == 3
 
@@ -171,20 +198,26 @@ def test_stops_when_a_layer_becomes_over_trained(tmp_path) -> None:
     assert callback.stopped_epoch == 0
 
 
-def test_resumed_run_stops_at_the_same_epoch_as_the_uninterrupted_one(tmp_path) -> None:
+@pytest.mark.parametrize("rule", ["settled", "phase_fraction"])
+def test_resumed_run_stops_at_the_same_epoch_as_the_uninterrupted_one(tmp_path, rule: str) -> None:
     def make() -> HTSRCallback:
-        return HTSRCallback(stop_on="heavy_tailed", stop_fraction=0.6, patience=4)
+        return HTSRCallback(stop_on="heavy_tailed", stop_rule=rule, stop_fraction=0.6,
+                            patience=4 if rule == "phase_fraction" else 3)
 
     straight = make()
     fit(tmp_path / "a", TinyNet(heavy=True), [straight], logger=False, max_epochs=10)
-    assert straight.stopped_epoch == 3  # epochs 0, 1, 2, 3 qualify: 4 in a row
+    assert straight.stopped_epoch == 3  # phase_fraction: epochs 0-3 qualify; settled: anchored at 0, held 1-3
 
     ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True, every_n_epochs=1)
     first = make()
     fit(tmp_path / "b", TinyNet(heavy=True), [first, ckpt], logger=False, max_epochs=1, enable_checkpointing=True)
-    assert first.stopping_reason is StopReason.NOT_STOPPED and first.wait_count == 1
-    state = torch.load(ckpt.last_model_path, weights_only=True)["callbacks"]  # plain types only
-    assert state[first.state_key]["wait_count"] == 1
+    assert first.stopping_reason is StopReason.NOT_STOPPED  # stopped mid-patience
+    state = torch.load(ckpt.last_model_path, weights_only=True)["callbacks"][first.state_key]  # plain types only
+    assert state["stop_state"] == first.stop_state.state_dict()
+    if rule == "phase_fraction":
+        assert state["stop_state"]["wait_count"] == 1
+    else:
+        assert state["stop_state"]["anchors"]["net.2"]["epoch"] == 0 and state["stop_state"]["analyses"] == 1
 
     resumed = make()
     trainer = pl.Trainer(callbacks=[resumed], **trainer_kwargs(tmp_path / "b", logger=False, max_epochs=10))
@@ -300,7 +333,7 @@ def test_pytorch_lightning_namespace(tmp_path) -> None:
             return TinyNet().train_dataloader()
 
     logger = ptl.loggers.TensorBoardLogger(str(tmp_path), name="ptl")
-    callback = PLCallback(stop_on="random_like", stop_fraction=1.0)
+    callback = PLCallback(stop_on="random_like", stop_rule="phase_fraction", stop_fraction=1.0)
     assert isinstance(callback, ptl.Callback)
     trainer = ptl.Trainer(max_epochs=3, callbacks=[callback], logger=logger, enable_progress_bar=False,
                           enable_model_summary=False, enable_checkpointing=False, default_root_dir=str(tmp_path))
@@ -340,7 +373,7 @@ def test_diverged_weights_do_not_keep_stale_phases_or_stop_the_run(tmp_path) -> 
                     for p in pl_module.parameters():
                         p.fill_(float("nan"))
 
-    callback = HTSRCallback(stop_on="heavy_tailed", stop_fraction=0.5, patience=2)
+    callback = HTSRCallback(stop_on="heavy_tailed", patience=1)
     with pytest.warns(UserWarning, match="not fully analyzed"):
         trainer = fit(tmp_path, TinyNet(lr=0.0, heavy=True), [Diverge(), callback], logger=False, max_epochs=4)
     assert callback.stopping_reason is StopReason.NOT_STOPPED and trainer.current_epoch == 4

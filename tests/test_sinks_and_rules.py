@@ -16,7 +16,17 @@ from lightning_htsr.schedule import AnalysisSchedule
 from lightning_htsr.sinks import HISTORY_COLUMNS, HistoryWriter, read_history, read_spectra, scalar_metrics, write_spectra
 from lightning_htsr.sinks.scalars import phase_legend
 from lightning_htsr.sinks.tensorboard import dashboard_layout, results_table, tensorboard_writer
-from lightning_htsr.stopping import StopCriteria, StopReason, evaluate_stop, over_trained, phase_fraction
+from lightning_htsr.stopping import (
+    Anchor,
+    StopCriteria,
+    StopDecision,
+    StopReason,
+    StopState,
+    evaluate_stop,
+    over_trained,
+    phase_fraction,
+    replay_stop,
+)
 
 # ---------------------------------------------------------------------------------------------- schedule
 
@@ -53,36 +63,97 @@ def test_phase_fraction_ignores_unclassified() -> None:
     assert math.isnan(fraction) and classified == 0
 
 
-def test_stop_needs_fraction_patience_and_min_epochs() -> None:
-    crit = StopCriteria(stop_on="heavy_tailed", stop_fraction=0.6, patience=2, min_epochs=3)
-    stop, reason, msg, wait = evaluate_stop(crit, RECORDS, PHASES, epoch=5, wait_count=0)
-    assert (stop, reason, wait) == (False, StopReason.NOT_STOPPED, 1)
-    stop, reason, msg, wait = evaluate_stop(crit, RECORDS, PHASES, epoch=1, wait_count=1)
-    assert (stop, wait) == (False, 2)  # patience met, but epoch 1 < min_epochs 3
-    stop, reason, msg, wait = evaluate_stop(crit, RECORDS, PHASES, epoch=3, wait_count=1)
-    assert stop and reason is StopReason.PHASE_FRACTION and "67% of 3 classified" in msg
+def _run(crit: StopCriteria, analyses, state: StopState | None = None) -> tuple[list[bool], StopState, StopDecision]:
+    """Feed ``(records, phases, epoch)`` analyses to the rule; the stop flags, the last state and decision."""
+    state, flags, decision = state or StopState(), [], StopDecision(False)
+    for records, phases, epoch in analyses:
+        decision, state = evaluate_stop(crit, state, records, phases, epoch=epoch)
+        flags.append(decision.should_stop)
+    return flags, state, decision
+
+
+def test_phase_fraction_rule_needs_fraction_patience_and_min_epochs() -> None:
+    crit = StopCriteria(stop_on="heavy_tailed", rule="phase_fraction", stop_fraction=0.6, patience=2, min_epochs=3)
+    flags, state, _ = _run(crit, [(RECORDS, PHASES, 5)])
+    assert flags == [False] and state.wait_count == 1
+    flags, state, _ = _run(crit, [(RECORDS, PHASES, 1)], state)
+    assert flags == [False] and state.wait_count == 2  # patience met, but epoch 1 < min_epochs 3
+    flags, state, decision = _run(crit, [(RECORDS, PHASES, 3)], state)
+    assert flags == [True] and decision.reason is StopReason.PHASE_FRACTION and "67% of 3 classified" in decision.message
     # a non-qualifying analysis resets the streak
-    assert evaluate_stop(crit, RECORDS, {"a": "random_like"}, epoch=9, wait_count=5)[3] == 0
-    strict = StopCriteria(stop_on="heavy_tailed", stop_fraction=0.9)
-    assert not evaluate_stop(strict, RECORDS, PHASES, epoch=9, wait_count=0)[0]
+    assert _run(crit, [(RECORDS, {"a": "random_like"}, 9)], state)[1].wait_count == 0
+    strict = StopCriteria(stop_on="heavy_tailed", rule="phase_fraction", stop_fraction=0.9)
+    assert _run(strict, [(RECORDS, PHASES, 9)])[0] == [False]
+
+
+def _recs(**alphas_entropies: tuple[float, float]) -> list[dict]:
+    return [{"name": n, "alpha": a, "entropy": e} for n, (a, e) in alphas_entropies.items()]
+
+
+def test_settled_rule_waits_for_every_learning_matrix_to_stop_moving() -> None:
+    crit = StopCriteria(stop_on="heavy_tailed", patience=2, alpha_tolerance=0.05, entropy_tolerance=0.01)
+    ph = {"a": "heavy_tailed", "b": "bulk_decay"}
+    seq = [_recs(a=(3.0, 0.90), b=(4.0, 0.95)),   # 1: both anchored
+           _recs(a=(2.9, 0.90), b=(3.0, 0.95)),   # 2: b's alpha moved 25 % -> re-anchored
+           _recs(a=(2.9, 0.895), b=(3.05, 0.95)),  # 3: a has held for 2 analyses, b for 1
+           _recs(a=(2.9, 0.895), b=(3.05, 0.95))]  # 4: both held for >= 2 -> stop
+    flags, state, decision = _run(crit, [(r, ph, e) for e, r in enumerate(seq)])
+    assert flags == [False, False, False, True]
+    assert decision.reason is StopReason.SETTLED and "all 2 learning weight matrices (1 heavy_tailed)" in decision.message
+    assert state.anchors["a"].progress == 1.0 and state.anchors["b"] == Anchor(2.0, 1, 3.0, 0.95)
+    # the entropy tolerance counts too: a 2 % entropy change re-anchors
+    flags, _, _ = _run(crit, [(r, ph, e) for e, r in enumerate(seq[:3] + [_recs(a=(2.9, 0.88), b=(3.05, 0.95))])])
+    assert flags == [False, False, False, False]
+
+
+def test_settled_rule_ignores_random_like_and_unclassified_matrices_but_needs_the_stop_phase() -> None:
+    crit = StopCriteria(stop_on="heavy_tailed", patience=1)
+    moving = [_recs(a=(3.0, 0.9), r=(9.0 + e, 0.99 - e / 10), s=(1.0 + e, 0.5)) for e in range(3)]
+    ph = {"a": "heavy_tailed", "r": "random_like", "s": None}  # r keeps moving (random-like), s is too small
+    assert _run(crit, [(r, ph, e) for e, r in enumerate(moving)])[0] == [False, True, True]
+    # no learning matrix in the stop phase: never stops, however settled
+    assert _run(crit, [(r, {**ph, "a": "bulk_decay"}, e) for e, r in enumerate(moving)])[0] == [False] * 3
+    # nothing classified at all
+    assert _run(crit, [(r, {}, e) for e, r in enumerate(moving)])[0] == [False] * 3
+    # min_epochs delays the stop
+    late = StopCriteria(stop_on="heavy_tailed", patience=1, min_epochs=2)
+    assert _run(late, [(r, ph, e) for e, r in enumerate(moving)])[0] == [False, False, True]
+
+
+def test_stop_state_round_trips_through_a_weights_only_checkpoint(tmp_path) -> None:
+    crit = StopCriteria(stop_on="heavy_tailed", patience=3)
+    _, state, _ = _run(crit, [(_recs(a=(3.0, 0.9)), {"a": "heavy_tailed"}, e) for e in range(2)])
+    torch.save({"s": state.state_dict()}, tmp_path / "s.pt")
+    restored = StopState.from_state_dict(torch.load(tmp_path / "s.pt", weights_only=True)["s"])
+    assert restored == state and StopState.from_state_dict({}) == StopState()
+
+
+def test_replay_matches_the_rule_and_skips_the_baseline() -> None:
+    def analysis(epoch, trigger="epoch_end"):
+        return {"epoch": epoch, "step": 10 * (epoch + 1), "trigger": trigger,
+                "records": [{"name": "a", "alpha": 3.0, "entropy": 0.9, "phase": "heavy_tailed"}]}
+
+    runs = [analysis(0, "train_start")] + [analysis(e) for e in range(5)]
+    stop = replay_stop(runs, patience=2)
+    assert stop["epoch"] == 2 and stop["reason"] == "SETTLED"
+    assert replay_stop(runs, patience=9) is None
 
 
 def test_over_trained_needs_a_trusted_power_law() -> None:
     assert over_trained(RECORDS, PHASES) == ["a"]
     assert over_trained(RECORDS, {**PHASES, "a": "bulk_decay"}) == []  # alpha < 2 without a trusted tail
     crit = StopCriteria(stop_on_over_trained=True)
-    stop, reason, msg, _ = evaluate_stop(crit, RECORDS, PHASES, epoch=0, wait_count=0)
-    assert stop and reason is StopReason.OVER_TRAINED and "a" in msg
+    flags, _, decision = _run(crit, [(RECORDS, PHASES, 0)])
+    assert flags == [True] and decision.reason is StopReason.OVER_TRAINED and "a" in decision.message
 
 
 def test_criteria_validation() -> None:
     assert not StopCriteria().active
-    with pytest.raises(ValueError):
-        StopCriteria(stop_on="banana")
-    with pytest.raises(ValueError):
-        StopCriteria(stop_on="heavy_tailed", stop_fraction=0.0)
-    with pytest.raises(ValueError):
-        StopCriteria(stop_on="heavy_tailed", patience=0)
+    assert StopCriteria().settle_patience == 5 and StopCriteria().streak_patience == 1
+    for bad in ({"stop_on": "banana"}, {"stop_on": "heavy_tailed", "stop_fraction": 0.0},
+                {"stop_on": "heavy_tailed", "patience": 0}, {"rule": "vibes"}, {"alpha_tolerance": -1}):
+        with pytest.raises(ValueError):
+            StopCriteria(**bad)
 
 
 # ---------------------------------------------------------------------------------------------- scalars

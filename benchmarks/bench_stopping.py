@@ -1,0 +1,361 @@
+"""Does HT-SR early stopping work? The stopping benchmark.
+
+For every task x seed (tasks in ``stopping_tasks.py``: MLPs, 1-D and 2-D CNNs, a transformer, a GRU; SGD and Adam;
+constant and decaying learning rates) the script trains:
+
+1. a **reference** run for the full epoch budget with ``HTSRCallback`` observing only, recording the held-out test
+   accuracy after every epoch (and at every step-triggered analysis), the validation loss, and the HT-SR history;
+2. a run with **the stop rule**: ``HTSRCallback(stop_on="heavy_tailed")`` with its defaults (weights only: no
+   labels, no loss, no validation data enter the rule);
+3. a run with the peer, Lightning's ``EarlyStopping(monitor="val_loss", patience=5)`` (it needs a validation set).
+
+Runs are seeded and deterministic on CPU (one thread), so the stopped runs follow the reference run's trajectory up
+to their stop: the script checks that the rule replayed on the reference history stops at the same epoch as the live
+run. The replay is also how other rules and the every-k-steps schedule are measured (``--rule``, ``--study``).
+
+For each run: epochs run, test accuracy at the stop, the reference's best test accuracy, the loss (points). Summary:
+share of runs within 1 accuracy point of the reference best, mean share of epochs saved, runs that never stopped.
+
+    python benchmarks/bench_stopping.py                       # full run (about 30 min on 2 cores)
+    python benchmarks/bench_stopping.py --quick               # tiny budgets: a smoke test of the script
+    python benchmarks/bench_stopping.py --json out.json --cache .stopping_cache
+    python benchmarks/bench_stopping.py --tasks gru_seq --seeds 0 1 2 3 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
+
+import lightning.pytorch as pl  # noqa: E402
+from lightning.pytorch.callbacks import EarlyStopping  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stopping_tasks import TASKS, Task  # noqa: E402
+
+from lightning_htsr import HTSRCallback  # noqa: E402
+from lightning_htsr.sinks import read_history  # noqa: E402
+
+HISTORY_COLUMNS = ("name", "N", "M", "num_evals", "status", "phase", "alpha", "entropy", "stable_rank",
+                   "mp_softrank", "log_spectral_norm", "log_norm", "D", "num_spikes", "warning")
+WITHIN_POINTS = 1.0
+
+
+# -------------------------------------------------------------------------------------------- training
+
+
+class Classifier(pl.LightningModule):
+    """Cross-entropy classifier around any ``nn.Module``; the optimizer and per-epoch schedule come from the task."""
+
+    def __init__(self, net: nn.Module, task: Task, epochs: int) -> None:
+        super().__init__()
+        self.net, self.task, self.epochs = net, task, epochs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y), prog_bar=False)
+
+    def configure_optimizers(self):
+        opt, sched = self.task.optimizer(self.parameters(), self.epochs)
+        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
+
+
+class Recorder(pl.Callback):
+    """Test accuracy (held-out, never seen by any stop rule) after every epoch and every ``every_n_steps``."""
+
+    def __init__(self, test: tuple[torch.Tensor, torch.Tensor], every_n_steps: int | None) -> None:
+        self.x, self.y = test
+        self.every_n_steps = every_n_steps
+        self.epochs: list[dict[str, float]] = []
+        self.steps: list[dict[str, float]] = []
+
+    @torch.no_grad()
+    def _accuracy(self, module: pl.LightningModule) -> float:
+        was_training = module.training
+        module.eval()
+        correct = sum(int((module(x).argmax(-1) == y).sum()) for x, y in zip(self.x.split(1024), self.y.split(1024)))
+        module.train(was_training)
+        return 100.0 * correct / len(self.y)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0:
+            self.steps.append({"step": step, "epoch": trainer.current_epoch, "test_acc": self._accuracy(pl_module)})
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        val = trainer.callback_metrics.get("val_loss")
+        self.epochs.append({"epoch": trainer.current_epoch, "step": trainer.global_step,
+                            "test_acc": self._accuracy(pl_module), "val_loss": float(val) if val is not None else math.nan})
+
+
+def _loader(split: tuple[torch.Tensor, torch.Tensor], batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    return DataLoader(TensorDataset(*split), batch_size=batch_size, shuffle=shuffle,
+                      generator=torch.Generator().manual_seed(seed) if shuffle else None)
+
+
+def train(task: Task, seed: int, epochs: int, callbacks: list[pl.Callback], root: str,
+          every_n_steps: int | None = None) -> tuple[Recorder, pl.Trainer]:
+    """One seeded, deterministic training run; returns the recorder (curves) and the trainer."""
+    pl.seed_everything(seed, workers=True, verbose=False)
+    train_split, val_split, test_split = task.data(seed)
+    model = Classifier(task.model(seed), task, epochs)
+    recorder = Recorder(test_split, every_n_steps)
+    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+                         callbacks=[recorder, *callbacks], deterministic=True, num_sanity_val_steps=0)
+    trainer.fit(model, _loader(train_split, task.batch_size, True, seed), _loader(val_split, 1024, False, seed))
+    return recorder, trainer
+
+
+def steps_per_epoch(task: Task, seed: int) -> int:
+    return math.ceil(len(task.data(seed)[0][1]) / task.batch_size)
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def reference_run(task: Task, seed: int, epochs: int) -> dict[str, Any]:
+    """Full budget, the callback observing at every epoch end and about three times per epoch in steps."""
+    every = max(1, steps_per_epoch(task, seed) // 3)
+    with tempfile.TemporaryDirectory() as root:
+        history = os.path.join(root, "history.csv")
+        htsr = HTSRCallback(every_n_steps=every, log_histograms=False, log_figures_every=None, history_file=history,
+                            spectra_file=None)
+        start = time.perf_counter()
+        recorder, _ = train(task, seed, epochs, [htsr], root, every_n_steps=every)
+        seconds = time.perf_counter() - start
+        frame = read_history(history)
+    analyses = []
+    for (index, epoch, step, trigger), rows in frame.groupby(["analysis", "epoch", "global_step", "trigger"], sort=True):
+        records = [{c: _plain(r[c]) for c in HISTORY_COLUMNS if c in r} for r in rows.to_dict("records")]
+        analyses.append({"analysis": int(index), "epoch": int(epoch), "step": int(step), "trigger": trigger,
+                         "records": records})
+    return {"task": task.name, "seed": seed, "epochs": epochs, "every_n_steps": every, "seconds": seconds,
+            "steps_per_epoch": steps_per_epoch(task, seed), "curve": recorder.epochs, "step_curve": recorder.steps,
+            "analyses": analyses}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if hasattr(value, "item"):
+        value = value.item()
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def rule_run(task: Task, seed: int, epochs: int, rule: dict[str, Any]) -> dict[str, Any]:
+    """The stop rule live: ``HTSRCallback(stop_on="heavy_tailed", **rule)``, weights only."""
+    with tempfile.TemporaryDirectory() as root:
+        htsr = HTSRCallback(stop_on="heavy_tailed", log_histograms=False, log_figures_every=None, history_file=None,
+                            spectra_file=None, print_summary=False, **rule)
+        recorder, _ = train(task, seed, epochs, [htsr], root)
+    return {"epochs_run": len(recorder.epochs), "stopped": htsr.stopped_epoch >= 0,
+            "test_acc": recorder.epochs[-1]["test_acc"], "message": htsr.stopping_reason_message}
+
+
+def early_stopping_run(task: Task, seed: int, epochs: int) -> dict[str, Any]:
+    """The peer: Lightning's ``EarlyStopping(monitor="val_loss", patience=5)``."""
+    with tempfile.TemporaryDirectory() as root:
+        es = EarlyStopping(monitor="val_loss", patience=5)
+        recorder, _ = train(task, seed, epochs, [es], root)
+    return {"epochs_run": len(recorder.epochs), "stopped": es.stopped_epoch > 0,
+            "test_acc": recorder.epochs[-1]["test_acc"]}
+
+
+# -------------------------------------------------------------------------------------------- replays
+
+
+def replay(reference: dict[str, Any], rule: dict[str, Any], schedule: str = "epoch") -> dict[str, Any]:
+    """The stop rule on the reference history: where it would have stopped (same code as the callback).
+
+    ``schedule="epoch"`` uses the epoch-end analyses (the callback's default); ``"steps"`` every analysis (about three
+    per epoch). Returns the stop's epoch (0-based; ``None`` = never), fractional epochs run, and test accuracy there.
+    """
+    analyses = [a for a in reference["analyses"] if schedule == "steps" or a["trigger"] != "step"]
+    if schedule == "epoch":  # the epoch-end analysis of an epoch may have been triggered by the step schedule
+        ends = {c["step"] for c in reference["curve"]}
+        analyses = [a for a in reference["analyses"] if a["trigger"] == "train_start" or a["step"] in ends]
+    from lightning_htsr.stopping import replay_stop
+
+    spe = reference["steps_per_epoch"]
+    stop = replay_stop([{**a, "progress": a["step"] / spe} for a in analyses], **rule)
+    curve = reference["curve"]
+    if stop is None:
+        return {"stop_epoch": None, "epochs_run": len(curve), "test_acc": curve[-1]["test_acc"], "stopped": False}
+    accuracy = {c["step"]: c["test_acc"] for c in reference["step_curve"] + curve}
+    run = stop["step"] / reference["steps_per_epoch"]
+    return {"stop_epoch": stop["epoch"], "epochs_run": run, "test_acc": accuracy[stop["step"]], "stopped": True,
+            "message": stop["message"]}
+
+
+def early_stopping_replay(reference: dict[str, Any], patience: int = 5, min_delta: float = 0.0) -> dict[str, Any]:
+    """``EarlyStopping(monitor="val_loss", mode="min", patience, min_delta)`` on the reference validation curve."""
+    best, wait = math.inf, 0
+    for point in reference["curve"]:
+        if point["val_loss"] < best - min_delta:
+            best, wait = point["val_loss"], 0
+        else:
+            wait += 1
+            if wait >= patience:
+                return {"stop_epoch": point["epoch"], "epochs_run": point["epoch"] + 1, "test_acc": point["test_acc"],
+                        "stopped": True}
+    return {"stop_epoch": None, "epochs_run": len(reference["curve"]), "test_acc": reference["curve"][-1]["test_acc"],
+            "stopped": False}
+
+
+# -------------------------------------------------------------------------------------------- summary
+
+
+@dataclass
+class Row:
+    task: str
+    seed: int
+    budget: int
+    best: float
+    best_epoch: int
+    method: str
+    epochs_run: float
+    stopped: bool
+    test_acc: float
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def loss(self) -> float:
+        return self.best - self.test_acc
+
+    @property
+    def saved(self) -> float:
+        return 1.0 - self.epochs_run / self.budget
+
+
+def row(reference: dict[str, Any], method: str, result: dict[str, Any]) -> Row:
+    accs = [c["test_acc"] for c in reference["curve"]]
+    best = max(accs)
+    return Row(reference["task"], reference["seed"], reference["epochs"], best, accs.index(best), method,
+               result["epochs_run"], result["stopped"], result["test_acc"],
+               {k: v for k, v in result.items() if k not in ("epochs_run", "stopped", "test_acc")})
+
+
+def summary(rows: Sequence[Row]) -> dict[str, float]:
+    n = len(rows)
+    return {"runs": n, "within_1pt": sum(r.loss <= WITHIN_POINTS + 1e-9 for r in rows) / n,
+            "epochs_saved": sum(r.saved for r in rows) / n, "never_stopped": sum(not r.stopped for r in rows) / n,
+            "mean_loss": sum(r.loss for r in rows) / n, "max_loss": max(r.loss for r in rows)}
+
+
+def print_table(rows: Sequence[Row], methods: Sequence[str]) -> None:
+    print(f"\n{'task':<16} {'seed':>4} {'best':>6} {'@ep':>4} | " + " | ".join(f"{m[:22]:>22}" for m in methods))
+    print(f"{'':<16} {'':>4} {'':>6} {'':>4} | " + " | ".join(f"{'epochs   acc   loss':>22}" for _ in methods))
+    keyed = {(r.task, r.seed, r.method): r for r in rows}
+    for task, seed in sorted({(r.task, r.seed) for r in rows}, key=lambda k: (list(TASKS).index(k[0]), k[1])):
+        ref = keyed[(task, seed, methods[0])]
+        cells = []
+        for m in methods:
+            r = keyed[(task, seed, m)]
+            run = f"{r.epochs_run:.1f}" if r.stopped else f"{r.budget}*"
+            cells.append(f"{run:>6}/{r.budget:<3} {r.test_acc:5.1f} {r.loss:+5.1f}")
+        print(f"{task:<16} {seed:>4} {ref.best:6.1f} {ref.best_epoch:>4} | " + " | ".join(f"{c:>22}" for c in cells))
+    print("(* = never stopped; loss = reference best - accuracy at the stop, points)\n")
+    print(f"{'method':<28} {'runs':>5} {'within 1pt':>11} {'epochs saved':>13} {'never stopped':>14} {'mean loss':>10}"
+          f" {'max loss':>9}")
+    for m in methods:
+        s = summary([r for r in rows if r.method == m])
+        print(f"{m:<28} {s['runs']:>5} {s['within_1pt']:>11.0%} {s['epochs_saved']:>13.0%} {s['never_stopped']:>14.0%}"
+              f" {s['mean_loss']:>10.2f} {s['max_loss']:>9.2f}")
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def load_or_run_reference(task: Task, seed: int, epochs: int, cache: Path | None) -> dict[str, Any]:
+    path = cache / f"{task.name}-{seed}-{epochs}.json" if cache else None
+    if path is not None and path.exists():
+        return json.loads(path.read_text())
+    reference = reference_run(task, seed, epochs)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(reference))
+    return reference
+
+
+def quiet() -> None:
+    for name in ("lightning", "lightning.pytorch", "pytorch_lightning", "lightning_fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*too few eigenvalues.*")
+    warnings.filterwarnings("ignore", message=".*deterministic.*")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test of the script)")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--rule", type=json.loads, default={}, help="HTSRCallback stop arguments as JSON")
+    parser.add_argument("--no-live", action="store_true", help="replay the rule and EarlyStopping on the reference "
+                        "runs instead of training stopped runs (same results when training is deterministic)")
+    parser.add_argument("--cache", type=Path, help="directory to keep reference runs in (re-used when present)")
+    parser.add_argument("--json", type=Path, help="write every run and the summary here")
+    args = parser.parse_args(argv)
+    quiet()
+    torch.set_num_threads(1)
+    rows: list[Row] = []
+    mismatches = []
+    for name in args.tasks:
+        task = TASKS[name]
+        epochs = 4 if args.quick else task.epochs
+        for seed in args.seeds:
+            reference = load_or_run_reference(task, seed, epochs, args.cache)
+            replayed = replay(reference, args.rule)
+            rows.append(row(reference, "reference (full budget)", {"epochs_run": epochs, "stopped": False,
+                                                                     "test_acc": reference["curve"][-1]["test_acc"]}))
+            rows.append(row(reference, "htsr (every 1/3 epoch)", replay(reference, args.rule, "steps")))
+            if args.no_live:
+                rows.append(row(reference, "htsr stop rule", replayed))
+                rows.append(row(reference, "EarlyStopping(val_loss, 5)", early_stopping_replay(reference)))
+            else:
+                live = rule_run(task, seed, epochs, args.rule)
+                if live["epochs_run"] != (replayed["stop_epoch"] + 1 if replayed["stopped"] else epochs):
+                    mismatches.append((name, seed, live["epochs_run"], replayed["stop_epoch"]))
+                rows.append(row(reference, "htsr stop rule", {**live, "replay_stop_epoch": replayed["stop_epoch"]}))
+                rows.append(row(reference, "EarlyStopping(val_loss, 5)", early_stopping_run(task, seed, epochs)))
+            print(f"{name} seed {seed}: reference {reference['seconds']:.0f} s, best {max(c['test_acc'] for c in reference['curve']):.1f}"
+                  f", rule stops at {replayed['stop_epoch']}", flush=True)
+    methods = ["reference (full budget)", "htsr stop rule", "htsr (every 1/3 epoch)", "EarlyStopping(val_loss, 5)"]
+    print_table(rows, methods)
+    if mismatches:
+        print(f"live and replayed stops differ (training not deterministic?): {mismatches}")
+    if args.json:
+        args.json.write_text(json.dumps({"rule": args.rule, "rows": [{**asdict(r), "loss": r.loss, "saved": r.saved}
+                                                                      for r in rows],
+                                         "summary": {m: summary([r for r in rows if r.method == m]) for m in methods},
+                                         "mismatches": mismatches}, indent=1))
+    return 1 if mismatches else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
