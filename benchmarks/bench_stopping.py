@@ -227,6 +227,61 @@ def early_stopping_replay(reference: dict[str, Any], patience: int = 5, min_delt
             "stopped": False}
 
 
+#: Rules compared by ``--study`` (replayed on the reference runs): the 0.1 rule, and variants of the settled rule.
+CANDIDATES: dict[str, dict[str, Any]] = {
+    "phase_fraction 0.8 (0.1 default)": {"rule": "phase_fraction", "stop_fraction": 0.8},
+    "phase_fraction 0.5": {"rule": "phase_fraction", "stop_fraction": 0.5},
+    "phase_fraction 0.5, patience 5": {"rule": "phase_fraction", "stop_fraction": 0.5, "patience": 5},
+    "settled: alpha 2%, entropy 0.5%, 5 ep": {"alpha_tolerance": 0.02, "entropy_tolerance": 0.005, "patience": 5},
+    "settled: alpha 5%, entropy 0.5%, 5 ep": {"alpha_tolerance": 0.05, "entropy_tolerance": 0.005, "patience": 5},
+    "settled: alpha 10%, entropy 1%, 5 ep": {"alpha_tolerance": 0.10, "entropy_tolerance": 0.01, "patience": 5},
+    "settled: alpha 5%, entropy 0.5%, 3 ep": {"alpha_tolerance": 0.05, "entropy_tolerance": 0.005, "patience": 3},
+    "settled: alpha 5%, entropy 0.5%, 8 ep": {"alpha_tolerance": 0.05, "entropy_tolerance": 0.005, "patience": 8},
+    "settled: entropy only 0.5%, 5 ep": {"alpha_tolerance": math.inf, "entropy_tolerance": 0.005, "patience": 5},
+    "settled: alpha only 5%, 5 ep": {"alpha_tolerance": 0.05, "entropy_tolerance": math.inf, "patience": 5},
+}
+
+
+def study(references: Sequence[dict[str, Any]]) -> None:
+    """Replay every candidate rule (epoch and every-1/3-epoch schedules) and the over-trained warning's timing."""
+    print(f"\n{'candidate rule (replayed)':<42} {'schedule':>9} {'within 1pt':>11} {'epochs saved':>13} "
+          f"{'never stopped':>14} {'max loss':>9}")
+    for name, rule in CANDIDATES.items():
+        for schedule in ("epoch", "steps"):
+            s = summary([row(ref, name, replay(ref, rule, schedule)) for ref in references])
+            print(f"{name:<42} {schedule:>9} {s['within_1pt']:>11.0%} {s['epochs_saved']:>13.0%} "
+                  f"{s['never_stopped']:>14.0%} {s['max_loss']:>9.2f}")
+    over_trained_study(references)
+
+
+def over_trained_study(references: Sequence[dict[str, Any]]) -> None:
+    """How often a heavy-tailed matrix's alpha falls below 2 while test accuracy still improves by > 1 point."""
+    from lightning_htsr.phases import PhaseTracker
+
+    events = []
+    for ref in references:
+        accs = {c["epoch"]: c["test_acc"] for c in ref["curve"]}
+        tracker, seen = PhaseTracker(k=2), set()
+        for a in (a for a in ref["analyses"] if a["trigger"] != "step" or a["step"] in {c["step"] for c in ref["curve"]}):
+            smoothed = tracker.update({r["name"]: r["phase"] for r in a["records"]})
+            if a["trigger"] == "train_start":
+                continue
+            for r in a["records"]:
+                if r["name"] in seen or smoothed.get(r["name"]) != "heavy_tailed" or not r["phase"]:
+                    continue
+                if r["alpha"] is not None and r["alpha"] < 2.0:
+                    seen.add(r["name"])
+                    later = max(v for e, v in accs.items() if e >= a["epoch"])
+                    events.append((ref["task"], ref["seed"], r["name"], a["epoch"], later - accs[a["epoch"]]))
+    runs = {(t, s) for t, s, *_ in events}
+    improving = [e for e in events if e[4] > WITHIN_POINTS]
+    print(f"\nalpha < 2 (over-trained warning) on a heavy-tailed matrix: {len(events)} matrices in {len(runs)} of "
+          f"{len(references)} runs; accuracy still rose by > {WITHIN_POINTS:g} point afterwards for {len(improving)} "
+          f"of them ({len({(t, s) for t, s, *_ in improving})} runs).")
+    for task, seed, name, epoch, gain in events:
+        print(f"  {task:<16} seed {seed}  {name:<32} alpha < 2 from epoch {epoch:>3}; later gain {gain:+.1f} points")
+
+
 # -------------------------------------------------------------------------------------------- summary
 
 
@@ -288,6 +343,45 @@ def print_table(rows: Sequence[Row], methods: Sequence[str]) -> None:
               f" {s['mean_loss']:>10.2f} {s['max_loss']:>9.2f}")
 
 
+def plot(references: Sequence[dict[str, Any]], rows: Sequence[Row], path: Path) -> None:
+    """Test accuracy of every reference run, one panel per task, with where each method stopped."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in TASKS if any(r["task"] == t for r in references)]
+    cols = min(4, len(tasks))
+    fig, axes = plt.subplots(math.ceil(len(tasks) / cols), cols, figsize=(4.2 * cols, 3.2 * math.ceil(len(tasks) / cols)),
+                             squeeze=False)
+    stops = {(r.task, r.seed, r.method): r for r in rows}
+    marks = {"htsr stop rule": ("o", "tab:red", "HT-SR stop (weights only)"),
+             "EarlyStopping(val_loss, 5)": ("s", "tab:blue", "EarlyStopping(val_loss, 5)")}
+    for ax, task in zip(axes.flat, tasks):
+        for ref in (r for r in references if r["task"] == task):
+            epochs = [c["epoch"] + 1 for c in ref["curve"]]
+            accs = [c["test_acc"] for c in ref["curve"]]
+            ax.plot(epochs, accs, color="0.55", lw=1)
+            for method, (marker, color, _) in marks.items():
+                r = stops.get((task, ref["seed"], method))
+                if r is not None and r.stopped:
+                    ax.plot(r.epochs_run, r.test_acc, marker, color=color, ms=7, mfc="none", mew=1.8)
+        low = min(c["test_acc"] for r in references if r["task"] == task for c in r["curve"][len(r["curve"]) // 4:])
+        ax.set_ylim(max(0, low - 5), 100.5 if low > 90 else None)
+        ax.set_title(task, fontsize=10)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    handles = [plt.Line2D([], [], color="0.55", label="full-budget run (one line per seed)")]
+    handles += [plt.Line2D([], [], ls="", marker=m, color=c, mfc="none", mew=1.8, label=l) for m, c, l in marks.values()]
+    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -320,16 +414,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "runs instead of training stopped runs (same results when training is deterministic)")
     parser.add_argument("--cache", type=Path, help="directory to keep reference runs in (re-used when present)")
     parser.add_argument("--json", type=Path, help="write every run and the summary here")
+    parser.add_argument("--figure", type=Path, help="write the accuracy curves with the stop points (PNG) here")
+    parser.add_argument("--study", action="store_true", help="also replay the candidate rules and time the "
+                        "over-trained warning on the reference runs")
     args = parser.parse_args(argv)
     quiet()
     torch.set_num_threads(1)
     rows: list[Row] = []
-    mismatches = []
+    mismatches, references = [], []
     for name in args.tasks:
         task = TASKS[name]
         epochs = 4 if args.quick else task.epochs
         for seed in args.seeds:
             reference = load_or_run_reference(task, seed, epochs, args.cache)
+            references.append(reference)
             replayed = replay(reference, args.rule)
             rows.append(row(reference, "reference (full budget)", {"epochs_run": epochs, "stopped": False,
                                                                      "test_acc": reference["curve"][-1]["test_acc"]}))
@@ -347,6 +445,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f", rule stops at {replayed['stop_epoch']}", flush=True)
     methods = ["reference (full budget)", "htsr stop rule", "htsr (every 1/3 epoch)", "EarlyStopping(val_loss, 5)"]
     print_table(rows, methods)
+    if args.study:
+        study(references)
+    if args.figure:
+        plot(references, rows, args.figure)
     if mismatches:
         print(f"live and replayed stops differ (training not deterministic?): {mismatches}")
     if args.json:

@@ -6,7 +6,7 @@ only, and Lightning's ``EarlyStopping`` (the peer) reads the validation loss.
 
 | task | data | model | optimizer, learning rate |
 |---|---|---|---|
-| ``mlp_digits`` | scikit-learn digits (8x8) | MLP 64-512-512-10 | SGD + momentum, constant (the quickstart) |
+| ``mlp_digits`` | scikit-learn digits (8x8) | MLP 64-512-512-10 | SGD + momentum, constant, batch 16 (the quickstart) |
 | ``mlp_teacher`` | teacher-student, Gaussian inputs | MLP 16-256-256-10 | SGD + momentum, exponential decay |
 | ``mlp_mnist1d`` | ``mnist1d.make_dataset`` | MLP 40-512-256-10 | Adam, step decay |
 | ``cnn1d_mnist1d`` | ``mnist1d.make_dataset`` | 1-D CNN (3 conv, 2 fc) | Adam, constant |
@@ -240,8 +240,8 @@ def adamw_warmup_cosine(lr: float, warmup: int = 3) -> Callable:
 
 
 TASKS: dict[str, Task] = {t.name: t for t in [
-    Task("mlp_digits", "MLP 64-512-512-10, digits, SGD constant lr (the quickstart)", digits_flat,
-         _seeded(lambda: mlp([64, 512, 512, 10])), sgd_constant(0.05), epochs=40),
+    Task("mlp_digits", "MLP 64-512-512-10, digits, SGD constant lr, batch 16 (the quickstart)", digits_flat,
+         _seeded(lambda: mlp([64, 512, 512, 10])), sgd_constant(0.05), epochs=30, batch_size=16),
     Task("mlp_teacher", "MLP 16-256-256-10, teacher-student, SGD exponential decay", teacher_student,
          _seeded(lambda: mlp([16, 256, 256, 10])), sgd_exponential(0.02, 0.93), epochs=50, batch_size=128),
     Task("mlp_mnist1d", "MLP 40-512-256-10, mnist1d, Adam step decay", mnist1d,

@@ -91,9 +91,10 @@ class _HTSRCallbackImpl:
             least one is in ``stop_on``) or ``"phase_fraction"`` (stop once ``stop_fraction`` of the classified
             matrices are in ``stop_on``: measured to stop while accuracy still climbs, or never).
         stop_fraction: ``stop_rule="phase_fraction"`` only: share of classified matrices that must be in ``stop_on``.
-        patience: ``"settled"``: analyses every learning matrix must stay within the tolerances (default 5);
-            ``"phase_fraction"`` and ``stop_on_over_trained``: consecutive qualifying analyses (default 1 for
-            ``"phase_fraction"``). Counted in analyses: with a denser schedule (``every_n_steps``) raise it.
+        patience: ``"settled"``: epochs of training every learning matrix must stay within the tolerances
+            (default 5; fractional epochs count with ``every_n_steps``, so the rule does not depend on the
+            schedule); ``"phase_fraction"`` and ``stop_on_over_trained``: consecutive qualifying analyses
+            (default 1).
         alpha_tolerance: ``"settled"``: relative change of a matrix's alpha that still counts as settled.
         entropy_tolerance: ``"settled"``: relative change of a matrix's spectral entropy that still counts as
             settled.
@@ -128,7 +129,7 @@ class _HTSRCallbackImpl:
         stop_on: PhaseName | None = None,
         stop_rule: Literal["settled", "phase_fraction"] = "settled",
         stop_fraction: float = 0.8,
-        patience: int | None = None,
+        patience: float | None = None,
         alpha_tolerance: float = StopCriteria.alpha_tolerance,
         entropy_tolerance: float = StopCriteria.entropy_tolerance,
         min_epochs: int = 0,

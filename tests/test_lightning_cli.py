@@ -37,7 +37,7 @@ def test_callback_from_yaml_config(tmp_path) -> None:
                 every_n_epochs: 1
                 layer_types: [linear]
                 stop_on: heavy_tailed
-                stop_fraction: 0.6
+                alpha_tolerance: 0.02
                 patience: 2
                 history_file: from_yaml.csv
                 log_figures_every: null
@@ -49,8 +49,9 @@ def test_callback_from_yaml_config(tmp_path) -> None:
     callback = next(c for c in cli.trainer.callbacks if isinstance(c, HTSRCallback))
     assert callback.criteria.stop_on == "heavy_tailed" and callback.criteria.patience == 2
     assert callback.layer_types == ["linear"]
-    assert callback.stopping_reason is StopReason.PHASE_FRACTION
-    assert callback.stopped_epoch == 1
+    assert callback.criteria.alpha_tolerance == 0.02 and callback.criteria.rule == "settled"
+    assert callback.stopping_reason is StopReason.SETTLED
+    assert callback.stopped_epoch == 2  # lr = 0: anchored at the end of epoch 0, settled for 2 epochs
     assert callback.history_path.endswith("from_yaml.csv")
 
 
@@ -70,8 +71,8 @@ def test_cli_help_comes_from_the_docstring(capsys) -> None:
     with pytest.raises(SystemExit):
         LightningCLI(CLINet, args=["fit", "--trainer.callbacks.help", "lightning_htsr.HTSRCallback"])
     out = capsys.readouterr().out
-    assert "--trainer.callbacks.stop_fraction" in out and "--trainer.callbacks.stop_on" in out
-    assert "Share of classified matrices that must be in" in out  # from the Google-style Args: section
+    assert "--trainer.callbacks.stop_rule" in out and "--trainer.callbacks.alpha_tolerance" in out
+    assert "relative change of a matrix's alpha" in out  # from the Google-style Args: section
     assert "heavy_tailed" in out  # the Literal's choices are listed
 
 
