@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -115,6 +116,26 @@ def resolution_floor(lambda_max: float, M: int, dtype: torch.dtype, route: str) 
     if route == "gram":
         return RESOLUTION_FACTOR * math.sqrt(M) * eps * lambda_max
     return (RESOLUTION_FACTOR * eps) ** 2 * lambda_max
+
+
+def default_zero_tol(lambda_max: float, n: int, dtype: torch.dtype | np.dtype | type) -> float:
+    """Numerical-zero threshold for bare eigenvalues whose solver is unknown (the functional API's default).
+
+    The Gram route's resolution floor ``8 sqrt(n) eps lambda_max`` (:func:`resolution_floor`, what the records
+    use for a single matrix) with ``eps`` of the eigenvalues' own dtype: float32 eigenvalues
+    (``eigenvalues(w, precision="float32")``) keep the float32 floor, so noise below it is not fitted. Non-float
+    dtypes count as float64.
+
+    Example:
+        >>> default_zero_tol(1.0, 100, torch.float32) > default_zero_tol(1.0, 100, torch.float64)
+        True
+    """
+    if isinstance(dtype, torch.dtype):
+        eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float64).eps
+    else:
+        kind = np.dtype(dtype)
+        eps = float(np.finfo(kind).eps) if kind.kind == "f" else float(np.finfo(np.float64).eps)
+    return RESOLUTION_FACTOR * math.sqrt(max(n, 1)) * eps * lambda_max
 
 
 def _numpy_rank_tol(lambda_max: float, N: int, eps: float) -> float:
@@ -328,7 +349,9 @@ def eigenvalues(
         backend: ``"torch"`` or ``"cupy"``.
 
     Returns:
-        Sorted (ascending) float64 CPU tensor of ``num_slices * min(rows, cols)`` eigenvalues.
+        Sorted (ascending) CPU tensor of ``num_slices * min(rows, cols)`` eigenvalues in the precision they were
+        computed in (float32 or float64; the exact values, no rounding), so that :func:`~lightning_htsr.powerlaw.
+        fit_power_law` and :func:`~lightning_htsr.phases.classify_phase` apply that precision's resolution floor.
 
     Raises:
         ValueError: If the weight is not 2-D or 3-D, or contains NaN/Inf.
@@ -349,4 +372,4 @@ def eigenvalues(
     spectrum = compute_spectra([stack], scales=[scale], precision=precision, route=route, backend=backend)[0]
     if spectrum.error:
         raise ValueError(spectrum.error)
-    return spectrum.eigenvalues
+    return spectrum.eigenvalues.to(torch.float32 if spectrum.precision == "float32" else torch.float64)
