@@ -23,7 +23,16 @@ from torch import Tensor, nn
 from .eigenvalues import Backend, Precision, Route, Spectrum, compute_spectra
 from .layers import LOW_PRECISION, WeightMatrix, state_dict_matrices, weight_matrices
 from .marchenko_pastur import MarchenkoPasturFit
-from .metrics import WW_ENTROPY_EPSILON, alpha_warning, matrix_entropy, norm_metrics, rank_metrics
+from .metrics import (
+    WW_ENTROPY_EPSILON,
+    WW_WEAK_RANK_TOL,
+    alpha_warning,
+    detx_metrics,
+    esd_metrics,
+    matrix_entropy,
+    norm_metrics,
+    rank_metrics,
+)
 from .phases import PhaseConfig, PhaseResult, classify_phase
 from .powerlaw import FitMethod, KSConvention, PowerLawFit, fit_power_law
 from .records import empty_record, records_to_frame
@@ -63,6 +72,8 @@ class AnalysisOptions:
         backend: ``"torch"`` or ``"cupy"``.
         rank_eps: Epsilon of NumPy's rank tolerance (``None``: the weights' own).
         entropy_epsilon: Added to each ``p_i`` in the entropy (0 here; weightwatcher adds 1e-10 on CPU).
+        weak_rank_tol: Eigenvalues below it count in ``weak_rank_loss`` (``None``: the spectrum's numerical-zero
+            tolerance, as ``rank_loss``; weightwatcher: the absolute 1e-6).
         min_evals: The power-law fit's floor: matrices with fewer pooled eigenvalues are skipped (no spectrum). The
             minimum spectrum size that counts (classified, in the means) is ``phase_config.min_evals``;
             :func:`resolve_options` (``analyze(min_evals=...)``) sets both consistently.
@@ -84,6 +95,7 @@ class AnalysisOptions:
     backend: Backend = "torch"
     rank_eps: float | None = None
     entropy_epsilon: float = 0.0
+    weak_rank_tol: float | None = None
     min_evals: int = 10
     max_evals: int | None = None
     phase_config: PhaseConfig = field(default_factory=PhaseConfig)
@@ -105,6 +117,7 @@ class AnalysisOptions:
             route="svd",
             rank_eps=torch.finfo(torch.float64).eps,
             entropy_epsilon=WW_ENTROPY_EPSILON,
+            weak_rank_tol=WW_WEAK_RANK_TOL,
             min_evals=8,
             warn_unclassified=True,
         )
@@ -140,6 +153,7 @@ def matrix_identity(matrix: WeightMatrix) -> dict[str, Any]:
         "M": matrix.M,
         "Q": matrix.Q,
         "num_slices": matrix.num_slices,
+        "rf": matrix.num_slices,
         "num_evals": matrix.num_evals,
         "dtype": matrix.dtype,
         "note": matrix.note,
@@ -223,6 +237,9 @@ def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: Analysi
         entropy=entropy,
         **norms,
         **ranks,
+        **esd_metrics(ev, sv_min=spectrum.sv_min, weak_tol=options.weak_rank_tol
+                      if options.weak_rank_tol is not None else spectrum.zero_tol),
+        **detx_metrics(ev, powerlaw.num_pl_spikes),
         **phase.diagnostics(),
     )
     return MatrixAnalysis(record, ev, powerlaw, phase.mp, phase)

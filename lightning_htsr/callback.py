@@ -91,6 +91,8 @@ class _HTSRCallbackImpl:
         stop_on_over_trained: Also stop when a matrix with a trusted power-law tail has alpha < 2.
         prefix: Namespace of logged keys; two callbacks in one Trainer need different prefixes.
         verbose: Log the stop decision and one line per analysis at INFO level.
+        extra_scalars: More record columns to log per matrix as ``<prefix>/<matrix>/<column>``, e.g.
+            ``["ERG_gap", "num_ERG_spikes"]`` (weightwatcher's ERG/detX columns make good curves over training).
     """
 
     def __init__(
@@ -120,6 +122,7 @@ class _HTSRCallbackImpl:
         stop_on_over_trained: bool = False,
         prefix: str = "htsr",
         verbose: bool = False,
+        extra_scalars: list[str] | None = None,
     ) -> None:
         super().__init__()
         if backend not in ("torch", "cupy"):
@@ -140,6 +143,7 @@ class _HTSRCallbackImpl:
         self.spectra_path: str | None = None
         self.prefix = prefix
         self.verbose = verbose
+        self.extra_scalars = tuple(extra_scalars or ())
         self.tensorboard = TensorBoardSink(prefix, log_histograms, log_figures_every)
         # checkpointed state (plain Python values only: loads with torch.load(weights_only=True))
         self.tracker = PhaseTracker(k=phase_hysteresis)
@@ -219,7 +223,7 @@ class _HTSRCallbackImpl:
         smoothed = {r["name"]: tracked.get(r["name"]) if r["phase"] else None for r in records}
         step, epoch = int(trainer.global_step), int(trainer.current_epoch)
         self.phase_history.append({"step": step, "epoch": epoch, "phases": dict(smoothed)})
-        metrics = scalar_metrics(records, smoothed, prefix=self.prefix)
+        metrics = scalar_metrics(records, smoothed, prefix=self.prefix, extra=self.extra_scalars)
         metrics[f"{self.prefix}/compute_seconds"] = time.perf_counter() - start
         # the baseline is an observation: it never stops training nor counts towards patience
         should_stop, message = self._decide(trainer, records, smoothed, epoch) if trigger != "train_start" else \

@@ -79,6 +79,8 @@ class Spectrum:
             Fits and the phase classifier use this one; NumPy's tolerance is relative to ``sigma_max`` and would
             call the bulk of a very heavy-tailed matrix "zero".
         error: Empty, or why the eigenvalues could not be computed (non-finite weights, solver failure).
+        sv_min: The largest over the slices of each slice's smallest singular value (``sqrt`` of its smallest
+            scaled eigenvalue): weightwatcher's ``sv_min``.
     """
 
     eigenvalues: Tensor
@@ -87,6 +89,7 @@ class Spectrum:
     zero_tol: float
     floor: float = math.nan
     error: str = ""
+    sv_min: float = math.nan
 
     @property
     def ok(self) -> bool:
@@ -307,12 +310,15 @@ def _solve(
         if not bool(torch.isfinite(part).all()):  # some solvers return NaN instead of raising
             out.append(_failure(stacks[i], dtype, route, "non-finite eigenvalues"))
             continue
-        ev = torch.sort(part.clamp(min=0.0) * scales[i]).values
+        scaled = part.clamp(min=0.0) * scales[i]
+        ev = torch.sort(scaled).values
         lam_max = float(ev[-1]) if ev.numel() else 0.0
         n_rows, m_cols = stacks[i].shape[-2:]
         floor = resolution_floor(lam_max, m_cols, dtype, route)
         tol = max(floor, _numpy_rank_tol(lam_max, n_rows, epsilons[i]))
-        out.append(Spectrum(ev, _dtype_name(dtype), route, tol, floor))
+        sv_min = math.sqrt(float(scaled.reshape(stacks[i].shape[0], -1).min(dim=1).values.max())) if ev.numel() \
+            else math.nan
+        out.append(Spectrum(ev, _dtype_name(dtype), route, tol, floor, sv_min=sv_min))
     return out
 
 

@@ -30,13 +30,15 @@ __all__ = [
 #: Columns of a record, in table order.
 COLUMNS: tuple[str, ...] = (
     # what was analyzed
-    "name", "layer_type", "module_type", "N", "M", "Q", "num_slices", "num_evals", "dtype",
+    "name", "layer_type", "module_type", "N", "M", "Q", "num_slices", "rf", "num_evals", "dtype", "has_esd",
     "status", "skip_reason",
     # power-law fit of the tail
     "alpha", "D", "xmin", "xmax", "sigma", "num_pl_spikes", "warning",
     # norms, ranks, entropy
     "norm", "log_norm", "spectral_norm", "log_spectral_norm", "stable_rank", "alpha_weighted", "log_alpha_norm",
-    "entropy", "matrix_rank", "rank_loss",
+    "entropy", "matrix_rank", "rank_loss", "weak_rank_loss", "lambda_max", "sv_max", "sv_min",
+    # weightwatcher's detX / ERG columns
+    "detX_num", "detX_val", "detX_val_unrescaled", "num_ERG_spikes", "ERG_gap",
     # Marchenko-Pastur fit and spikes
     "sigma_mp", "lambda_minus", "lambda_plus", "tw_scale", "spike_threshold", "num_spikes", "spike_gap_tw",
     "max_gap_tw", "ks_mp", "tail_mass", "mp_softrank",
@@ -48,7 +50,8 @@ COLUMNS: tuple[str, ...] = (
 
 _TEXT = {"name", "layer_type", "module_type", "dtype", "status", "skip_reason", "warning", "phase", "phase_reason",
          "precision", "route", "note"}
-_INT = {"N", "M", "num_slices", "num_evals", "num_pl_spikes", "matrix_rank", "rank_loss", "num_spikes"}
+_INT = {"N", "M", "num_slices", "rf", "num_evals", "num_pl_spikes", "matrix_rank", "rank_loss", "num_spikes",
+        "weak_rank_loss", "detX_num", "num_ERG_spikes", "ERG_gap"}
 
 #: Metrics averaged by :func:`summarize` (weightwatcher's ``get_summary`` set plus entropy and D).
 SUMMARY_METRICS: tuple[str, ...] = (
@@ -68,6 +71,7 @@ def empty_record(**values: Any) -> dict[str, Any]:
         else:
             record[column] = math.nan
     record["phase"] = None
+    record["has_esd"] = False
     unknown = set(values) - set(COLUMNS)
     if unknown:
         raise KeyError(f"unknown record columns: {sorted(unknown)}")

@@ -30,7 +30,7 @@ def run(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("story")
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     model = TinyNet(lr=0.05)
-    callback = HTSRCallback(log_figures_every=None, log_histograms=False)
+    callback = HTSRCallback(log_figures_every=None, log_histograms=False, extra_scalars=["ERG_gap", "sv_max"])
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(tmp_path, logger=logger, max_epochs=2))
     trainer.fit(model)
     acc = EventAccumulator(logger.log_dir, size_guidance={"scalars": 0})
@@ -120,3 +120,10 @@ def test_classify_phase_takes_eps_from_a_float32_tensor() -> None:
     ev = torch.linspace(1e-9, 1.0, 200, dtype=torch.float32)
     assert math.isclose(F.classify_phase(ev, 400, 200).frac_zero, F.classify_phase(ev.numpy(), 400, 200).frac_zero)
     assert F.default_zero_tol(1.0, 200, torch.float32) == F.default_zero_tol(1.0, 200, ev.numpy().dtype)
+
+
+def test_extra_scalars_are_logged_when_asked(run) -> None:
+    acc, callback = run["acc"], run["callback"]
+    last = {r["name"]: r for r in callback.latest_records}
+    for column in ("ERG_gap", "sv_max"):
+        assert last_scalar(acc, f"htsr/net.2/{column}") == pytest.approx(last["net.2"][column], rel=1e-6)

@@ -38,12 +38,13 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _matrix_scalars(record: Mapping[str, Any], smoothed: str | None, prefix: str) -> dict[str, float]:
+def _matrix_scalars(record: Mapping[str, Any], smoothed: str | None, prefix: str,
+                    extra: Sequence[str] = ()) -> dict[str, float]:
     """Per-matrix scalars. An unclassified matrix's raw alpha goes to ``alpha_unclassified``, not ``alpha``: it
     is no finding (too few eigenvalues), so it stays out of the alpha charts."""
     name, phase = record["name"], record.get("phase")
     out: dict[str, float] = {}
-    for metric in MATRIX_SCALARS:
+    for metric in (*MATRIX_SCALARS, *extra):
         value = record.get(metric)
         if _finite(value):
             key = metric if metric != "alpha" or phase else "alpha_unclassified"
@@ -58,6 +59,7 @@ def scalar_metrics(
     smoothed: Mapping[str, str | None],
     *,
     prefix: str = "htsr",
+    extra: Sequence[str] = (),
 ) -> dict[str, float]:
     """The scalars of one analysis.
 
@@ -69,6 +71,7 @@ def scalar_metrics(
         records: The analysis' records.
         smoothed: Smoothed phase per matrix name.
         prefix: Key namespace.
+        extra: More record columns to log per matrix (e.g. ``"ERG_gap"``, ``"num_ERG_spikes"``, ``"sv_max"``).
 
     Returns:
         ``{key: value}`` with per-matrix keys ``<prefix>/<name>/<metric>``, ``<prefix>/<name>/phase`` (raw phase
@@ -92,7 +95,7 @@ def scalar_metrics(
     for record in records:
         if record.get("status") == "skipped":  # no spectrum: nothing to log (its counts are placeholders)
             continue
-        out.update(_matrix_scalars(record, smoothed.get(record["name"]), prefix))
+        out.update(_matrix_scalars(record, smoothed.get(record["name"]), prefix, extra))
     frame = records_to_frame({**r, "smoothed_phase": smoothed.get(r["name"])} for r in records)
     if not len(frame) or "status" not in frame:
         return out
