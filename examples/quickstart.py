@@ -4,7 +4,7 @@ Trains a 64 -> 512 -> 512 -> 10 MLP on scikit-learn's handwritten digits (8x8 im
 scikit-learn, no download) with ``HTSRCallback`` and a ``TensorBoardLogger``, then prints the last analysis: one
 row per weight matrix with its power-law exponent ``alpha``, spectral entropy and phase.
 
-    python examples/quickstart.py                 # about 20 s on 2 CPU cores
+    python examples/quickstart.py                 # about 40 s on 2 CPU cores
     python examples/quickstart.py --quick         # a few seconds (smoke test)
     tensorboard --logdir htsr_runs                # the command is printed at the end
 
