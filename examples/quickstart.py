@@ -4,12 +4,13 @@ Trains a 64 -> 512 -> 512 -> 10 MLP on scikit-learn's handwritten digits (8x8 im
 scikit-learn, no download) with ``HTSRCallback`` and a ``TensorBoardLogger``, then prints the last analysis: one
 row per weight matrix with its power-law exponent ``alpha``, spectral entropy and phase.
 
-    python examples/quickstart.py                 # about 20 s on 2 CPU cores
+    python examples/quickstart.py                 # about 40 s on 2 CPU cores
     python examples/quickstart.py --quick         # a few seconds (smoke test)
     tensorboard --logdir htsr_runs                # the command is printed at the end
 
 Everything the callback logs lands under ``--logdir``: scalars ``htsr/<layer>/alpha`` (``entropy``, ``phase``, ...),
-model-level ``htsr/alpha_mean``, eigenvalue histograms, ESD figures, a phase map, and ``htsr_history.csv``.
+model-level ``htsr/alpha_mean``, eigenvalue histograms, ESD figures, a phase map, and ``htsr_history.csv``; the
+final weights are saved as ``model.ckpt`` next to them, for ``lightning-htsr analyze``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 import lightning.pytorch as pl  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 
-from lightning_htsr import HTSRCallback, PhaseConfig  # noqa: E402
+from lightning_htsr import HTSRCallback, PhaseConfig, summarize  # noqa: E402
+from lightning_htsr.records import flag_unclassified, records_to_frame  # noqa: E402
 from lightning_htsr.sinks import read_history  # noqa: E402
 
 
@@ -103,24 +105,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def print_table(records) -> None:
-    """The latest analysis, one row per weight matrix."""
+    """The latest analysis, one row per weight matrix (too small to classify: alpha in parentheses)."""
     print(f"{'layer':<8} {'shape':>9} {'alpha':>6} {'entropy':>7}  {'phase':<17} warning")
     for r in records:
         shape = f"{r['N']}x{r['M']}"
-        alpha = f"{r['alpha']:.2f}" if r["alpha"] == r["alpha"] else "-"
+        row = flag_unclassified(r, "{:.2f}".format)  # phase "(too small)", alpha "(1.33)": no finding
+        alpha = row["alpha"] if isinstance(row["alpha"], str) else f"{r['alpha']:.2f}" if r["alpha"] == r["alpha"] \
+            else "-"
         entropy = f"{r['entropy']:.3f}" if r["entropy"] == r["entropy"] else "-"
-        phase = r["phase"] or "(too small)"
-        print(f"{r['name']:<8} {shape:>9} {alpha:>6} {entropy:>7}  {phase:<17} {r['warning'] or ''}")
+        print(f"{r['name']:<8} {shape:>9} {alpha:>6} {entropy:>7}  {row['phase']:<17} {r['warning'] or ''}")
 
 
 def phase_paths(history_path: str) -> dict[str, list[str]]:
-    """Per matrix, the phases it went through (raw labels of every analysis, repeats dropped), each with the epoch it
-    first appeared at (``start``: the baseline analysis before training)."""
+    """Per matrix, the smoothed phases it went through (the ``smoothed_phase`` column of the history, as in
+    TensorBoard's phase map; repeats dropped), each with the epoch it first appeared at (``start``: the baseline
+    analysis before training)."""
     history = read_history(history_path)
     paths: dict[str, list[str]] = {}
     for name, rows in history.groupby("name", sort=False):
         path, last = [], None
-        for trigger, epoch, phase in zip(rows["trigger"], rows["epoch"], rows["phase"]):
+        for trigger, epoch, phase in zip(rows["trigger"], rows["epoch"], rows["smoothed_phase"]):
             if isinstance(phase, str) and phase and phase != last:
                 when = "start" if trigger == "train_start" else f"epoch {epoch}"
                 path.append(f"{phase} ({when})")
@@ -171,17 +175,24 @@ def main(argv=None) -> dict:
     small = [f"{r['name']} ({r['num_evals']} eigenvalues)" for r in htsr.latest_records
              if r["status"] == "success" and not r["phase"]]
     if small:
-        print(f"Too few eigenvalues for a phase (< {PhaseConfig().min_evals}) or a meaningful alpha: "
-              f"{', '.join(small)}.")
+        print(f"Too few eigenvalues for a phase (< {PhaseConfig().min_evals}) or a meaningful alpha, so not in the "
+              f"means: {', '.join(small)}.")
+    summary = summarize(records_to_frame(htsr.latest_records))
+    print(f"Model: alpha_mean {summary['alpha']:.3f}, entropy_mean {summary['entropy']:.3f} over the "
+          f"{summary['num_classified']} classified matrices (the htsr/alpha_mean TensorBoard shows).")
     print()
-    print("Phases during training (the epoch each was first seen at):")
+    print("Smoothed phases during training (smoothed_phase, the epoch each was first seen at):")
     for name, path in phase_paths(htsr.history_path).items():
         print(f"  {name:<6} {' -> '.join(path)}")
     print()
+    checkpoint = os.path.join(logger.log_dir, "model.ckpt")
+    trainer.save_checkpoint(checkpoint)
     print(f"History (one row per matrix per analysis): {htsr.history_path}")
     print(f"See alpha, entropy and phase per layer over training:\n\n    tensorboard --logdir {args.logdir}\n")
+    print(f"Analyze the final weights offline (same numbers as above):\n\n    lightning-htsr analyze {checkpoint}\n")
     return {"val_acc": val_acc, "records": htsr.latest_records, "log_dir": logger.log_dir, "seconds": seconds,
-            "history_path": htsr.history_path, "analysis_count": htsr.analysis_count}
+            "history_path": htsr.history_path, "analysis_count": htsr.analysis_count, "checkpoint": checkpoint,
+            "summary": summary}
 
 
 if __name__ == "__main__":

@@ -23,7 +23,16 @@ from torch import Tensor, nn
 from .eigenvalues import Backend, Precision, Route, Spectrum, compute_spectra
 from .layers import LOW_PRECISION, WeightMatrix, state_dict_matrices, weight_matrices
 from .marchenko_pastur import MarchenkoPasturFit
-from .metrics import WW_ENTROPY_EPSILON, alpha_warning, matrix_entropy, norm_metrics, rank_metrics
+from .metrics import (
+    WW_ENTROPY_EPSILON,
+    WW_WEAK_RANK_TOL,
+    alpha_warning,
+    detx_metrics,
+    esd_metrics,
+    matrix_entropy,
+    norm_metrics,
+    rank_metrics,
+)
 from .phases import PhaseConfig, PhaseResult, classify_phase
 from .powerlaw import FitMethod, KSConvention, PowerLawFit, fit_power_law
 from .records import empty_record, records_to_frame
@@ -36,6 +45,7 @@ __all__ = [
     "analyze_state_dict",
     "bad_input_rows",
     "low_precision_rows",
+    "resolve_options",
     "warn_bad_input",
 ]
 
@@ -62,7 +72,11 @@ class AnalysisOptions:
         backend: ``"torch"`` or ``"cupy"``.
         rank_eps: Epsilon of NumPy's rank tolerance (``None``: the weights' own).
         entropy_epsilon: Added to each ``p_i`` in the entropy (0 here; weightwatcher adds 1e-10 on CPU).
-        min_evals: Matrices with fewer pooled eigenvalues are skipped.
+        weak_rank_tol: Eigenvalues below it count in ``weak_rank_loss`` (``None``: the spectrum's numerical-zero
+            tolerance, as ``rank_loss``; weightwatcher: the absolute 1e-6).
+        min_evals: The power-law fit's floor: matrices with fewer pooled eigenvalues are skipped (no spectrum). The
+            minimum spectrum size that counts (classified, in the means) is ``phase_config.min_evals``;
+            :func:`resolve_options` (``analyze(min_evals=...)``) sets both consistently.
         max_evals: Matrices with more pooled eigenvalues are skipped (``None``: no limit).
         phase_config: Thresholds of the phase classifier.
         warn_unclassified: Give the ``"over-trained"``/``"under-trained"`` warning also to matrices with too few
@@ -81,6 +95,7 @@ class AnalysisOptions:
     backend: Backend = "torch"
     rank_eps: float | None = None
     entropy_epsilon: float = 0.0
+    weak_rank_tol: float | None = None
     min_evals: int = 10
     max_evals: int | None = None
     phase_config: PhaseConfig = field(default_factory=PhaseConfig)
@@ -102,6 +117,7 @@ class AnalysisOptions:
             route="svd",
             rank_eps=torch.finfo(torch.float64).eps,
             entropy_epsilon=WW_ENTROPY_EPSILON,
+            weak_rank_tol=WW_WEAK_RANK_TOL,
             min_evals=8,
             warn_unclassified=True,
         )
@@ -137,6 +153,7 @@ def matrix_identity(matrix: WeightMatrix) -> dict[str, Any]:
         "M": matrix.M,
         "Q": matrix.Q,
         "num_slices": matrix.num_slices,
+        "rf": matrix.num_slices,
         "num_evals": matrix.num_evals,
         "dtype": matrix.dtype,
         "note": matrix.note,
@@ -220,6 +237,9 @@ def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: Analysi
         entropy=entropy,
         **norms,
         **ranks,
+        **esd_metrics(ev, sv_min=spectrum.sv_min, weak_tol=options.weak_rank_tol
+                      if options.weak_rank_tol is not None else spectrum.zero_tol),
+        **detx_metrics(ev, powerlaw.num_pl_spikes),
         **phase.diagnostics(),
     )
     return MatrixAnalysis(record, ev, powerlaw, phase.mp, phase)
@@ -256,7 +276,10 @@ def analyze(
         min_tail: Smallest power-law tail (default 10; 2 under ``ww_compat``).
         precision: ``"auto"`` (float32 where accurate enough, float64 where not), ``"float32"`` or ``"float64"``.
         backend: ``"torch"`` or ``"cupy"`` (CUDA only; ``pip install lightning-htsr[cupy]``).
-        min_evals: Skip matrices with fewer pooled eigenvalues (default 10; 8 under ``ww_compat``).
+        min_evals: The minimum spectrum size: matrices with fewer pooled eigenvalues get no phase and stay out of
+            model-level means (default ``PhaseConfig().min_evals`` = 50); they keep their row and raw alpha down
+            to the fit's floor of 10 eigenvalues (or ``min_evals`` if smaller), below which they are skipped.
+            Under ``ww_compat`` also weightwatcher's selection (default 8).
         max_evals: Skip matrices with more pooled eigenvalues (default: no limit).
         ww_compat: Use weightwatcher 0.7.7's conventions (:meth:`AnalysisOptions.weightwatcher`) so that
             ``alpha, D, xmin, log_norm, log_spectral_norm, stable_rank, entropy`` match
@@ -279,7 +302,7 @@ def analyze(
            0 512 256 success random_like
            2 512  10 success         NaN
     """
-    options = _resolve_options(options, ww_compat=ww_compat, fit=fit, min_tail=min_tail, precision=precision,
+    options = resolve_options(options, ww_compat=ww_compat, fit=fit, min_tail=min_tail, precision=precision,
                                backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # e.g. TypedStorage / lazy-module chatter while traversing
@@ -296,17 +319,35 @@ def analyze(
     return records_to_frame(r.record for r in results)
 
 
-def _resolve_options(options: AnalysisOptions | None, *, ww_compat: bool, fit: FitMethod, min_tail: int | None,
-                     precision: Precision, backend: Backend, min_evals: int | None, max_evals: int | None,
-                     phase_config: PhaseConfig | None) -> AnalysisOptions:
+def resolve_options(options: AnalysisOptions | None = None, *, ww_compat: bool = False, fit: FitMethod = "fast",
+                    min_tail: int | None = None, precision: Precision = "auto", backend: Backend = "torch",
+                    min_evals: int | None = None, max_evals: int | None = None,
+                    phase_config: PhaseConfig | None = None) -> AnalysisOptions:
+    """The :class:`AnalysisOptions` of :func:`analyze`'s arguments (and :class:`~lightning_htsr.HTSRCallback`'s).
+
+    ``min_evals`` is the one minimum spectrum size: matrices with fewer pooled eigenvalues get no phase and stay out
+    of the model-level means (it sets ``phase_config.min_evals``, default 50). Below the power-law fit's own floor
+    (:attr:`AnalysisOptions.min_evals`: 10 eigenvalues, or ``min_evals`` if smaller) a matrix is skipped. Under
+    ``ww_compat`` it is also weightwatcher's ``min_evals`` (layers below it skipped; default 8).
+
+    Example:
+        >>> o = resolve_options(min_evals=20)
+        >>> o.phase_config.min_evals, o.min_evals
+        (20, 10)
+    """
     if options is not None:
         return options
     base = AnalysisOptions.weightwatcher() if ww_compat else AnalysisOptions()
     changes: dict[str, Any] = {"precision": precision if not ww_compat else base.precision, "backend": backend}
     if not ww_compat:
         changes["fit"] = fit
-    for key, value in (("min_tail", min_tail), ("min_evals", min_evals), ("max_evals", max_evals),
-                       ("phase_config", phase_config)):
+    config = phase_config if phase_config is not None else base.phase_config
+    if min_evals is not None:
+        config = replace(config, min_evals=min_evals)
+    changes["min_evals"] = (min_evals if min_evals is not None else base.min_evals) if ww_compat else \
+        min(base.min_evals, config.min_evals)
+    changes["phase_config"] = config
+    for key, value in (("min_tail", min_tail), ("max_evals", max_evals)):
         if value is not None:
             changes[key] = value
     return replace(base, **changes)
@@ -338,7 +379,7 @@ def analyze_state_dict(
         >>> analyze_state_dict(sd)[["name", "phase"]].values.tolist()
         [['fc', 'random_like']]
     """
-    options = _resolve_options(options, ww_compat=ww_compat, fit=fit, min_tail=min_tail, precision=precision,
+    options = resolve_options(options, ww_compat=ww_compat, fit=fit, min_tail=min_tail, precision=precision,
                                backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config)
     with torch.no_grad():
         matrices = state_dict_matrices(state_dict, include=include, exclude=exclude, min_evals=options.min_evals,
@@ -399,3 +440,6 @@ def warn_bad_input(
         shown = "; ".join(f"{r['name']} ({r['status']}: {r[reason_key]})" for r in rows[:8])
         more = f"; and {len(rows) - 8} more" if len(rows) > 8 else ""
         warnings.warn(f"{who}: {len(rows)} {what}: {shown}{more}", UserWarning, stacklevel=stacklevel)
+
+
+_resolve_options = resolve_options  # the name lightning_htsr.cli imports

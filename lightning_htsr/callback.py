@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .analysis import AnalysisOptions, analyze_matrices, matrix_identity, warn_bad_input
+from .analysis import analyze_matrices, matrix_identity, resolve_options, warn_bad_input
 from .distributed import assign_owners, full_weight_access, gather_objects
 from .layers import weight_matrices
 from .phases import PhaseConfig, PhaseTracker
@@ -77,8 +77,11 @@ class _HTSRCallbackImpl:
         backend: ``"torch"`` (``torch.linalg``) or ``"cupy"`` (CUDA; ``pip install lightning-htsr[cupy]``).
         fit: Power-law search, ``"fast"`` or ``"exact"``.
         precision: ``"auto"`` (float32 where accurate enough), ``"float32"`` or ``"float64"``.
-        min_evals: Skip matrices with fewer pooled eigenvalues.
+        min_evals: The minimum spectrum size: matrices with fewer pooled eigenvalues are not classified (phase
+            -1) and stay out of the model-level means (default ``phase_config.min_evals``, 50); see
+            :func:`~lightning_htsr.analysis.resolve_options`.
         max_evals: Skip matrices with more pooled eigenvalues (``None``: no limit).
+        phase_config: Thresholds of the phase classifier (default :class:`~lightning_htsr.PhaseConfig`).
         phase_hysteresis: A matrix's reported phase changes after this many consecutive agreeing analyses.
         log_histograms: TensorBoard histogram of log10 eigenvalues per matrix at every analysis.
         log_figures_every: TensorBoard ESD figures every this many analyses (``None`` or 0: never).
@@ -105,6 +108,8 @@ class _HTSRCallbackImpl:
             and whether and why training stopped (rank zero).
         prefix: Namespace of logged keys; two callbacks in one Trainer need different prefixes.
         verbose: Log one line per analysis at INFO level.
+        extra_scalars: More record columns to log per matrix as ``<prefix>/<matrix>/<column>``, e.g.
+            ``["ERG_gap", "num_ERG_spikes"]`` (weightwatcher's ERG/detX columns make good curves over training).
     """
 
     def __init__(
@@ -119,8 +124,9 @@ class _HTSRCallbackImpl:
         backend: Literal["torch", "cupy"] = "torch",
         fit: Literal["fast", "exact"] = "fast",
         precision: Literal["auto", "float32", "float64"] = "auto",
-        min_evals: int = 10,
+        min_evals: int | None = None,
         max_evals: int | None = None,
+        phase_config: PhaseConfig | None = None,
         phase_hysteresis: int = 2,
         log_histograms: bool = True,
         log_figures_every: int | None = 5,
@@ -137,6 +143,7 @@ class _HTSRCallbackImpl:
         print_summary: bool = True,
         prefix: str = "htsr",
         verbose: bool = False,
+        extra_scalars: list[str] | None = None,
     ) -> None:
         super().__init__()
         if backend not in ("torch", "cupy"):
@@ -152,13 +159,14 @@ class _HTSRCallbackImpl:
                                      min_epochs=min_epochs, stop_on_over_trained=stop_on_over_trained)
         self.print_summary = print_summary
         self.include, self.exclude, self.layer_types = include, exclude, layer_types
-        self.options = AnalysisOptions(fit=fit, precision=precision, backend=backend, min_evals=min_evals,
-                                       max_evals=max_evals, phase_config=PhaseConfig())
+        self.options = resolve_options(fit=fit, precision=precision, backend=backend, min_evals=min_evals,
+                                       max_evals=max_evals, phase_config=phase_config)
         self.history_file = history_file
         self.spectra_file = spectra_file
         self.spectra_path: str | None = None
         self.prefix = prefix
         self.verbose = verbose
+        self.extra_scalars = tuple(extra_scalars or ())
         self.tensorboard = TensorBoardSink(prefix, log_histograms, log_figures_every)
         # checkpointed state (plain Python values only: loads with torch.load(weights_only=True))
         self.tracker = PhaseTracker(k=phase_hysteresis)
@@ -257,7 +265,7 @@ class _HTSRCallbackImpl:
         smoothed = {r["name"]: tracked.get(r["name"]) if r["phase"] else None for r in records}
         step, epoch = int(trainer.global_step), int(trainer.current_epoch)
         self.phase_history.append({"step": step, "epoch": epoch, "phases": dict(smoothed)})
-        metrics = scalar_metrics(records, smoothed, prefix=self.prefix)
+        metrics = scalar_metrics(records, smoothed, prefix=self.prefix, extra=self.extra_scalars)
         metrics[f"{self.prefix}/compute_seconds"] = time.perf_counter() - start
         # the baseline is an observation: it never stops training nor counts towards patience
         should_stop, message = self._decide(trainer, records, smoothed, epoch, progress) \

@@ -73,7 +73,8 @@ class CLIError(Exception):
 
 
 def _sniff(path: Path) -> str:
-    """``"zip"`` (torch.save's default format), ``"safetensors"`` or ``"pickle"`` (anything else), by content."""
+    """``"zip"`` (torch.save's default format), ``"safetensors"``, ``"text"`` (printable ASCII: not a checkpoint)
+    or ``"pickle"`` (anything else), by content."""
     with open(path, "rb") as handle:
         head = handle.read(16)
     if head[:4] == b"PK\x03\x04":
@@ -84,6 +85,8 @@ def _sniff(path: Path) -> str:
             return "safetensors"
     if path.suffix.lower() == ".safetensors":
         return "safetensors"
+    if head and not head.startswith(b"\x80") and all(32 <= b < 127 or b in b"\t\r\n" for b in head):
+        return "text"  # a pickle (torch.save's legacy format) starts with the PROTO opcode 0x80
     return "pickle"
 
 
@@ -130,6 +133,9 @@ def load_checkpoint(path: str | os.PathLike[str], *, trust_pickle: bool = False)
         kind = _sniff(path)
     except OSError as err:
         raise CLIError(f"{path}: cannot read the file ({err.strerror or err})") from None
+
+    if kind == "text":
+        raise CLIError(f"{path}: a text file, not a checkpoint; expected {_CHECKPOINT_KINDS}")
 
     import torch
 
@@ -320,9 +326,10 @@ def _parse_columns(text: str | None) -> list[str]:
 
 
 def _cell(record: Mapping[str, Any], column: str, columns: Sequence[str]) -> str:
+    from .records import flag_unclassified
     from .report import format_value
 
-    value = record.get(column)
+    value = flag_unclassified(record, format_value).get(column)  # too small to classify: "(too small)", "(1.33)"
     if column == "status" and "skip_reason" not in columns and record.get("skip_reason"):
         return f"{value}: {record['skip_reason']}"
     if column in ("phase", "warning") and value == "":
@@ -360,7 +367,8 @@ def summary_line(frame: Any) -> str:
     from .report import format_value, phase_counts
 
     s = summarize(frame)
-    return (f"model: {s['num_layers']} matrices, {s['num_valid']} analyzed | mean alpha "
+    return (f"model: {s['num_layers']} matrices, {s['num_analyzed']} analyzed, {s['num_classified']} classified | "
+            "mean alpha "
             f"{format_value(s.get('alpha', math.nan))} (over {s.get('alpha_n', 0)}) | mean entropy "
             f"{format_value(s.get('entropy', math.nan))} | phases: {phase_counts(frame['phase'])}")
 
@@ -522,12 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
                f"--plots esd/\n  {PROG} report lightning_logs/version_0\n\nExit codes: 0 success, 2 usage error or a file that "
                "cannot be analyzed\n(the message on stderr says which file and why), 130 interrupted.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     analyze = sub.add_parser(
-        "analyze", help="analyze the weight matrices of a checkpoint (no model class needed)",
+        "analyze", allow_abbrev=False, help="analyze the weight matrices of a checkpoint (no model class needed)",
         description="Analyze every weight matrix of a checkpoint by name and shape: " + _CHECKPOINT_KINDS + ". "
                     "Prints one row per matrix and a model summary.")
     analyze.add_argument("path", metavar="PATH", help="checkpoint file")
@@ -539,7 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--exclude", metavar="RE", action="append",
                          help="leave out matrices whose name matches this regex (repeatable)")
     analyze.add_argument("--min-evals", metavar="N", type=int, default=None,
-                         help="skip matrices with fewer pooled eigenvalues (default 10; 8 with --ww-compat)")
+                         help="minimum spectrum size: matrices with fewer pooled eigenvalues are not classified nor "
+                              "averaged (default 50; below 10 they are skipped; with --ww-compat weightwatcher's "
+                              "selection, default 8)")
     analyze.add_argument("--max-evals", metavar="N", type=int, default=None,
                          help="skip matrices with more pooled eigenvalues (default: no limit)")
     analyze.add_argument("--precision", choices=("auto", "float32", "float64"), default="auto",
@@ -559,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.set_defaults(handler=_run_analyze)
 
     report = sub.add_parser(
-        "report", help="figures and index.html from a training run's HT-SR history",
+        "report", allow_abbrev=False, help="figures and index.html from a training run's HT-SR history",
         description="Write PNG figures (alpha and entropy over training, phase map, final ESD fits) and index.html "
                     "from the htsr_history.csv (or .jsonl) and htsr_spectra.npz written by HTSRCallback.")
     report.add_argument("run", metavar="RUN",

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -78,6 +79,8 @@ class Spectrum:
             Fits and the phase classifier use this one; NumPy's tolerance is relative to ``sigma_max`` and would
             call the bulk of a very heavy-tailed matrix "zero".
         error: Empty, or why the eigenvalues could not be computed (non-finite weights, solver failure).
+        sv_min: The largest over the slices of each slice's smallest singular value (``sqrt`` of its smallest
+            scaled eigenvalue): weightwatcher's ``sv_min``.
     """
 
     eigenvalues: Tensor
@@ -86,6 +89,7 @@ class Spectrum:
     zero_tol: float
     floor: float = math.nan
     error: str = ""
+    sv_min: float = math.nan
 
     @property
     def ok(self) -> bool:
@@ -115,6 +119,26 @@ def resolution_floor(lambda_max: float, M: int, dtype: torch.dtype, route: str) 
     if route == "gram":
         return RESOLUTION_FACTOR * math.sqrt(M) * eps * lambda_max
     return (RESOLUTION_FACTOR * eps) ** 2 * lambda_max
+
+
+def default_zero_tol(lambda_max: float, n: int, dtype: torch.dtype | np.dtype | type) -> float:
+    """Numerical-zero threshold for bare eigenvalues whose solver is unknown (the functional API's default).
+
+    The Gram route's resolution floor ``8 sqrt(n) eps lambda_max`` (:func:`resolution_floor`, what the records
+    use for a single matrix) with ``eps`` of the eigenvalues' own dtype: float32 eigenvalues
+    (``eigenvalues(w, precision="float32")``) keep the float32 floor, so noise below it is not fitted. Non-float
+    dtypes count as float64.
+
+    Example:
+        >>> default_zero_tol(1.0, 100, torch.float32) > default_zero_tol(1.0, 100, torch.float64)
+        True
+    """
+    if isinstance(dtype, torch.dtype):
+        eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float64).eps
+    else:
+        kind = np.dtype(dtype)
+        eps = float(np.finfo(kind).eps) if kind.kind == "f" else float(np.finfo(np.float64).eps)
+    return RESOLUTION_FACTOR * math.sqrt(max(n, 1)) * eps * lambda_max
 
 
 def _numpy_rank_tol(lambda_max: float, N: int, eps: float) -> float:
@@ -286,12 +310,15 @@ def _solve(
         if not bool(torch.isfinite(part).all()):  # some solvers return NaN instead of raising
             out.append(_failure(stacks[i], dtype, route, "non-finite eigenvalues"))
             continue
-        ev = torch.sort(part.clamp(min=0.0) * scales[i]).values
+        scaled = part.clamp(min=0.0) * scales[i]
+        ev = torch.sort(scaled).values
         lam_max = float(ev[-1]) if ev.numel() else 0.0
         n_rows, m_cols = stacks[i].shape[-2:]
         floor = resolution_floor(lam_max, m_cols, dtype, route)
         tol = max(floor, _numpy_rank_tol(lam_max, n_rows, epsilons[i]))
-        out.append(Spectrum(ev, _dtype_name(dtype), route, tol, floor))
+        sv_min = math.sqrt(float(scaled.reshape(stacks[i].shape[0], -1).min(dim=1).values.max())) if ev.numel() \
+            else math.nan
+        out.append(Spectrum(ev, _dtype_name(dtype), route, tol, floor, sv_min=sv_min))
     return out
 
 
@@ -328,7 +355,9 @@ def eigenvalues(
         backend: ``"torch"`` or ``"cupy"``.
 
     Returns:
-        Sorted (ascending) float64 CPU tensor of ``num_slices * min(rows, cols)`` eigenvalues.
+        Sorted (ascending) CPU tensor of ``num_slices * min(rows, cols)`` eigenvalues in the precision they were
+        computed in (float32 or float64; the exact values, no rounding), so that :func:`~lightning_htsr.powerlaw.
+        fit_power_law` and :func:`~lightning_htsr.phases.classify_phase` apply that precision's resolution floor.
 
     Raises:
         ValueError: If the weight is not 2-D or 3-D, or contains NaN/Inf.
@@ -349,4 +378,4 @@ def eigenvalues(
     spectrum = compute_spectra([stack], scales=[scale], precision=precision, route=route, backend=backend)[0]
     if spectrum.error:
         raise ValueError(spectrum.error)
-    return spectrum.eigenvalues
+    return spectrum.eigenvalues.to(torch.float32 if spectrum.precision == "float32" else torch.float64)

@@ -14,7 +14,7 @@ Each stage of the pipeline in one import::
 
 from __future__ import annotations
 
-from .eigenvalues import compute_spectra, eigenvalues, resolution_floor
+from .eigenvalues import compute_spectra, default_zero_tol, eigenvalues, resolution_floor
 from .layers import layer_type_of, state_dict_matrices, weight_matrices
 from .marchenko_pastur import (
     fit_marchenko_pastur,
@@ -34,6 +34,7 @@ __all__ = [
     "alpha_warning",
     "classify_phase",
     "compute_spectra",
+    "default_zero_tol",
     "eigenvalues",
     "fit_marchenko_pastur",
     "fit_power_law",

@@ -26,6 +26,7 @@ import numpy as np
 from torch import Tensor
 
 __all__ = [
+    "FALSE_SPIKE_RATE",
     "MarchenkoPasturFit",
     "fit_marchenko_pastur",
     "mp_cdf",
@@ -36,6 +37,10 @@ __all__ = [
     "tracy_widom_scale",
     "tracy_widom_tail",
 ]
+
+#: Default family-wise chance that a pure-noise matrix shows a spike (0.01 %): the one default of
+#: :func:`fit_marchenko_pastur`, :class:`~lightning_htsr.phases.PhaseConfig` and so of every record.
+FALSE_SPIKE_RATE = 0.0001
 
 # 1 - F_1(s) of the Tracy-Widom (beta = 1) law on s = -1, -0.75, ..., 8, computed with Bornemann's Nystrom
 # discretisation of det(I - K_1), K_1(x, y) = Ai((x + y) / 2) / 2 (Math. Comp. 79, 2010); tests/test_marchenko_
@@ -191,7 +196,7 @@ def fit_marchenko_pastur(
     M: int,
     *,
     num_slices: int = 1,
-    false_spike_rate: float = 0.01,
+    false_spike_rate: float = FALSE_SPIKE_RATE,
     zero_tol: float = 0.0,
 ) -> MarchenkoPasturFit:
     """Fit the MP bulk by median matching and count Tracy-Widom-significant spikes.
@@ -202,7 +207,8 @@ def fit_marchenko_pastur(
         M: Smaller side of one slice (``Q = N / M``).
         num_slices: Number of pooled slices (their edges are independent chances of a false spike).
         false_spike_rate: Probability that a pure-noise matrix shows one or more spikes (family-wise over
-            the slices); sets the TW quantile of the threshold (2.02 widths for one slice at 1 %).
+            the slices); sets the TW quantile of the threshold (4.36 widths for one slice at the default 0.01 %,
+            the rate the records and :class:`~lightning_htsr.phases.PhaseConfig` use).
         zero_tol: Eigenvalues ``<= zero_tol`` are numerical zeros and are left out of the fit.
 
     Returns:

@@ -28,6 +28,9 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "WW_WEAK_RANK_TOL",
+    "detx_metrics",
+    "esd_metrics",
     "OVER_TRAINED_ALPHA",
     "UNDER_TRAINED_ALPHA",
     "alpha_warning",
@@ -43,6 +46,9 @@ UNDER_TRAINED_ALPHA = 6.0
 
 #: weightwatcher 0.7.7's entropy epsilon on a CPU-only machine (``RMT_Util.EPSILON``).
 WW_ENTROPY_EPSILON = 1e-10
+
+#: weightwatcher's absolute threshold of ``weak_rank_loss`` (``WEAK_RANK_LOSS_TOLERANCE``).
+WW_WEAK_RANK_TOL = 1e-6
 
 
 def _numpy(eigenvalues: Tensor | np.ndarray) -> np.ndarray:
@@ -152,3 +158,63 @@ def alpha_warning(alpha: float) -> str:
     if alpha > UNDER_TRAINED_ALPHA:
         return "under-trained"
     return ""
+
+
+def esd_metrics(eigenvalues: Tensor | np.ndarray, *, sv_min: float, weak_tol: float) -> dict[str, float | int | bool]:
+    """weightwatcher's always-present ESD columns.
+
+    Args:
+        eigenvalues: The (pooled) ESD, in the record's units.
+        sv_min: Largest over the slices of each slice's smallest singular value
+            (:attr:`~lightning_htsr.eigenvalues.Spectrum.sv_min`; weightwatcher's definition).
+        weak_tol: Eigenvalues below it count in ``weak_rank_loss`` (weightwatcher: the absolute 1e-6).
+
+    Returns:
+        ``{"has_esd", "lambda_max", "sv_max", "sv_min", "weak_rank_loss"}`` with ``sv_max = sqrt(lambda_max)``.
+
+    Example:
+        >>> esd_metrics([1e-9, 0.25, 4.0], sv_min=1e-4, weak_tol=1e-6)
+        {'has_esd': True, 'lambda_max': 4.0, 'sv_max': 2.0, 'sv_min': 0.0001, 'weak_rank_loss': 1}
+    """
+    x = _numpy(eigenvalues)
+    lam_max = float(x.max()) if x.size else math.nan
+    return {"has_esd": True, "lambda_max": lam_max, "sv_max": math.sqrt(lam_max), "sv_min": float(sv_min),
+            "weak_rank_loss": int(np.count_nonzero(x < weak_tol))}
+
+
+def detx_metrics(eigenvalues: Tensor | np.ndarray, num_pl_spikes: int) -> dict[str, float | int]:
+    """weightwatcher's ``detX`` / ``ERG`` columns (``apply_detX`` and ``RMT_Util.detX_constraint``, 0.7.7).
+
+    The eigenvalues are rescaled to mean 1 (``r = lambda n / sum(lambda)``); scanning from the top, the smallest tail
+    ``r[idx:]`` whose product drops below 1 (the ``det X = 1`` constraint of the ERG condition) gives
+    ``detX_num = num_ERG_spikes = n - idx`` (``n`` when none does: weightwatcher's loop then leaves ``idx = 1``);
+    ``ERG_gap = detX_num - num_pl_spikes``. As in weightwatcher, ``detX_val`` is ``lambda[idx]`` in the ESD's own
+    units and ``detX_val_unrescaled`` is ``r[idx]``, the *rescaled* value (its names are swapped; kept for
+    compatibility).
+
+    Args:
+        eigenvalues: The ESD, sorted ascending or not.
+        num_pl_spikes: Tail size of the power-law fit.
+
+    Returns:
+        ``{"detX_num", "detX_val", "detX_val_unrescaled", "num_ERG_spikes", "ERG_gap"}``.
+
+    Example:
+        >>> m = detx_metrics([0.1, 0.2, 0.3, 5.0], num_pl_spikes=1)  # r = [0.07, 0.14, 0.21, 3.57]
+        >>> m["detX_num"], m["detX_val"], m["ERG_gap"]  # r[2:] has product 0.77 < 1, r[3:] 3.57 does not
+        (2, 0.3, 1)
+    """
+    x = np.sort(_numpy(eigenvalues).astype(np.float64))
+    n = x.size
+    if n < 2 or not x[0] < x[-1]:
+        num, idx = 0, 0
+    else:
+        r = x * (n / x.sum())
+        with np.errstate(divide="ignore"):
+            log_tail = np.cumsum(np.log(r[::-1]))[::-1]  # log prod(r[idx:]) for idx = 0 .. n-1
+        below = np.flatnonzero(log_tail[1:] < 0.0) + 1  # idx = 1 .. n-1, as weightwatcher scans
+        idx = int(below[-1]) if below.size else 1
+        num = n - idx if below.size else n
+    r_idx = float(x[idx] * (n / x.sum())) if n else math.nan
+    return {"detX_num": num, "detX_val": float(x[idx]) if n else math.nan, "detX_val_unrescaled": r_idx,
+            "num_ERG_spikes": num, "ERG_gap": num - int(num_pl_spikes)}

@@ -9,7 +9,9 @@ theory predicts (see ``THEORY_DOSSIER.md`` sections 2-3 and the calibration in `
    has no such gap, while exact zeros or a low-rank product plus noise do.
 2. ``random_like``: no eigenvalue is Tracy-Widom-significant above the Marchenko-Pastur edge (family-wise
    false-spike rate 0.01 %) and the bulk matches MP (KS <= ``max_ks_mp``, or Kolmogorov's critical value
-   ``ks_critical / sqrt(n)`` for small spectra).
+   ``ks_critical / sqrt(n)`` for small spectra). A spectrum with nothing above the edge that is *not* MP-shaped
+   (narrower: orthogonal inits, every singular value equal) and has no trusted power law is also ``random_like``:
+   rule 6 needs eigenmass above the edge.
 3. ``bulk_plus_spikes``: an MP bulk plus a few spikes (<= ``max_spike_fraction`` of the eigenvalues), every one of
    them at least ``spike_separation`` TW widths above the edge: outside the BBP critical window, where a spike's
    distance from the edge grows like ``(theta - theta_c)^2 N^(2/3)`` TW widths.
@@ -19,7 +21,7 @@ theory predicts (see ``THEORY_DOSSIER.md`` sections 2-3 and the calibration in `
    least ``min_tail_fraction`` of the eigenvalues, and the power law is not rejected in favour of an exponential
    (bounded) tail by the likelihood-ratio test of Clauset, Shalizi & Newman (z > ``min_lr_z``). Exponents below 2
    stay ``heavy_tailed``; the separate ``warning`` column says ``"over-trained"``.
-6. ``bulk_decay``: everything else: many eigenvalues above the edge that are neither a few clean spikes nor a
+6. ``bulk_decay``: everything else with eigenvalues above the edge: many of them that are neither a few clean spikes nor a
    power-law tail (graded signals straddling the BBP threshold, weak heavy tails with alpha > 6).
 
 The classifier also returns the diagnostics behind the label, so a user can see *why*.
@@ -36,7 +38,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .marchenko_pastur import MarchenkoPasturFit, fit_marchenko_pastur
+from .eigenvalues import default_zero_tol
+from .marchenko_pastur import FALSE_SPIKE_RATE, MarchenkoPasturFit, fit_marchenko_pastur
 from .powerlaw import PowerLawFit, fit_power_law, likelihood_ratio_exponential
 
 __all__ = [
@@ -105,7 +108,7 @@ class PhaseConfig:
     min_evals: int = 50
     zero_fraction: float = 0.10
     zero_gap_decades: float = 3.0
-    false_spike_rate: float = 0.0001
+    false_spike_rate: float = FALSE_SPIKE_RATE
     max_ks_mp: float = 0.05
     ks_critical: float = 1.22
     max_spike_fraction: float = 0.02
@@ -202,8 +205,9 @@ def classify_phase(
         M: Smaller side of one slice.
         num_slices: Number of pooled slices (a ``kh x kw`` convolution has ``kh * kw``).
         zero_tol: Eigenvalues ``<= zero_tol`` are numerical zeros (pass the resolution floor of the eigensolver,
-            :attr:`~lightning_htsr.eigenvalues.Spectrum.floor`). ``None`` uses ``lambda_max * n * eps`` of the
-            input dtype.
+            :attr:`~lightning_htsr.eigenvalues.Spectrum.floor`). ``None``:
+            :func:`~lightning_htsr.eigenvalues.default_zero_tol` of the input's dtype (float32 eigenvalues keep the
+            float32 resolution floor).
         config: Thresholds (default :class:`PhaseConfig`).
         mp: A precomputed :func:`~lightning_htsr.marchenko_pastur.fit_marchenko_pastur` result (computed if
             ``None``).
@@ -225,9 +229,7 @@ def classify_phase(
     n_total = x.size
     lam_max = float(x[-1]) if n_total else 0.0
     if zero_tol is None:
-        dtype = eigenvalues.dtype if isinstance(eigenvalues, np.ndarray) else np.float64
-        eps = float(np.finfo(dtype).eps) if np.issubdtype(dtype, np.floating) else float(np.finfo(float).eps)
-        zero_tol = lam_max * n_total * eps
+        zero_tol = default_zero_tol(lam_max, n_total, eigenvalues.dtype)
     nonzero = x[x > zero_tol]
     frac_zero = _near_zero_fraction(x, zero_tol, config) if n_total else math.nan
     if mp is None:
@@ -274,6 +276,10 @@ def classify_phase(
             f"power-law tail alpha={powerlaw.alpha:.2f}, D={powerlaw.D:.3f} over {powerlaw.num_pl_spikes} "
             f"eigenvalues (LR vs exponential z={lr_z:.1f})",
         )
+    if mp.num_spikes == 0:
+        # Nothing above the TW edge, yet no MP shape: a bulk narrower than MP (orthogonal and semi-orthogonal inits
+        # have every singular value equal). Bulk decay needs eigenmass above the edge, so this is random-like.
+        return result(Phase.RANDOM_LIKE, f"no spike above the TW edge; bulk narrower than MP (KS {mp.ks_mp:.3f})")
     return result(
         Phase.BULK_DECAY,
         f"{mp.num_spikes} eigenvalues above the MP edge (bulk KS {mp.ks_mp:.3f}) without a trusted power law "

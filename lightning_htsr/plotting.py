@@ -325,7 +325,9 @@ def plot_metric_history(
     """One line per matrix of ``metric`` over ``by``, plus the mean over matrices in bold.
 
     Rows with the same ``name`` and ``by`` value are averaged; NaN values are skipped (lines join the points
-    around them, the mean is over the matrices with a value). For ``metric == "alpha"`` the band ``2 <= alpha <=
+    around them, the mean is over the matrices with a value). When the frame has a ``phase`` column (history
+    files), rows analyzed but too small to classify are drawn as grey crosses, not as lines, and stay out of the
+    mean (:func:`~lightning_htsr.records.summarize`'s definition). For ``metric == "alpha"`` the band ``2 <= alpha <=
     6`` (the well-trained heavy-tailed range) is shaded.
 
     Args:
@@ -350,10 +352,16 @@ def plot_metric_history(
     missing = [c for c in ("name", by, metric) if c not in frame.columns]
     if missing:
         raise ValueError(f"frame has no column(s) {missing}")
+    from .records import is_classified
+
     data = frame[["name", by, metric]].copy()
     data[metric] = data[metric].astype(float)
-    data = data[np.isfinite(data[metric])]
-    names = list(dict.fromkeys(frame["name"]))
+    finite = np.isfinite(data[metric].to_numpy())
+    classified = is_classified(frame).to_numpy() if "phase" in frame else np.ones(len(frame), dtype=bool)
+    analyzed = (frame["status"] == "success").to_numpy() if "status" in frame else np.ones(len(frame), dtype=bool)
+    small = data[finite & analyzed & ~classified]
+    data = data[finite & classified]
+    names = list(dict.fromkeys(data["name"]))
     fig = _new_figure((7.5, 4.6))
     ax = fig.add_subplot()
     if metric == "alpha":
@@ -363,6 +371,9 @@ def plot_metric_history(
         series = data[data["name"] == name].groupby(by, sort=True)[metric].mean()
         ax.plot(series.index, series.to_numpy(), "-", marker="" if thin else ".", lw=0.8 if thin else 1.2,
                 alpha=0.45 if thin else 0.85, label=None if thin else str(name), gid=f"name:{name}")
+    if len(small):  # analyzed but too small to classify: raw values, no finding, not in the mean
+        ax.plot(small[by], small[metric], "x", color="0.55", ms=4, gid="unclassified",
+                label=f"too small to classify ({small['name'].nunique()}; not in the mean)")
     mean = data.groupby(by, sort=True)[metric].mean()
     with_values = data["name"].nunique()  # matrices never analyzed (skipped) draw no line and are not counted
     ax.plot(mean.index, mean.to_numpy(), "-", color="black", lw=2.8, label=f"mean over {with_values} matrices",

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .eigenvalues import default_zero_tol
+
 __all__ = [
     "FitMethod",
     "KSConvention",
@@ -107,15 +109,13 @@ class PowerLawFit:
         return PowerLawFit(nan, nan, xmax, nan, nan, 0, num_evals, "failed", reason)
 
 
-def _sorted_float64(eigenvalues: Tensor | np.ndarray) -> tuple[Tensor, float]:
-    """Flatten, cast to float64 and sort ascending; also return the input dtype's machine epsilon."""
+def _sorted_float64(eigenvalues: Tensor | np.ndarray) -> tuple[Tensor, torch.dtype | np.dtype]:
+    """Flatten, cast to float64 and sort ascending; also return the input's dtype (for its zero tolerance)."""
     if isinstance(eigenvalues, np.ndarray):
-        eps = float(np.finfo(eigenvalues.dtype).eps) if eigenvalues.dtype.kind == "f" else float(np.finfo(float).eps)
         x = torch.from_numpy(np.ascontiguousarray(eigenvalues, dtype=np.float64))
     else:
-        eps = torch.finfo(eigenvalues.dtype).eps if eigenvalues.is_floating_point() else torch.finfo(torch.float64).eps
         x = eigenvalues.detach().to(torch.float64)
-    return torch.sort(x.reshape(-1)).values, eps
+    return torch.sort(x.reshape(-1)).values, eigenvalues.dtype
 
 
 def _alphas(logx: Tensor, small_n: bool) -> tuple[Tensor, Tensor]:
@@ -350,7 +350,8 @@ def fit_power_law(
         ks: ``"two_sided"`` (textbook KS supremum, default) or ``"lower"`` (weightwatcher's convention, which
             compares the model CDF with the lower step of the empirical CDF only).
         zero_tol: Eigenvalues ``<= zero_tol`` are numerical zeros and are dropped before the fit. ``None`` uses
-            ``max(x) * n * eps`` of the input dtype; weightwatcher uses the absolute ``1e-5``.
+            :func:`~lightning_htsr.eigenvalues.default_zero_tol` of the input dtype (float32 input keeps the float32
+            resolution floor); weightwatcher uses the absolute ``1e-5``.
         small_n_cutoff: With fewer eigenvalues than this, use weightwatcher's small-sample branch: bias-corrected
             ``alpha = 1 + (n - 1) / sum ln(x / xmin)`` and tails of at least 8 points. 0 disables it.
 
@@ -369,13 +370,13 @@ def fit_power_law(
         raise ValueError(f"method must be 'fast' or 'exact', got {method!r}")
     if ks not in ("two_sided", "lower"):
         raise ValueError(f"ks must be 'two_sided' or 'lower', got {ks!r}")
-    x, eps = _sorted_float64(eigenvalues)
+    x, dtype = _sorted_float64(eigenvalues)
     if x.numel() == 0:
         return PowerLawFit.failed("no eigenvalues")
     if not bool(torch.isfinite(x).all()):
         return PowerLawFit.failed("non-finite eigenvalues", x.numel())
     xmax = float(x[-1])
-    tol = zero_tol if zero_tol is not None else xmax * x.numel() * eps
+    tol = zero_tol if zero_tol is not None else default_zero_tol(xmax, x.numel(), dtype)
     x = x[x > tol]
     n = x.numel()
     if n < 2:

@@ -454,7 +454,7 @@ def write_report(
         OSError: When the report cannot be written.
     """
     from .plotting import plot_metric_history, plot_phase_map
-    from .records import summarize
+    from .records import flag_unclassified, summarize
 
     history_path = Path(history_path)
     frame = load_history(history_path)
@@ -478,15 +478,15 @@ def write_report(
             fig = plot_metric_history(plot_frame, metric, by=x_col, title=f"{metric} per matrix by {x_label}")
             save_png(fig, out / f"{metric}_history.png")
             figures.append((title, f"{metric}_history.png", f"{metric} of every matrix at every analysis; "
-                                                            "bold: mean over matrices"))
+                                                            "bold: mean over the classified matrices (as in the "
+                                                            "summaries); grey crosses: too small to classify"))
 
     phase_column = "smoothed_phase" if (frame["smoothed_phase"] != "").any() else "phase"
     grid = frame.pivot_table(index="name", columns="report_analysis", values=phase_column, aggfunc="last")
     grid = grid.reindex(index=names, columns=list(analyses.index))
     steps = [format_value(analyses.loc[a, x]) if x != "report_analysis" else str(a) for a in analyses.index]
     cells = grid.loc[names].values.tolist()  # plot_phase_map reads None, "" and NaN alike as "no phase"
-    fig = plot_phase_map(names, steps, cells, title=f"{phase_column.replace('_', ' ')} per matrix "
-                                                      f"(columns: {x_label})")
+    fig = plot_phase_map(names, steps, cells, xlabel=x_label, title=f"{phase_column} per matrix and analysis")
     save_png(fig, out / "phase_map.png")
     figures.append(("Phase map", "phase_map.png", f"{phase_column} of every matrix (rows) at every analysis "
                                                   "(columns)"))
@@ -535,7 +535,8 @@ def write_report(
     final = analyses.loc[final_id]
     stop_html = _stop_section(frame, analyses)
     summary = summaries[final_id]
-    summary_text = (f"{summary['num_layers']} matrices, {summary['num_valid']} analyzed; mean alpha "
+    summary_text = (f"{summary['num_layers']} matrices, {summary['num_analyzed']} analyzed, "
+                    f"{summary['num_classified']} classified; mean alpha over the classified ones "
                     f"{format_value(summary.get('alpha', math.nan))}, mean entropy "
                     f"{format_value(summary.get('entropy', math.nan))}; phases: {phase_counts(final_rows['phase'])}")
     columns = [c for c in REPORT_TABLE_COLUMNS if c in final_rows.columns]
@@ -552,7 +553,8 @@ def write_report(
         f"<p>Analysis {format_value(final['analysis'])} at epoch {format_value(final['epoch'])}, global step "
         f"{format_value(final['global_step'])} ({html.escape(str(final['trigger']) or 'unknown trigger')}): "
         f"{html.escape(summary_text)}.</p>",
-        html_table(final_rows.to_dict("records"), columns, links=esd_links if esd_id == final_id else None),
+        html_table([flag_unclassified(r, format_value) for r in final_rows.to_dict("records")], columns,
+                   links=esd_links if esd_id == final_id else None),
     ]
     for title, file, caption in figures:
         parts.append(f'<h2>{html.escape(title)}</h2>\n<figure><img src="{html.escape(file, quote=True)}" '

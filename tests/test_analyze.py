@@ -102,7 +102,10 @@ def test_summarize_means_over_valid_rows_only() -> None:
 # ------------------------------------------------------------------------------- weightwatcher parity
 
 ww = pytest.importorskip("weightwatcher")
-PARITY_COLUMNS = ["alpha", "D", "xmin", "log_norm", "log_spectral_norm", "stable_rank", "entropy"]
+PARITY_COLUMNS = ["alpha", "D", "xmin", "log_norm", "log_spectral_norm", "stable_rank", "entropy",
+                  "sv_max", "sv_min", "lambda_max", "detX_val", "detX_val_unrescaled"]
+PARITY_COUNTS = ["num_pl_spikes", "num_evals", "matrix_rank", "rf", "weak_rank_loss", "detX_num", "num_ERG_spikes",
+                 "ERG_gap"]
 
 
 def reweight(model: nn.Module, kind: str, seed: int) -> nn.Module:
@@ -144,7 +147,7 @@ def test_ww_compat_matches_weightwatcher(build, kind: str) -> None:
     logging.disable(logging.WARNING)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
-            theirs = ww.WeightWatcher(model=model).analyze()
+            theirs = ww.WeightWatcher(model=model).analyze(detX=True)
     finally:
         logging.disable(logging.NOTSET)
     ours = htsr.analyze(model, ww_compat=True)
@@ -155,9 +158,9 @@ def test_ww_compat_matches_weightwatcher(build, kind: str) -> None:
     for name in theirs.index:
         for column in PARITY_COLUMNS:
             assert ours.loc[name, column] == pytest.approx(theirs.loc[name, column], rel=1e-6), (name, column)
-        assert ours.loc[name, "num_pl_spikes"] == theirs.loc[name, "num_pl_spikes"]
-        assert ours.loc[name, "num_evals"] == theirs.loc[name, "num_evals"]
-        assert ours.loc[name, "matrix_rank"] == theirs.loc[name, "matrix_rank"]
+        for column in PARITY_COUNTS:
+            assert ours.loc[name, column] == theirs.loc[name, column], (name, column)
+        assert ours.loc[name, "has_esd"] and theirs.loc[name, "has_esd"]
 
 
 def test_default_and_ww_alpha_agree_on_trained_like_layers() -> None:

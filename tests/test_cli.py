@@ -108,13 +108,16 @@ def test_analyze_lightning_checkpoint_matches_analyze_of_the_model(runs, tmp_pat
     lines = out.splitlines()
     assert lines[0].split() == ["name", "N", "M", "alpha", "D", "entropy", "stable_rank", "mp_softrank",
                                 "num_spikes", "phase", "warning", "status"]
-    for name, alpha in zip(expected["name"], expected["alpha"]):
+    for name, alpha, phase in zip(expected["name"], expected["alpha"], expected["phase"]):
         row = next(line for line in lines[2:] if line.split()[0] == name)
-        assert (f"{alpha:.3f}" if alpha == alpha else "-") in row.split()
+        shown = f"{alpha:.3f}" if alpha == alpha else "-"
+        # a matrix too small to classify shows its raw alpha flagged in parentheses and phase "(too small)"
+        assert (shown if isinstance(phase, str) or shown == "-" else f"({shown})") in row.split()
+        assert isinstance(phase, str) or "(too small)" in row or "skipped" in row
     assert "skipped: 2 eigenvalues < min_evals=10" in out  # net.6 (2 x 128)
     summary = htsr.summarize(expected)
-    assert lines[-1].startswith(f"model: 4 matrices, {summary['num_valid']} analyzed | mean alpha "
-                                f"{summary['alpha']:.3f}")
+    assert lines[-1].startswith(f"model: 4 matrices, {summary['num_analyzed']} analyzed, "
+                                f"{summary['num_classified']} classified | mean alpha {summary['alpha']:.3f}")
     assert "Traceback" not in err
 
 
@@ -239,7 +242,8 @@ BAD_FILES = {
     "a_directory": (lambda p: p.mkdir(), "is a directory"),
     "empty.pt": (lambda p: p.write_bytes(b""), "the file is empty"),
     "random.pt": (_random_bytes, "not a readable checkpoint"),
-    "notes.txt": (lambda p: p.write_text("hello, not a checkpoint\n"), "not a readable checkpoint"),
+    "notes.txt": (lambda p: p.write_text("hello, not a checkpoint\n"), "a text file, not a checkpoint"),
+    "text.ckpt": (lambda p: p.write_text("epoch=3 step=100\n"), "a text file, not a checkpoint"),
     "truncated.ckpt": (_truncated_zip, "failed finding central directory"),
     "truncated.safetensors": (_truncated_safetensors, "not a valid safetensors file"),
     "a_list.pt": (lambda p: torch.save([torch.zeros(4, 4)], p), "unsupported content: a list of 1 items"),
@@ -337,10 +341,10 @@ def test_report_of_a_run_stopped_by_the_callback(runs, capsys) -> None:
     # the final-analysis table has the callback's last records
     history = read_history(run_dir / "htsr_history.csv")
     last = history[history["analysis"] == history["analysis"].max()]
-    for name, alpha in zip(last["name"], last["alpha"]):
+    for name, alpha, phase in zip(last["name"], last["alpha"], last["phase"]):
         assert f"<td>{name}</td>" in text or f">{name}</a>" in text
-        if alpha == alpha:
-            assert f">{alpha:.3f}</td>" in text
+        if alpha == alpha:  # too small to classify: the raw alpha is flagged in parentheses
+            assert (f">{alpha:.3f}</td>" if isinstance(phase, str) and phase else f">({alpha:.3f})</td>") in text
 
 
 def test_report_of_a_log_root_takes_the_newest_run_and_says_so(runs, tmp_path, capsys) -> None:

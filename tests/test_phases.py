@@ -62,6 +62,7 @@ INITS = {
     "xavier_normal": nn.init.xavier_normal_,
     "xavier_uniform": nn.init.xavier_uniform_,
     "orthogonal_free_normal": lambda w: nn.init.normal_(w, std=0.02),
+    "orthogonal": nn.init.orthogonal_,  # every singular value 1: a bulk narrower than MP, nothing above the edge
 }
 
 
@@ -82,13 +83,24 @@ def test_freshly_initialized_model_is_random_like(init: str, seed: int) -> None:
     for module in model.modules():
         if isinstance(module, (nn.Linear, nn.Conv2d, nn.Embedding)):
             INITS[init](module.weight)
-    df = htsr.analyze(model, min_evals=1)
+    df = htsr.analyze(model)
     classified = df[df.phase.notna()]
     assert set(classified.name) == {"1", "2", "4", "5", "7"}
     assert (classified.phase == "random_like").all(), classified[["name", "phase", "phase_reason"]]
     small = df[df.phase.isna()]
     assert set(small.name) == {"0", "6"}
     assert small.phase_reason.str.contains("needed to classify").all()
+
+
+@pytest.mark.parametrize("shape", [(512, 512), (1024, 256), (256, 1024)])
+def test_orthogonal_and_semi_orthogonal_inits_are_random_like(shape: tuple[int, int]) -> None:
+    # All singular values equal: no eigenvalue above the Tracy-Widom edge, so not bulk_decay (which needs eigenmass
+    # above the edge), although the delta-like bulk does not match Marchenko-Pastur's shape.
+    layer = nn.Linear(shape[1], shape[0], bias=False)
+    nn.init.orthogonal_(layer.weight, generator=torch.Generator().manual_seed(0))
+    row = htsr.analyze(layer).iloc[0]
+    assert row.phase == "random_like", row.phase_reason
+    assert row.num_spikes == 0 and row.ks_mp > 0.4  # not MP-shaped: it is the rule for "nothing above the edge"
 
 
 def test_rank_collapse_at_every_aspect_ratio_including_square() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..records import flag_unclassified
 from .scalars import MATRIX_SCALARS, phase_legend
 
 __all__ = ["TensorBoardSink", "dashboard_layout", "tensorboard_writer"]
@@ -48,7 +49,9 @@ def dashboard_layout(prefix: str) -> dict[str, dict[str, list[Any]]]:
         "HT-SR phase": {
             "phase code per matrix (0 random_like .. 4 heavy_tailed, 5 rank_collapse)": [
                 "Multiline", [rf"^{p}/.+/phase$"]],
+            "smoothed_phase code per matrix": ["Multiline", [rf"^{p}/.+/smoothed_phase$"]],
             "share of matrices per phase": ["Multiline", [rf"^{p}/frac_.+$"]],
+            "share of matrices per smoothed_phase": ["Multiline", [rf"^{p}/smoothed_frac_.+$"]],
         },
         "HT-SR rank": {
             "stable rank per matrix": ["Multiline", [rf"^{p}/.+/stable_rank$"]],
@@ -65,11 +68,12 @@ def _fmt(value: Any) -> str:
 
 
 def results_table(records: Sequence[Mapping[str, Any]], smoothed: Mapping[str, str | None]) -> str:
-    """Markdown table of the latest analysis (one row per matrix)."""
-    columns = ["name", "N", "M", *MATRIX_SCALARS, "D", "phase", "smoothed", "warning", "status"]
+    """Markdown table of the latest analysis (one row per matrix); an unclassified matrix's raw alpha is shown in
+    parentheses with phase ``(too small)``."""
+    columns = ["name", "N", "M", *MATRIX_SCALARS, "D", "phase", "smoothed_phase", "warning", "status"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in records:
-        row = {**r, "smoothed": smoothed.get(r["name"])}
+        row = flag_unclassified({**r, "smoothed_phase": smoothed.get(r["name"])}, _fmt)
         lines.append("| " + " | ".join(_fmt(row.get(c)) for c in columns) + " |")
     return "\n".join(lines)
 
@@ -144,7 +148,7 @@ class TensorBoardSink:
             names = [r["name"] for r, _, _ in analyses]
             grid = [[h["phases"].get(n) for h in phase_history] for n in names]
             fig = plot_phase_map(names, [h["step"] for h in phase_history], grid, xlabel="global step",
-                                 title="phase per matrix and analysis (smoothed)")
+                                 title="smoothed_phase per matrix and analysis")
             writer.add_figure(f"{p}/phase_map", fig, step, close=False)
         writer.add_text(f"{p}/latest", results_table([r for r, _, _ in analyses], smoothed), step)
         writer.flush()
