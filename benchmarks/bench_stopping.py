@@ -117,11 +117,21 @@ def _loader(split: tuple[torch.Tensor, torch.Tensor], batch_size: int, shuffle: 
                       generator=torch.Generator().manual_seed(seed) if shuffle else None)
 
 
+#: ``--quick``: epochs per run and examples per split (a smoke test of the script, not a measurement).
+QUICK_EPOCHS, QUICK_EXAMPLES = 2, 256
+
+
+def splits(task: Task, seed: int, quick: bool = False) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """The task's (train, val, test) splits; ``quick`` keeps the first :data:`QUICK_EXAMPLES` of each."""
+    data = task.data(seed)
+    return tuple((x[:QUICK_EXAMPLES], y[:QUICK_EXAMPLES]) for x, y in data) if quick else data
+
+
 def train(task: Task, seed: int, epochs: int, callbacks: list[pl.Callback], root: str,
-          every_n_steps: int | None = None) -> tuple[Recorder, pl.Trainer]:
+          every_n_steps: int | None = None, quick: bool = False) -> tuple[Recorder, pl.Trainer]:
     """One seeded, deterministic training run; returns the recorder (curves) and the trainer."""
     pl.seed_everything(seed, workers=True, verbose=False)
-    train_split, val_split, test_split = task.data(seed)
+    train_split, val_split, test_split = splits(task, seed, quick)
     model = Classifier(task.model(seed), task, epochs)
     recorder = Recorder(test_split, every_n_steps)
     trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -131,22 +141,22 @@ def train(task: Task, seed: int, epochs: int, callbacks: list[pl.Callback], root
     return recorder, trainer
 
 
-def steps_per_epoch(task: Task, seed: int) -> int:
-    return math.ceil(len(task.data(seed)[0][1]) / task.batch_size)
+def steps_per_epoch(task: Task, seed: int, quick: bool = False) -> int:
+    return math.ceil(len(splits(task, seed, quick)[0][1]) / task.batch_size)
 
 
 # ------------------------------------------------------------------------------------------------ runs
 
 
-def reference_run(task: Task, seed: int, epochs: int) -> dict[str, Any]:
+def reference_run(task: Task, seed: int, epochs: int, quick: bool = False) -> dict[str, Any]:
     """Full budget, the callback observing at every epoch end and about three times per epoch in steps."""
-    every = max(1, steps_per_epoch(task, seed) // 3)
+    every = max(1, steps_per_epoch(task, seed, quick) // 3)
     with tempfile.TemporaryDirectory() as root:
         history = os.path.join(root, "history.csv")
         htsr = HTSRCallback(every_n_steps=every, log_histograms=False, log_figures_every=None, history_file=history,
-                            spectra_file=None)
+                            spectra_file=None, print_summary=False)
         start = time.perf_counter()
-        recorder, _ = train(task, seed, epochs, [htsr], root, every_n_steps=every)
+        recorder, _ = train(task, seed, epochs, [htsr], root, every_n_steps=every, quick=quick)
         seconds = time.perf_counter() - start
         frame = read_history(history)
     analyses = []
@@ -155,7 +165,7 @@ def reference_run(task: Task, seed: int, epochs: int) -> dict[str, Any]:
         analyses.append({"analysis": int(index), "epoch": int(epoch), "step": int(step), "trigger": trigger,
                          "records": records})
     return {"task": task.name, "seed": seed, "epochs": epochs, "every_n_steps": every, "seconds": seconds,
-            "steps_per_epoch": steps_per_epoch(task, seed), "curve": recorder.epochs, "step_curve": recorder.steps,
+            "steps_per_epoch": steps_per_epoch(task, seed, quick), "curve": recorder.epochs, "step_curve": recorder.steps,
             "analyses": analyses}
 
 
@@ -167,21 +177,22 @@ def _plain(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def rule_run(task: Task, seed: int, epochs: int, rule: dict[str, Any]) -> dict[str, Any]:
+def rule_run(task: Task, seed: int, epochs: int, rule: dict[str, Any], quick: bool = False) -> dict[str, Any]:
     """The stop rule live: ``HTSRCallback(stop_on="heavy_tailed", **rule)``, weights only."""
+    kwargs = {"stop_on": "heavy_tailed", **{("stop_rule" if k == "rule" else k): v for k, v in rule.items()}}
     with tempfile.TemporaryDirectory() as root:
-        htsr = HTSRCallback(stop_on="heavy_tailed", log_histograms=False, log_figures_every=None, history_file=None,
-                            spectra_file=None, print_summary=False, **rule)
-        recorder, _ = train(task, seed, epochs, [htsr], root)
+        htsr = HTSRCallback(log_histograms=False, log_figures_every=None, history_file=None, spectra_file=None,
+                            print_summary=False, **kwargs)
+        recorder, _ = train(task, seed, epochs, [htsr], root, quick=quick)
     return {"epochs_run": len(recorder.epochs), "stopped": htsr.stopped_epoch >= 0,
             "test_acc": recorder.epochs[-1]["test_acc"], "message": htsr.stopping_reason_message}
 
 
-def early_stopping_run(task: Task, seed: int, epochs: int) -> dict[str, Any]:
+def early_stopping_run(task: Task, seed: int, epochs: int, quick: bool = False) -> dict[str, Any]:
     """The peer: Lightning's ``EarlyStopping(monitor="val_loss", patience=5)``."""
     with tempfile.TemporaryDirectory() as root:
         es = EarlyStopping(monitor="val_loss", patience=5)
-        recorder, _ = train(task, seed, epochs, [es], root)
+        recorder, _ = train(task, seed, epochs, [es], root, quick=quick)
     return {"epochs_run": len(recorder.epochs), "stopped": es.stopped_epoch > 0,
             "test_acc": recorder.epochs[-1]["test_acc"]}
 
@@ -232,13 +243,15 @@ CANDIDATES: dict[str, dict[str, Any]] = {
     "phase_fraction 0.8 (0.1 default)": {"rule": "phase_fraction", "stop_fraction": 0.8},
     "phase_fraction 0.5": {"rule": "phase_fraction", "stop_fraction": 0.5},
     "phase_fraction 0.5, patience 5": {"rule": "phase_fraction", "stop_fraction": 0.5, "patience": 5},
-    "settled: alpha 2%, entropy 0.5%, 5 ep": {"alpha_tolerance": 0.02, "entropy_tolerance": 0.005, "patience": 5},
-    "settled: alpha 5%, entropy 0.5%, 5 ep": {"alpha_tolerance": 0.05, "entropy_tolerance": 0.005, "patience": 5},
-    "settled: alpha 10%, entropy 1%, 5 ep": {"alpha_tolerance": 0.10, "entropy_tolerance": 0.01, "patience": 5},
-    "settled: alpha 5%, entropy 0.5%, 3 ep": {"alpha_tolerance": 0.05, "entropy_tolerance": 0.005, "patience": 3},
-    "settled: alpha 5%, entropy 0.5%, 8 ep": {"alpha_tolerance": 0.05, "entropy_tolerance": 0.005, "patience": 8},
-    "settled: entropy only 0.5%, 5 ep": {"alpha_tolerance": math.inf, "entropy_tolerance": 0.005, "patience": 5},
-    "settled: alpha only 5%, 5 ep": {"alpha_tolerance": 0.05, "entropy_tolerance": math.inf, "patience": 5},
+    "settled (default): alpha 5%, entropy 1%, 6 ep": {},
+    "settled: alpha 3%, entropy 1%, 6 ep": {"alpha_tolerance": 0.03},
+    "settled: alpha 10%, entropy 1%, 6 ep": {"alpha_tolerance": 0.10},
+    "settled: alpha 5%, entropy 0.5%, 6 ep": {"entropy_tolerance": 0.005},
+    "settled: alpha 5%, entropy 2%, 6 ep": {"entropy_tolerance": 0.02},
+    "settled: alpha 5%, entropy 1%, 4 ep": {"patience": 4},
+    "settled: alpha 5%, entropy 1%, 8 ep": {"patience": 8},
+    "settled: entropy only (1%), 6 ep": {"alpha_tolerance": math.inf},
+    "settled: alpha only (5%), 6 ep": {"entropy_tolerance": math.inf},
 }
 
 
@@ -385,11 +398,11 @@ def plot(references: Sequence[dict[str, Any]], rows: Sequence[Row], path: Path) 
 # ---------------------------------------------------------------------------------------------- main
 
 
-def load_or_run_reference(task: Task, seed: int, epochs: int, cache: Path | None) -> dict[str, Any]:
-    path = cache / f"{task.name}-{seed}-{epochs}.json" if cache else None
+def load_or_run_reference(task: Task, seed: int, epochs: int, cache: Path | None, quick: bool = False) -> dict[str, Any]:
+    path = cache / f"{task.name}-{seed}-{epochs}{'-quick' if quick else ''}.json" if cache else None
     if path is not None and path.exists():
         return json.loads(path.read_text())
-    reference = reference_run(task, seed, epochs)
+    reference = reference_run(task, seed, epochs, quick)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(reference))
@@ -424,9 +437,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     mismatches, references = [], []
     for name in args.tasks:
         task = TASKS[name]
-        epochs = 4 if args.quick else task.epochs
+        epochs = QUICK_EPOCHS if args.quick else task.epochs
         for seed in args.seeds:
-            reference = load_or_run_reference(task, seed, epochs, args.cache)
+            reference = load_or_run_reference(task, seed, epochs, args.cache, args.quick)
             references.append(reference)
             replayed = replay(reference, args.rule)
             rows.append(row(reference, "reference (full budget)", {"epochs_run": epochs, "stopped": False,
@@ -436,11 +449,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows.append(row(reference, "htsr stop rule", replayed))
                 rows.append(row(reference, "EarlyStopping(val_loss, 5)", early_stopping_replay(reference)))
             else:
-                live = rule_run(task, seed, epochs, args.rule)
+                live = rule_run(task, seed, epochs, args.rule, args.quick)
                 if live["epochs_run"] != (replayed["stop_epoch"] + 1 if replayed["stopped"] else epochs):
                     mismatches.append((name, seed, live["epochs_run"], replayed["stop_epoch"]))
                 rows.append(row(reference, "htsr stop rule", {**live, "replay_stop_epoch": replayed["stop_epoch"]}))
-                rows.append(row(reference, "EarlyStopping(val_loss, 5)", early_stopping_run(task, seed, epochs)))
+                rows.append(row(reference, "EarlyStopping(val_loss, 5)", early_stopping_run(task, seed, epochs, args.quick)))
             print(f"{name} seed {seed}: reference {reference['seconds']:.0f} s, best {max(c['test_acc'] for c in reference['curve']):.1f}"
                   f", rule stops at {replayed['stop_epoch']}", flush=True)
     methods = ["reference (full budget)", "htsr stop rule", "htsr (every 1/3 epoch)", "EarlyStopping(val_loss, 5)"]

@@ -100,6 +100,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--logdir", default="htsr_runs", help="TensorBoard log directory")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="store_true", help="let HT-SR stop training once the spectra have settled "
+                   "(HTSRCallback(stop_on='heavy_tailed'), the rule validated by benchmarks/bench_stopping.py)")
     p.add_argument("--quick", action="store_true", help="tiny run for tests: 2 epochs on a fraction of the data")
     return p.parse_args(argv)
 
@@ -148,7 +150,8 @@ def main(argv=None) -> dict:
     val = DataLoader(TensorDataset(x_val, y_val), batch_size=256)
 
     model = DigitsMLP(lr=args.lr)
-    htsr = HTSRCallback()  # analyze every weight matrix before training and after every epoch
+    # analyze every weight matrix before training and after every epoch; with --stop, also stop once they settle
+    htsr = HTSRCallback(stop_on="heavy_tailed" if args.stop else None, print_summary=args.stop)
     logger = TensorBoardLogger(args.logdir, name="quickstart")
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator="cpu", devices=1, logger=logger, callbacks=[htsr],
@@ -192,7 +195,7 @@ def main(argv=None) -> dict:
     print(f"Analyze the final weights offline (same numbers as above):\n\n    lightning-htsr analyze {checkpoint}\n")
     return {"val_acc": val_acc, "records": htsr.latest_records, "log_dir": logger.log_dir, "seconds": seconds,
             "history_path": htsr.history_path, "analysis_count": htsr.analysis_count, "checkpoint": checkpoint,
-            "summary": summary}
+            "summary": summary, "stopped_epoch": htsr.stopped_epoch, "epochs_run": trainer.current_epoch}
 
 
 if __name__ == "__main__":

@@ -95,7 +95,7 @@ class _HTSRCallbackImpl:
             matrices are in ``stop_on``: measured to stop while accuracy still climbs, or never).
         stop_fraction: ``stop_rule="phase_fraction"`` only: share of classified matrices that must be in ``stop_on``.
         patience: ``"settled"``: epochs of training every learning matrix must stay within the tolerances
-            (default 5; fractional epochs count with ``every_n_steps``, so the rule does not depend on the
+            (default 6; fractional epochs count with ``every_n_steps``, so the rule does not depend on the
             schedule); ``"phase_fraction"`` and ``stop_on_over_trained``: consecutive qualifying analyses
             (default 1).
         alpha_tolerance: ``"settled"``: relative change of a matrix's alpha that still counts as settled.
@@ -325,10 +325,10 @@ class _HTSRCallbackImpl:
 
     def _decide(self, trainer: Any, records: list[dict[str, Any]], smoothed: dict[str, str | None],
                 epoch: int, progress: float | None) -> tuple[bool, str]:
-        if not self.criteria.active:
-            return False, ""
         decision, self.stop_state = evaluate_stop(self.criteria, self.stop_state, records, smoothed, epoch=epoch,
                                                   progress=progress)
+        if not self.criteria.active:
+            return False, ""
         should_stop, reason, message = decision.should_stop, decision.reason, decision.message
         if getattr(trainer, "fast_dev_run", False):
             should_stop = False  # like EarlyStopping: a smoke run computes but never stops

@@ -69,7 +69,7 @@ class StopCriteria:
             ``stop_on``) or ``"phase_fraction"`` (share of matrices in ``stop_on``).
         stop_fraction: ``"phase_fraction"`` only: share of the classified matrices that must be in ``stop_on``.
         patience: ``"settled"``: epochs of training (fractional with step-triggered analyses) a matrix must stay
-            within the tolerances, default 5; ``"phase_fraction"`` and over-training: consecutive qualifying
+            within the tolerances, default 6; ``"phase_fraction"`` and over-training: consecutive qualifying
             analyses, default 1.
         alpha_tolerance: ``"settled"``: relative change of alpha that still counts as settled.
         entropy_tolerance: ``"settled"``: relative change of the spectral entropy that still counts as settled.
@@ -83,7 +83,7 @@ class StopCriteria:
     stop_fraction: float = 0.8
     patience: float | None = None
     alpha_tolerance: float = 0.05
-    entropy_tolerance: float = 0.005
+    entropy_tolerance: float = 0.01
     min_epochs: int = 0
     stop_on_over_trained: bool = False
 
@@ -106,8 +106,8 @@ class StopCriteria:
 
     @property
     def settle_patience(self) -> float:
-        """Epochs a matrix must stay within the tolerances (``"settled"``): ``patience``, by default 5."""
-        return float(self.patience) if self.patience is not None else 5.0
+        """Epochs a matrix must stay within the tolerances (``"settled"``): ``patience``, by default 6."""
+        return float(self.patience) if self.patience is not None else 6.0
 
     @property
     def streak_patience(self) -> int:
@@ -239,7 +239,7 @@ def _settled(criteria: StopCriteria, state: StopState, records: Sequence[Mapping
     anchors = update_anchors(state.anchors, learning, criteria, progress=progress, epoch=epoch)
     state = replace(state, analyses=state.analyses + 1, progress=progress, anchors=anchors)
     patience = criteria.settle_patience
-    if not learning or not any(smoothed.get(r["name"]) == criteria.stop_on for r in learning):
+    if criteria.stop_on is None or not any(smoothed.get(r["name"]) == criteria.stop_on for r in learning):
         return state, None
     if any(settled_for(anchors[r["name"]], progress) < patience - 1e-9 for r in learning):
         return state, None
@@ -302,7 +302,7 @@ def evaluate_stop(
     """
     decision: StopDecision | None = None
     progress = float(epoch + 1) if progress is None else float(progress)
-    if criteria.stop_on is not None and criteria.rule == "settled":
+    if criteria.rule == "settled":  # anchors are kept even when observing only: the summary says what settled when
         state, decision = _settled(criteria, state, records, smoothed, epoch, progress)
     else:
         state = replace(state, analyses=state.analyses + 1, progress=progress)

@@ -1,0 +1,56 @@
+"""The stopping benchmark's quick mode, so the script cannot rot: real Trainer runs of three of its tasks (tiny
+budgets), a rule that does stop, and the check that the live stop equals the rule replayed on the reference run."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    pytest.importorskip("sklearn")
+    pytest.importorskip("mnist1d")
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import bench_stopping
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    return bench_stopping
+
+
+def test_quick_run_stops_live_where_the_replay_says_and_writes_json(bench, tmp_path, capsys) -> None:
+    # stop as soon as half the classified matrices are random-like: every run stops after its first epoch
+    rule = {"rule": "phase_fraction", "stop_on": "random_like", "stop_fraction": 0.5}
+    out = tmp_path / "bench.json"
+    code = bench.main(["--quick", "--seeds", "0", "--tasks", "mlp_digits", "cnn2d_digits", "gru_seq",
+                       "--rule", json.dumps(rule), "--json", str(out), "--figure", str(tmp_path / "fig.png")])
+    assert code == 0  # 0: no run stopped live anywhere else than the replay of its reference run
+    result = json.loads(out.read_text())
+    assert result["mismatches"] == []
+    rule_rows = [r for r in result["rows"] if r["method"] == "htsr stop rule"]
+    assert len(rule_rows) == 3 and all(r["stopped"] and r["epochs_run"] == 1 for r in rule_rows)
+    assert all(r["extra"]["replay_stop_epoch"] == 0 for r in rule_rows)
+    summary = result["summary"]["htsr stop rule"]
+    assert summary["runs"] == 3 and summary["never_stopped"] == 0 and summary["epochs_saved"] == pytest.approx(0.5)
+    assert (tmp_path / "fig.png").stat().st_size > 10_000
+    printed = capsys.readouterr().out
+    assert "EarlyStopping(val_loss, 5)" in printed and "within 1pt" in printed
+
+
+def test_every_task_builds_and_trains_one_step(bench) -> None:
+    import torch
+
+    for task in bench.TASKS.values():
+        (x, y), _, (xt, yt) = bench.splits(task, 0, quick=True)
+        model = task.model(0)
+        logits = model(x[:8])
+        assert logits.shape == (8, 10) and int(y.max()) < 10 and len(xt) == len(yt) > 0
+        optimizer, _ = task.optimizer(model.parameters(), task.epochs)
+        torch.nn.functional.cross_entropy(logits, y[:8]).backward()
+        optimizer.step()
