@@ -174,7 +174,7 @@ def main(argv=None) -> dict:
     print()
     print_table(htsr.latest_records)
     print()
-    print("alpha: power-law exponent of the tail of the eigenvalues of W^T W (2-6: well-trained, < 2: over-trained).")
+    print("alpha: power-law exponent of the tail of the eigenvalues of W^T W (2-6: well-trained, < 2: very heavy-tailed).")
     small = [f"{r['name']} ({r['num_evals']} eigenvalues)" for r in htsr.latest_records
              if r["status"] == "success" and not r["phase"]]
     if small:

@@ -21,7 +21,7 @@ run, are not collapsed.
 What does not count as rank collapse: decay that shrinks directions gradually instead of zeroing whole rows. SGD
 with strong L2 also pushes many directions 10 decades or more below the top, but the spectrum then runs continuously
 down to the float64 resolution floor without a gap, and the classifier calls the layer heavy-tailed (alpha < 2,
-warning ``over-trained``). Try
+warning ``very heavy-tailed``). Try
 ``--optimizer sgd --decay 0.1 --epochs 40`` (SGD, lr 0.05, momentum 0.9, L2 added to the gradient) to see it:
 ``matrix_rank`` is far below full, yet ``frac_zero`` is 0.
 """

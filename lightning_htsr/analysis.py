@@ -79,8 +79,8 @@ class AnalysisOptions:
             :func:`resolve_options` (``analyze(min_evals=...)``) sets both consistently.
         max_evals: Matrices with more pooled eigenvalues are skipped (``None``: no limit).
         phase_config: Thresholds of the phase classifier.
-        warn_unclassified: Give the ``"over-trained"``/``"under-trained"`` warning also to matrices with too few
-            eigenvalues to classify (weightwatcher does; a 10-eigenvalue classifier head's alpha is not meaningful,
+        warn_unclassified: weightwatcher's warnings: its labels (``"over-trained"`` for alpha < 2) and also for
+            matrices with too few eigenvalues to classify (weightwatcher does; a 10-eigenvalue classifier head's alpha is not meaningful,
             so by default its ``warning`` stays empty).
     """
 
@@ -233,7 +233,8 @@ def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: Analysi
         xmax=powerlaw.xmax,
         sigma=powerlaw.sigma,
         num_pl_spikes=powerlaw.num_pl_spikes,
-        warning=alpha_warning(powerlaw.alpha) if phase.phase is not None or options.warn_unclassified else "",
+        warning=alpha_warning(powerlaw.alpha, weightwatcher_labels=options.warn_unclassified)
+        if phase.phase is not None or options.warn_unclassified else "",
         entropy=entropy,
         **norms,
         **ranks,

@@ -20,7 +20,7 @@ theory predicts (see ``THEORY_DOSSIER.md`` sections 2-3 and the calibration in `
 5. ``heavy_tailed``: a power law describes the tail: ``alpha < max_alpha`` with KS ``D <= max_powerlaw_D`` over at
    least ``min_tail_fraction`` of the eigenvalues, and the power law is not rejected in favour of an exponential
    (bounded) tail by the likelihood-ratio test of Clauset, Shalizi & Newman (z > ``min_lr_z``). Exponents below 2
-   stay ``heavy_tailed``; the separate ``warning`` column says ``"over-trained"``.
+   stay ``heavy_tailed``; the separate ``warning`` column says ``"very heavy-tailed"``.
 6. ``bulk_decay``: everything else with eigenvalues above the edge: many of them that are neither a few clean spikes nor a
    power-law tail (graded signals straddling the BBP threshold, weak heavy tails with alpha > 6).
 
