@@ -409,6 +409,28 @@ def load_or_run_reference(task: Task, seed: int, epochs: int, cache: Path | None
     return reference
 
 
+def rule_key(rule: dict[str, Any]) -> str:
+    """A file-name-safe key of every setting of a rule (defaults included: changing a default misses the cache)."""
+    from dataclasses import fields
+
+    from lightning_htsr.stopping import StopCriteria
+
+    criteria = StopCriteria(**{"stop_on": "heavy_tailed", **rule})
+    return "_".join(f"{f.name}={getattr(criteria, f.name)}" for f in fields(criteria)).replace("/", "_")
+
+
+def cached(cache: Path | None, key: str, run: Any, quick: bool) -> dict[str, Any]:
+    """``run()``, kept as ``<cache>/<key>.json`` (quick runs are never cached)."""
+    path = cache / f"{key}.json" if cache and not quick else None
+    if path is not None and path.exists():
+        return json.loads(path.read_text())
+    result = run()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result))
+    return result
+
+
 def quiet() -> None:
     for name in ("lightning", "lightning.pytorch", "pytorch_lightning", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -449,11 +471,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 rows.append(row(reference, "htsr stop rule", replayed))
                 rows.append(row(reference, "EarlyStopping(val_loss, 5)", early_stopping_replay(reference)))
             else:
-                live = rule_run(task, seed, epochs, args.rule, args.quick)
+                live = cached(args.cache, f"{name}-{seed}-{epochs}-rule-{rule_key(args.rule)}",
+                              lambda: rule_run(task, seed, epochs, args.rule, args.quick), args.quick)
                 if live["epochs_run"] != (replayed["stop_epoch"] + 1 if replayed["stopped"] else epochs):
                     mismatches.append((name, seed, live["epochs_run"], replayed["stop_epoch"]))
                 rows.append(row(reference, "htsr stop rule", {**live, "replay_stop_epoch": replayed["stop_epoch"]}))
-                rows.append(row(reference, "EarlyStopping(val_loss, 5)", early_stopping_run(task, seed, epochs, args.quick)))
+                peer = cached(args.cache, f"{name}-{seed}-{epochs}-early_stopping",
+                              lambda: early_stopping_run(task, seed, epochs, args.quick), args.quick)
+                rows.append(row(reference, "EarlyStopping(val_loss, 5)", peer))
             print(f"{name} seed {seed}: reference {reference['seconds']:.0f} s, best {max(c['test_acc'] for c in reference['curve']):.1f}"
                   f", rule stops at {replayed['stop_epoch']}", flush=True)
     methods = ["reference (full budget)", "htsr stop rule", "htsr (every 1/3 epoch)", "EarlyStopping(val_loss, 5)"]

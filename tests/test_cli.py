@@ -71,7 +71,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     root = tmp_path_factory.mktemp("runs")
     torch.manual_seed(0)
     model = TinyNet(lr=1e-7, heavy=True)  # larger rates blow Pareto weights up to NaN
-    stopper = HTSRCallback(stop_on="heavy_tailed", stop_fraction=0.5, log_figures_every=None)
+    stopper = HTSRCallback(stop_on="heavy_tailed", stop_rule="phase_fraction", stop_fraction=0.5,
+                           log_figures_every=None)
     ckpt = ModelCheckpoint(dirpath=str(root / "ckpt"), save_last=True)
     trainer = pl.Trainer(callbacks=[stopper, ckpt], **trainer_kwargs(
         root, logger=CSVLogger(str(root), name="logs"), enable_checkpointing=True, max_epochs=4))
