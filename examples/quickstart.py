@@ -85,6 +85,7 @@ class DigitsMLP(pl.LightningModule):
 def quiet_lightning() -> None:
     """Keep the console for the results: no Lightning banners, tips or benign warnings."""
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch.callbacks.htsr").setLevel(logging.INFO)  # but say why HT-SR stopped
     logging.getLogger("lightning.fabric").setLevel(logging.WARNING)
     for pattern in (".*does not have many workers.*", ".*smaller than the logging interval.*", ".*LeafSpec.*",
                     ".*litlogger.*", ".*litmodels.*"):

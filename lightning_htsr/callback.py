@@ -95,7 +95,7 @@ class _HTSRCallbackImpl:
             matrices are in ``stop_on``: measured to stop while accuracy still climbs, or never).
         stop_fraction: ``stop_rule="phase_fraction"`` only: share of classified matrices that must be in ``stop_on``.
         patience: ``"settled"``: epochs of training every learning matrix must stay within the tolerances
-            (default 6; fractional epochs count with ``every_n_steps``, so the rule does not depend on the
+            (default 7; fractional epochs count with ``every_n_steps``, so the rule does not depend on the
             schedule); ``"phase_fraction"`` and ``stop_on_over_trained``: consecutive qualifying analyses
             (default 1).
         alpha_tolerance: ``"settled"``: relative change of a matrix's alpha that still counts as settled.

@@ -150,7 +150,7 @@ def alpha_warning(alpha: float, *, weightwatcher_labels: bool = False) -> str:
 
     weightwatcher calls alpha < 2 ``"over-trained"`` (``weightwatcher_labels=True``, used under ``ww_compat``). On
     ``benchmarks/bench_stopping.py`` alpha fell below 2 while test accuracy was still rising by more than a point in
-    20 of 22 cases, so by default the label says what is measured, not a verdict.
+    34 of 36 cases, so by default the label says what is measured, not a verdict.
 
     Example:
         >>> alpha_warning(1.7), alpha_warning(3.0), alpha_warning(7.5), alpha_warning(1.7, weightwatcher_labels=True)

@@ -69,7 +69,7 @@ class StopCriteria:
             ``stop_on``) or ``"phase_fraction"`` (share of matrices in ``stop_on``).
         stop_fraction: ``"phase_fraction"`` only: share of the classified matrices that must be in ``stop_on``.
         patience: ``"settled"``: epochs of training (fractional with step-triggered analyses) a matrix must stay
-            within the tolerances, default 6; ``"phase_fraction"`` and over-training: consecutive qualifying
+            within the tolerances, default 7; ``"phase_fraction"`` and over-training: consecutive qualifying
             analyses, default 1.
         alpha_tolerance: ``"settled"``: relative change of alpha that still counts as settled.
         entropy_tolerance: ``"settled"``: relative change of the spectral entropy that still counts as settled.
@@ -106,8 +106,8 @@ class StopCriteria:
 
     @property
     def settle_patience(self) -> float:
-        """Epochs a matrix must stay within the tolerances (``"settled"``): ``patience``, by default 6."""
-        return float(self.patience) if self.patience is not None else 6.0
+        """Epochs a matrix must stay within the tolerances (``"settled"``): ``patience``, by default 7."""
+        return float(self.patience) if self.patience is not None else 7.0
 
     @property
     def streak_patience(self) -> int:
