@@ -176,6 +176,16 @@ def test_default_rule_never_stops_a_model_that_stays_random_like_and_the_summary
     assert "HT-SR summary" not in capsys.readouterr().out
 
 
+def test_settled_patience_counts_epochs_of_training_not_analyses(tmp_path) -> None:
+    # analyses every 4 of the 8 steps per epoch (progress 0.5, 1.0, 1.5, ...): anchored at 0.5, settled 1.5 epochs
+    # later -> the analysis at progress 2.0, the last step of epoch 1
+    callback = HTSRCallback(every_n_epochs=0, every_n_steps=4, stop_on="heavy_tailed", patience=1.5)
+    trainer = fit(tmp_path, TinyNet(lr=0.0, heavy=True), [callback], logger=False, max_epochs=6)
+    assert callback.stopping_reason is StopReason.SETTLED and callback.stopped_epoch == 1
+    assert trainer.global_step == 16 and callback.stop_state.progress == pytest.approx(2.0)
+    assert callback.stop_state.anchors["net.2"].progress == pytest.approx(0.5)
+
+
 def test_phase_fraction_rule_stops_on_a_heavy_tailed_model_and_not_on_a_random_one(tmp_path) -> None:
     heavy = HTSRCallback(stop_on="heavy_tailed", stop_rule="phase_fraction", stop_fraction=0.6, patience=3)
     trainer = fit(tmp_path / "heavy", TinyNet(heavy=True), [heavy], logger=False, max_epochs=8)
