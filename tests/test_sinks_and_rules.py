@@ -149,7 +149,7 @@ def test_over_trained_needs_a_trusted_power_law() -> None:
 
 def test_criteria_validation() -> None:
     assert not StopCriteria().active
-    assert StopCriteria().settle_patience == 6 and StopCriteria().streak_patience == 1
+    assert StopCriteria().settle_patience == 7 and StopCriteria().streak_patience == 1
     for bad in ({"stop_on": "banana"}, {"stop_on": "heavy_tailed", "stop_fraction": 0.0},
                 {"stop_on": "heavy_tailed", "patience": 0}, {"rule": "vibes"}, {"alpha_tolerance": -1}):
         with pytest.raises(ValueError):
