@@ -36,6 +36,7 @@ from .metrics import (
 from .phases import PhaseConfig, PhaseResult, classify_phase
 from .powerlaw import FitMethod, KSConvention, PowerLawFit, fit_power_law
 from .records import empty_record, records_to_frame
+from .ww_select import ww_select
 
 __all__ = [
     "AnalysisOptions",
@@ -284,7 +285,9 @@ def analyze(
         max_evals: Skip matrices with more pooled eigenvalues (default: no limit).
         ww_compat: Use weightwatcher 0.7.7's conventions (:meth:`AnalysisOptions.weightwatcher`) so that
             ``alpha, D, xmin, log_norm, log_spectral_norm, stable_rank, entropy`` match
-            ``weightwatcher.WeightWatcher(model=m).analyze()`` on CPU.
+            ``weightwatcher.WeightWatcher(model=m).analyze()`` on CPU, and select the layers weightwatcher selects
+            (:mod:`~lightning_htsr.ww_select`: its types and its ``M * rf`` between ``min_evals`` and ``max_evals``,
+            default 8 and 15000, and ``N <= 50000``).
         phase_config: Phase-classifier thresholds.
         options: Full :class:`AnalysisOptions`; overrides every convention argument above.
 
@@ -312,9 +315,11 @@ def analyze(
             include=include,
             exclude=exclude,
             layer_types=layer_types,
-            min_evals=options.min_evals,
-            max_evals=options.max_evals,
+            min_evals=0 if ww_compat else options.min_evals,
+            max_evals=None if ww_compat else options.max_evals,
         )
+        if ww_compat:  # weightwatcher's own layer selection (its N, M, rf; see ww_select)
+            matrices = ww_select(model, matrices, min_evals=options.min_evals, max_evals=options.max_evals)
     results = analyze_matrices(matrices, options)
     warn_bad_input(r.record for r in results)
     return records_to_frame(r.record for r in results)
@@ -391,7 +396,8 @@ def analyze_state_dict(
 
 
 #: Skip reasons that are routine (layer too small or too large), not a problem with the weights.
-_ROUTINE_SKIPS = ("min_evals", "max_evals", "a single column")
+_ROUTINE_SKIPS = ("min_evals", "max_evals", "max_N", "a single column",
+                  "weightwatcher 0.7.7 does not analyze")  # the last two: ww_compat's selection
 
 
 def bad_input_rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
