@@ -14,13 +14,16 @@ import math
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor, nn
 
 from .eigenvalues import Backend, Precision, Route, Spectrum, compute_spectra
+from .fingers import fit_fix_fingers
 from .layers import LOW_PRECISION, WeightMatrix, state_dict_matrices, weight_matrices
 from .marchenko_pastur import MarchenkoPasturFit
 from .metrics import (
@@ -35,7 +38,9 @@ from .metrics import (
 )
 from .phases import PhaseConfig, PhaseResult, classify_phase
 from .powerlaw import FitMethod, KSConvention, PowerLawFit, fit_power_law
+from .randomize import random_columns
 from .records import empty_record, records_to_frame
+from .ww_select import ww_select
 
 __all__ = [
     "AnalysisOptions",
@@ -82,6 +87,11 @@ class AnalysisOptions:
         warn_unclassified: weightwatcher's warnings: its labels (``"over-trained"`` for alpha < 2) and also for
             matrices with too few eigenvalues to classify (weightwatcher does; a 10-eigenvalue classifier head's alpha is not meaningful,
             so by default its ``warning`` stays empty).
+        fix_fingers: weightwatcher's ``"clip_xmax"`` or ``"xmin_peak"`` as 0.7.7 behaves
+            (:mod:`~lightning_htsr.fingers`; ``"clip_xmax"`` adds ``num_fingers`` and ``raw_alpha``), or ``None``.
+        randomize: Add the correlation-trap columns of the element-shuffled matrix
+            (:mod:`~lightning_htsr.randomize`).
+        seed: Seed of the shuffles (``None``: fresh entropy).
     """
 
     normalize: bool = True
@@ -100,6 +110,9 @@ class AnalysisOptions:
     max_evals: int | None = None
     phase_config: PhaseConfig = field(default_factory=PhaseConfig)
     warn_unclassified: bool = False
+    fix_fingers: str | None = None
+    randomize: bool = False
+    seed: int | None = None
 
     @classmethod
     def weightwatcher(cls, **overrides: Any) -> AnalysisOptions:
@@ -191,6 +204,7 @@ def analyze_matrices(matrices: Sequence[WeightMatrix], options: AnalysisOptions 
         rank_eps=options.rank_eps,
     )
     by_name = {id(m): s for m, s in zip(todo, spectra)}
+    rng = np.random.default_rng(options.seed) if options.randomize else None
     out = []
     for matrix in matrices:
         spectrum = by_name.get(id(matrix))
@@ -198,11 +212,22 @@ def analyze_matrices(matrices: Sequence[WeightMatrix], options: AnalysisOptions 
             out.append(MatrixAnalysis(empty_record(**matrix_identity(matrix), status="skipped",
                                                    skip_reason=matrix.skip_reason or "not analyzed")))
         else:
-            out.append(_analyze_spectrum(matrix, spectrum, options))
+            out.append(_analyze_spectrum(matrix, spectrum, options, rng))
     return out
 
 
-def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: AnalysisOptions) -> MatrixAnalysis:
+def _extra_columns(matrix: WeightMatrix, spectrum: Spectrum, options: AnalysisOptions,
+                   rng: np.random.Generator | None) -> dict[str, Any]:
+    """The ``randomize=True`` columns (shuffled copies through the original's eigenvalue routine)."""
+    if rng is None or matrix.slices is None:
+        return {}
+    return random_columns(spectrum.eigenvalues, matrix.slices, _scale(matrix, options), matrix.Q, matrix.M, rng,
+                          precision=spectrum.precision, route=spectrum.route,
+                          backend=options.backend, rank_eps=options.rank_eps)
+
+
+def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: AnalysisOptions,
+                      rng: np.random.Generator | None = None) -> MatrixAnalysis:
     ident = matrix_identity(matrix)
     ident.update(precision=spectrum.precision, route=spectrum.route)
     if spectrum.error:
@@ -213,7 +238,8 @@ def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: Analysi
         return MatrixAnalysis(empty_record(**ident, status="skipped", skip_reason="all-zero weights"), ev)
     ranks = rank_metrics(ev, spectrum.zero_tol)
     fit_tol = options.fit_zero_tol if options.fit_zero_tol is not None else spectrum.floor
-    powerlaw = fit_power_law(ev, method=options.fit, min_tail=options.min_tail, ks=options.ks, zero_tol=fit_tol)
+    fit = partial(fit_power_law, method=options.fit, min_tail=options.min_tail, ks=options.ks, zero_tol=fit_tol)
+    powerlaw, extra = fit_fix_fingers(ev, fit, options.fix_fingers) if options.fix_fingers else (fit(ev), {})
     norms = norm_metrics(ev, powerlaw.alpha)
     entropy = matrix_entropy(ev, ranks["matrix_rank"], epsilon=options.entropy_epsilon)
     phase = classify_phase(ev, matrix.N, matrix.M, num_slices=matrix.num_slices, zero_tol=spectrum.floor,
@@ -243,6 +269,7 @@ def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: Analysi
         **detx_metrics(ev, powerlaw.num_pl_spikes),
         **phase.diagnostics(),
     )
+    record.update(extra, **_extra_columns(matrix, spectrum, options, rng))  # optional columns, as in weightwatcher
     return MatrixAnalysis(record, ev, powerlaw, phase.mp, phase)
 
 
@@ -261,6 +288,9 @@ def analyze(
     ww_compat: bool = False,
     phase_config: PhaseConfig | None = None,
     options: AnalysisOptions | None = None,
+    fix_fingers: str | None = None,
+    randomize: bool = False,
+    seed: int | None = None,
 ) -> pd.DataFrame:
     """Analyze every weight matrix of a model: one row per matrix with alpha, entropy, phase and the rest.
 
@@ -284,13 +314,20 @@ def analyze(
         max_evals: Skip matrices with more pooled eigenvalues (default: no limit).
         ww_compat: Use weightwatcher 0.7.7's conventions (:meth:`AnalysisOptions.weightwatcher`) so that
             ``alpha, D, xmin, log_norm, log_spectral_norm, stable_rank, entropy`` match
-            ``weightwatcher.WeightWatcher(model=m).analyze()`` on CPU.
+            ``weightwatcher.WeightWatcher(model=m).analyze()`` on CPU, and select the layers weightwatcher selects
+            (:mod:`~lightning_htsr.ww_select`: its types and its ``M * rf`` between ``min_evals`` and ``max_evals``,
+            default 8 and 15000, and ``N <= 50000``).
         phase_config: Phase-classifier thresholds.
         options: Full :class:`AnalysisOptions`; overrides every convention argument above.
+        fix_fingers: weightwatcher's ``"clip_xmax"`` (adds ``num_fingers``, ``raw_alpha``) or ``"xmin_peak"`` (fails
+            the fit, as 0.7.7 does with its default power-law package); see :mod:`~lightning_htsr.fingers`.
+        randomize: Add weightwatcher's correlation-trap columns (``num_traps``, ``rand_distance``, ...; see
+            :mod:`~lightning_htsr.randomize`).
+        seed: Seed of the ``randomize`` shuffles.
 
     Returns:
         A ``pandas.DataFrame`` with the columns of :data:`~lightning_htsr.records.COLUMNS`, one row per matrix
-        (skipped ones included, with ``status`` and ``skip_reason``).
+        (skipped ones included, with ``status`` and ``skip_reason``), then any optional columns.
 
     Example:
         >>> import torch
@@ -305,6 +342,8 @@ def analyze(
     """
     options = resolve_options(options, ww_compat=ww_compat, fit=fit, min_tail=min_tail, precision=precision,
                                backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config)
+    if fix_fingers is not None or randomize:
+        options = replace(options, fix_fingers=fix_fingers, randomize=randomize, seed=seed)
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # e.g. TypedStorage / lazy-module chatter while traversing
         matrices = weight_matrices(
@@ -312,9 +351,11 @@ def analyze(
             include=include,
             exclude=exclude,
             layer_types=layer_types,
-            min_evals=options.min_evals,
-            max_evals=options.max_evals,
+            min_evals=0 if ww_compat else options.min_evals,
+            max_evals=None if ww_compat else options.max_evals,
         )
+        if ww_compat:  # weightwatcher's own layer selection (its N, M, rf; see ww_select)
+            matrices = ww_select(model, matrices, min_evals=options.min_evals, max_evals=options.max_evals)
     results = analyze_matrices(matrices, options)
     warn_bad_input(r.record for r in results)
     return records_to_frame(r.record for r in results)
@@ -391,7 +432,8 @@ def analyze_state_dict(
 
 
 #: Skip reasons that are routine (layer too small or too large), not a problem with the weights.
-_ROUTINE_SKIPS = ("min_evals", "max_evals", "a single column")
+_ROUTINE_SKIPS = ("min_evals", "max_evals", "max_N", "a single column",
+                  "weightwatcher 0.7.7 does not analyze")  # the last two: ww_compat's selection
 
 
 def bad_input_rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

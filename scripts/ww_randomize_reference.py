@@ -1,0 +1,60 @@
+"""Reference values of weightwatcher 0.7.7's ``randomize=True`` columns for ``tests/test_ww_issue11.py``.
+
+Run ``OMP_NUM_THREADS=1 python scripts/ww_randomize_reference.py`` (about a minute on one core): it prints, for each
+test model, the mean over NumPy seeds 0-4 of every column per layer from weightwatcher and from
+``analyze(model, ww_compat=True, randomize=True, seed=s)``; the test stores weightwatcher's means.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, ".")
+from lightning_htsr import analyze  # noqa: E402
+from lightning_htsr.randomize import RANDOMIZE_COLUMNS  # noqa: E402
+
+SEEDS = range(5)
+
+
+def model(kind: str) -> nn.Module:
+    """The test models: i.i.d. Gaussian, Student-t(2.5) entries, or Gaussian with one planted entry of 40."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(200, 400), nn.Linear(300, 300), nn.Conv2d(32, 64, 3))
+    with torch.no_grad():
+        if kind == "heavy":
+            for p in m.parameters():
+                p.copy_(torch.distributions.StudentT(2.5).sample(p.shape))
+        if kind == "trap":
+            m[0].weight[3, 5] = 40.0
+            m[1].weight[7, 7] = 40.0
+            m[2].weight[1, 2, 1, 1] = 40.0
+    return m
+
+
+def main() -> None:
+    import weightwatcher as ww
+
+    logging.disable(logging.CRITICAL)
+    cols = list(RANDOMIZE_COLUMNS)
+    for kind in ("gauss", "heavy", "trap"):
+        m = model(kind)
+        ref, ours = [], []
+        for s in SEEDS:
+            np.random.seed(s)
+            ref.append(ww.WeightWatcher(model=m).analyze(randomize=True)[cols].to_numpy(float))
+            ours.append(analyze(m, ww_compat=True, randomize=True, seed=s)[cols].to_numpy(float))
+        for label, values in (("weightwatcher", ref), ("ours", ours)):
+            mean = np.mean(values, axis=0)
+            print(f"{kind} {label}: {{")
+            for j, c in enumerate(cols):
+                print(f"    {c!r}: ({', '.join(f'{v:.6g}' for v in mean[:, j])}),")
+            print("}")
+
+
+if __name__ == "__main__":
+    main()
