@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from .eigenvalues import Backend, Precision, Route, Spectrum, compute_spectra
-from .layers import LOW_PRECISION, WeightMatrix, state_dict_matrices, weight_matrices
+from .layers import LOW_PRECISION, WeightMatrix, iter_state_dict_matrices, weight_matrices
 from .marchenko_pastur import MarchenkoPasturFit
 from .metrics import WW_ENTROPY_EPSILON, alpha_warning, matrix_entropy, norm_metrics, rank_metrics
 from .phases import PhaseConfig, PhaseResult, classify_phase
@@ -34,10 +34,15 @@ __all__ = [
     "analyze",
     "analyze_matrices",
     "analyze_state_dict",
+    "analyze_stream",
     "bad_input_rows",
     "low_precision_rows",
     "warn_bad_input",
 ]
+
+#: Bytes of (float32) weights per batched eigenvalue call when streaming: small matrices are batched, large ones
+#: go one at a time, and each batch is dropped once analyzed.
+BATCH_BYTES = 64 * 2**20
 
 #: weightwatcher's near-zero filter before the power-law fit (``constants.EVALS_THRESH``, CPU value).
 WW_EVALS_THRESH = 1e-5
@@ -185,6 +190,54 @@ def analyze_matrices(matrices: Sequence[WeightMatrix], options: AnalysisOptions 
     return out
 
 
+def _batches(matrices: Iterable[WeightMatrix], budget: int) -> Iterator[list[WeightMatrix]]:
+    """Consecutive matrices grouped while their float32 size stays within ``budget`` bytes (at least one each)."""
+    batch: list[WeightMatrix] = []
+    size = 0
+    for matrix in matrices:
+        cost = 4 * matrix.slices.numel() if matrix.slices is not None else 0
+        if batch and size + cost > budget:
+            yield batch
+            batch, size = [], 0
+        batch.append(matrix)
+        size += cost
+    if batch:
+        yield batch
+
+
+def analyze_stream(
+    matrices: Iterable[WeightMatrix],
+    options: AnalysisOptions | None = None,
+    *,
+    batch_bytes: int = BATCH_BYTES,
+    device: torch.device | str | None = None,
+) -> Iterator[MatrixAnalysis]:
+    """:func:`analyze_matrices` over a stream: batches within ``batch_bytes``, each dropped once analyzed.
+
+    Peak memory is one batch (a single matrix when it is larger than the budget) plus the next matrix, upcast one
+    batch at a time, whatever the number of matrices.
+
+    Args:
+        matrices: :class:`~lightning_htsr.layers.WeightMatrix` objects, e.g. a lazy iterator over a checkpoint.
+        options: Conventions (default :class:`AnalysisOptions`).
+        batch_bytes: Bytes of float32 weights per batched call.
+        device: Move each batch there first (e.g. ``"cuda"``); ``None`` leaves the weights where they are.
+
+    Yields:
+        One :class:`MatrixAnalysis` per matrix, in order (their ``slices`` are released).
+    """
+    options = options or AnalysisOptions()
+    for batch in _batches(matrices, batch_bytes):
+        if device is not None:
+            for matrix in batch:
+                matrix.slices = matrix.slices.to(device) if matrix.slices is not None else None
+        with torch.no_grad():
+            results = analyze_matrices(batch, options)
+        for matrix in batch:
+            matrix.slices = None
+        yield from results
+
+
 def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: AnalysisOptions) -> MatrixAnalysis:
     ident = matrix_identity(matrix)
     ident.update(precision=spectrum.precision, route=spectrum.route)
@@ -291,9 +344,9 @@ def analyze(
             min_evals=options.min_evals,
             max_evals=options.max_evals,
         )
-    results = analyze_matrices(matrices, options)
-    warn_bad_input(r.record for r in results)
-    return records_to_frame(r.record for r in results)
+    records = [r.record for r in analyze_stream(matrices, options)]
+    warn_bad_input(records)
+    return records_to_frame(records)
 
 
 def _resolve_options(options: AnalysisOptions | None, *, ww_compat: bool, fit: FitMethod, min_tail: int | None,
@@ -330,7 +383,10 @@ def analyze_state_dict(
     """:func:`analyze` for a bare ``state_dict`` (weights by name and shape; no model class needed).
 
     See :func:`~lightning_htsr.layers.state_dict_matrices` for how tensors become matrices. Arguments as in
-    :func:`analyze`; ``ww_compat`` scales every 4-D weight as weightwatcher scales ``Conv2d``.
+    :func:`analyze`; ``ww_compat`` scales every 4-D weight as weightwatcher scales ``Conv2d``. Streams: each
+    matrix is upcast only when its batch (:data:`BATCH_BYTES`) is analyzed, so the extra memory is a few matrices,
+    not a float32 copy of the model. For checkpoint files, :func:`~lightning_htsr.analyze_checkpoint` also reads
+    the tensors one at a time.
 
     Example:
         >>> import torch
@@ -340,12 +396,12 @@ def analyze_state_dict(
     """
     options = _resolve_options(options, ww_compat=ww_compat, fit=fit, min_tail=min_tail, precision=precision,
                                backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config)
-    with torch.no_grad():
-        matrices = state_dict_matrices(state_dict, include=include, exclude=exclude, min_evals=options.min_evals,
-                                       max_evals=options.max_evals)
-    results = analyze_matrices(matrices, options)
-    warn_bad_input(r.record for r in results)
-    return records_to_frame(r.record for r in results)
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    matrices = iter_state_dict_matrices(state_dict.items(), shapes=shapes, include=include, exclude=exclude,
+                                        min_evals=options.min_evals, max_evals=options.max_evals)
+    records = [r.record for r in analyze_stream(matrices, options)]
+    warn_bad_input(records)
+    return records_to_frame(records)
 
 
 #: Skip reasons that are routine (layer too small or too large), not a problem with the weights.
