@@ -44,8 +44,10 @@ __all__ = [
     "open_checkpoint",
 ]
 
-#: Bytes read through one memory map before it is dropped and reopened (bounds the resident pages).
-READ_BUDGET = 512 * 2**20
+#: Bytes read through one memory map before it is dropped and reopened: the pages a map has touched stay resident
+#: until it is unmapped, so this bounds them. Reopening costs a header parse (safetensors) or unpickling the
+#: tensor index (torch zip files), milliseconds against the seconds a large matrix's eigenvalues take.
+READ_BUDGET = 64 * 2**20
 
 #: Keys under which checkpoints nest the state dict, tried in this order: Lightning and most trainers
 #: (``state_dict``), PyTorch tutorials (``model_state_dict``), Resemblyzer (``model_state``), fairseq / timm / YOLO
