@@ -210,3 +210,22 @@ def test_peak_memory_is_a_few_matrices_not_the_model(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     added = float(result.stdout.strip().splitlines()[-1])
     assert added < 250, f"analysis added {added:.0f} MiB for a 144 MiB bf16 checkpoint"
+
+
+def test_torchrun_two_cpu_processes_give_the_rows_of_one_process(weights, expected, tmp_path) -> None:
+    """``torchrun --nproc-per-node 2 -m lightning_htsr analyze DIR``: gloo, cost-balanced shares, rank 0 writes."""
+    from lightning_htsr.distributed import assign_owners
+    from lightning_htsr.offline import checkpoint_plan
+
+    directory = write_hf(tmp_path / "model", weights, "safetensors")
+    plan = checkpoint_plan(open_checkpoint(directory), htsr.AnalysisOptions())
+    assert set(assign_owners(plan, 2).values()) == {0, 1}  # both processes have work
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "lightning_htsr", "analyze", str(directory), "--csv", str(tmp_path / "t.csv")]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("model: 16 matrices, 16 analyzed") == 1  # printed by rank 0 only
+    table = pd.read_csv(tmp_path / "t.csv")
+    assert table["name"].tolist() == [m.name for m in plan]
+    assert_same_rows(table, expected)
