@@ -229,3 +229,43 @@ def test_torchrun_two_cpu_processes_give_the_rows_of_one_process(weights, expect
     table = pd.read_csv(tmp_path / "t.csv")
     assert table["name"].tolist() == [m.name for m in plan]
     assert_same_rows(table, expected)
+
+
+# ---------------------------------------------------------------------------------------------- devices
+
+
+def test_device_argument_moves_matrices_and_keeps_the_rows(weights, expected, tmp_path, capsys) -> None:
+    directory = write_hf(tmp_path / "model", weights, "single")
+    assert_same_rows(htsr.analyze_checkpoint(directory, device="cpu", threads=1), expected)
+    if not torch.cuda.is_available():
+        code = main(["analyze", str(directory), "--device", "cuda"])
+        out, err = capsys.readouterr()
+        assert code == 2 and err.strip() == "lightning-htsr: error: --device cuda: no CUDA device is available here"
+
+
+
+@pytest.mark.parametrize("backend", ["torch", "cupy"])
+@pytest.mark.parametrize("precision", ["auto", "float64"])
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_offline_analysis_matches_cpu(backend, precision, weights, tmp_path, capsys) -> None:
+    if backend == "cupy":
+        pytest.importorskip("cupy")
+    directory = write_hf(tmp_path / "model", weights, "safetensors")
+    cpu = by_name(htsr.analyze_checkpoint(directory, precision=precision))
+    cuda = by_name(htsr.analyze_checkpoint(directory, device="cuda", backend=backend, precision=precision))
+    assert cuda["name"].tolist() == cpu["name"].tolist() and cuda["phase"].tolist() == cpu["phase"].tolist()
+    np.testing.assert_allclose(cuda["alpha"], cpu["alpha"], rtol=1e-9 if precision == "float64" else 1e-3)
+    assert set(cuda["precision"]) == set(cpu["precision"])  # the same fp32/fp64 choices on both devices
+    code = main(["analyze", str(directory), "--device", "cuda", "--backend", backend, "--quiet"])
+    assert code == 0 and "model: 16 matrices, 16 analyzed" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA path")
+def test_gpu_check_script_says_so_without_cuda(tmp_path) -> None:
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(tmp_path)}
+    result = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout.startswith("gpu_check: no CUDA device visible to")
+    assert (tmp_path / "summary.md").read_text() == result.stdout
