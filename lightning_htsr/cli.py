@@ -338,22 +338,9 @@ def _run_report(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int
 # ------------------------------------------------------------------------------------------------ entry point
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``lightning-htsr`` (subcommands ``analyze`` and ``report``)."""
-    from . import __version__
+def _add_analyze_parser(sub: Any) -> None:
+    """The ``analyze`` subcommand and its options."""
     from .offline import DEFAULT_THREADS
-
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="Heavy-Tailed Self-Regularization diagnostics: eigenvalue spectra, power-law alpha,\n"
-                    "spectral entropy and 5+1 phase of every weight matrix.",
-        epilog=f"Examples:\n  {PROG} analyze last.ckpt\n  {PROG} analyze model.safetensors --csv layers.csv "
-               f"--plots esd/\n  {PROG} report lightning_logs/version_0\n\nExit codes: 0 success, 2 usage error or a file that "
-               "cannot be analyzed\n(the message on stderr says which file and why), 130 interrupted.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     analyze = sub.add_parser(
         "analyze", help="analyze the weight matrices of a checkpoint (no model class needed)",
@@ -397,6 +384,25 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--quiet", "-q", action="store_true",
                          help="print only the summary line (no table, notes or automatic progress bar)")
     analyze.set_defaults(handler=_run_analyze)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``lightning-htsr`` (subcommands ``analyze`` and ``report``)."""
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Heavy-Tailed Self-Regularization diagnostics: eigenvalue spectra, power-law alpha,\n"
+                    "spectral entropy and 5+1 phase of every weight matrix.",
+        epilog=f"Examples:\n  {PROG} analyze last.ckpt\n  {PROG} analyze model.safetensors --csv layers.csv "
+               f"--plots esd/\n  {PROG} report lightning_logs/version_0\n\nExit codes: 0 success, 2 usage error or a file that "
+               "cannot be analyzed\n(the message on stderr says which file and why), 130 interrupted.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    _add_analyze_parser(sub)
 
     report = sub.add_parser(
         "report", help="figures and index.html from a training run's HT-SR history",
