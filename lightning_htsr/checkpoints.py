@@ -436,11 +436,13 @@ class Checkpoint:
     def _read(self, file: _SafetensorsFile | _TorchFile, todo: Iterable[TensorInfo]) -> Iterator[tuple[str, Tensor]]:
         get, used = None, 0
         for info in todo:
-            if get is None or used > self.read_budget:
-                get, used = None, 0  # drop the old map first
-                get = file.open()
             try:
+                if get is None or used > self.read_budget:
+                    get, used = None, 0  # drop the old map first
+                    get = file.open()
                 tensor = get(info.key)
+            except CheckpointError:
+                raise
             except Exception as err:  # noqa: BLE001 - safetensors / torch errors on a damaged file
                 raise CheckpointError(f"{file.path}: cannot read tensor {info.key!r} ({_short_error(err)}); the "
                                       "file may be truncated or corrupt") from None

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from .analysis import AnalysisOptions, MatrixAnalysis, _resolve_options, analyze_stream, warn_bad_input
-from .checkpoints import Checkpoint, TensorInfo, open_checkpoint
+from .checkpoints import Checkpoint, CheckpointError, TensorInfo, open_checkpoint
 from .distributed import assign_owners, gather_objects
 from .eigenvalues import Backend, Precision
 from .layers import ShapeAccess, WeightMatrix, is_weight_entry, iter_state_dict_matrices, state_dict_source
@@ -159,15 +159,23 @@ def checkpoint_records(
     rank, world = _world()
     owners = assign_owners(plan, world) if world > 1 else {}
     mine = [m for m in plan if owners.get(m.source, 0) == rank]
-    records = []
+    records: list[dict[str, Any]] = []
+    error = ""
     analyses = checkpoint_analyses(checkpoint, options, include=include, exclude=exclude, device=device,
                                    owned=(lambda s: owners.get(s, 0) == rank) if world > 1 else None)
-    for result in _progress(analyses, len(mine), progress):
-        if on_result is not None:
-            on_result(result)
-        records.append(result.record)
+    try:
+        for result in _progress(analyses, len(mine), progress):
+            if on_result is not None:
+                on_result(result)
+            records.append(result.record)
+    except CheckpointError as err:  # a damaged shard seen by one rank: every rank must still reach the gather
+        error = str(err)
+    parts = gather_objects((records, error), world)
+    errors = [e for _, e in parts if e]
+    if errors:
+        raise CheckpointError(errors[0])
     order = {m.name: i for i, m in enumerate(plan)}
-    merged = [r for part in gather_objects(records, world) for r in part]
+    merged = [r for part, _ in parts for r in part]
     return sorted(merged, key=lambda r: order.get(r["name"], len(order)))
 
 

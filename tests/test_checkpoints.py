@@ -269,3 +269,13 @@ def test_gpu_check_script_says_so_without_cuda(tmp_path) -> None:
     assert result.returncode == 2, result.stderr
     assert result.stdout.startswith("gpu_check: no CUDA device visible to")
     assert (tmp_path / "summary.md").read_text() == result.stdout
+
+
+def test_a_shard_that_fails_while_streaming_gives_a_checkpoint_error(weights, tmp_path) -> None:
+    from lightning_htsr.offline import checkpoint_records
+
+    directory = write_hf(tmp_path / "model", weights, "safetensors")
+    checkpoint = open_checkpoint(directory)
+    next(directory.glob("model-00002-*.safetensors")).write_bytes(b"gone")  # replaced after the headers were read
+    with pytest.raises(CheckpointError, match=r"model-00002-of-00003.safetensors: cannot read tensor '.*'"):
+        checkpoint_records(checkpoint, htsr.AnalysisOptions())
