@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -223,9 +224,16 @@ def test_torchrun_two_cpu_processes_give_the_rows_of_one_process(weights, expect
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "-m", "lightning_htsr", "analyze", str(directory), "--csv", str(tmp_path / "t.csv")]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("model: 16 matrices, 16 analyzed") == 1  # printed by rank 0 only
+    # a session of its own, so that on a timeout the workers go too (not only the launcher)
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            cwd=tmp_path, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert proc.returncode == 0, stderr[-3000:]
+    assert stdout.count("model: 16 matrices, 16 analyzed") == 1  # printed by rank 0 only
     table = pd.read_csv(tmp_path / "t.csv")
     assert table["name"].tolist() == [m.name for m in plan]
     assert_same_rows(table, expected)
