@@ -1,6 +1,7 @@
 """lightning-htsr: Heavy-Tailed Self-Regularization diagnostics for live training.
 
-Offline: :func:`analyze` a model or checkpoint (one row per weight matrix: alpha, entropy, phase, ...) and
+Offline: :func:`analyze` a model, :func:`analyze_state_dict` a state dict or :func:`analyze_checkpoint` checkpoint
+files (streamed) (one row per weight matrix: alpha, entropy, phase, ...) and
 :func:`summarize` the table. Live: add :class:`HTSRCallback` to a Lightning ``Trainer``.
 The pure stages are in :mod:`lightning_htsr.functional`.
 """
@@ -10,6 +11,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from .analysis import AnalysisOptions, analyze, analyze_state_dict
+from .checkpoints import CheckpointError
+from .offline import analyze_checkpoint
 from .phases import Phase, PhaseConfig, PhaseTracker
 from .powerlaw import PowerLawFit
 from .records import summarize
@@ -31,6 +34,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AnalysisOptions",
+    "CheckpointError",
     "HTSRCallback",
     "Phase",
     "PhaseConfig",
@@ -38,6 +42,7 @@ __all__ = [
     "PowerLawFit",
     "__version__",
     "analyze",
+    "analyze_checkpoint",
     "analyze_state_dict",
     "summarize",
 ]

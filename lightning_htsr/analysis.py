@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Iterable, Sequence
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -24,7 +25,7 @@ from torch import Tensor, nn
 
 from .eigenvalues import Backend, Precision, Route, Spectrum, compute_spectra
 from .fingers import fit_fix_fingers
-from .layers import LOW_PRECISION, WeightMatrix, state_dict_matrices, weight_matrices
+from .layers import LOW_PRECISION, WeightMatrix, iter_state_dict_matrices, weight_matrices
 from .marchenko_pastur import MarchenkoPasturFit
 from .metrics import (
     WW_ENTROPY_EPSILON,
@@ -48,11 +49,16 @@ __all__ = [
     "analyze",
     "analyze_matrices",
     "analyze_state_dict",
+    "analyze_stream",
     "bad_input_rows",
     "low_precision_rows",
     "resolve_options",
     "warn_bad_input",
 ]
+
+#: Bytes of (float32) weights per batched eigenvalue call when streaming: small matrices are batched, large ones
+#: go one at a time, and each batch is dropped once analyzed.
+BATCH_BYTES = 64 * 2**20
 
 #: weightwatcher's near-zero filter before the power-law fit (``constants.EVALS_THRESH``, CPU value).
 WW_EVALS_THRESH = 1e-5
@@ -204,7 +210,6 @@ def analyze_matrices(matrices: Sequence[WeightMatrix], options: AnalysisOptions 
         rank_eps=options.rank_eps,
     )
     by_name = {id(m): s for m, s in zip(todo, spectra)}
-    rng = np.random.default_rng(options.seed) if options.randomize else None
     out = []
     for matrix in matrices:
         spectrum = by_name.get(id(matrix))
@@ -212,22 +217,74 @@ def analyze_matrices(matrices: Sequence[WeightMatrix], options: AnalysisOptions 
             out.append(MatrixAnalysis(empty_record(**matrix_identity(matrix), status="skipped",
                                                    skip_reason=matrix.skip_reason or "not analyzed")))
         else:
-            out.append(_analyze_spectrum(matrix, spectrum, options, rng))
+            out.append(_analyze_spectrum(matrix, spectrum, options))
     return out
 
 
-def _extra_columns(matrix: WeightMatrix, spectrum: Spectrum, options: AnalysisOptions,
-                   rng: np.random.Generator | None) -> dict[str, Any]:
-    """The ``randomize=True`` columns (shuffled copies through the original's eigenvalue routine)."""
-    if rng is None or matrix.slices is None:
+def _batches(matrices: Iterable[WeightMatrix], budget: int) -> Iterator[list[WeightMatrix]]:
+    """Consecutive matrices grouped while their float32 size stays within ``budget`` bytes (at least one each)."""
+    batch: list[WeightMatrix] = []
+    size = 0
+    for matrix in matrices:
+        cost = 4 * matrix.slices.numel() if matrix.slices is not None else 0
+        if batch and size + cost > budget:
+            yield batch
+            batch, size = [], 0
+        batch.append(matrix)
+        size += cost
+    if batch:
+        yield batch
+
+
+def analyze_stream(
+    matrices: Iterable[WeightMatrix],
+    options: AnalysisOptions | None = None,
+    *,
+    batch_bytes: int = BATCH_BYTES,
+    device: torch.device | str | None = None,
+) -> Iterator[MatrixAnalysis]:
+    """:func:`analyze_matrices` over a stream: batches within ``batch_bytes``, each dropped once analyzed.
+
+    Peak memory is one batch (a single matrix when it is larger than the budget) plus the next matrix, upcast one
+    batch at a time, whatever the number of matrices.
+
+    Args:
+        matrices: :class:`~lightning_htsr.layers.WeightMatrix` objects, e.g. a lazy iterator over a checkpoint.
+        options: Conventions (default :class:`AnalysisOptions`).
+        batch_bytes: Bytes of float32 weights per batched call.
+        device: Move each batch there first (e.g. ``"cuda"``); ``None`` leaves the weights where they are.
+
+    Yields:
+        One :class:`MatrixAnalysis` per matrix, in order (their ``slices`` are released).
+    """
+    options = options or AnalysisOptions()
+    for batch in _batches(matrices, batch_bytes):
+        if device is not None:
+            for matrix in batch:
+                matrix.slices = matrix.slices.to(device) if matrix.slices is not None else None
+        with torch.no_grad():
+            results = analyze_matrices(batch, options)
+        for matrix in batch:
+            matrix.slices = None
+        yield from results
+
+
+def _extra_columns(matrix: WeightMatrix, spectrum: Spectrum, options: AnalysisOptions) -> dict[str, Any]:
+    """The ``randomize=True`` columns (shuffled copies through the original's eigenvalue routine).
+
+    Each matrix gets its own generator, seeded by ``options.seed`` and its name, so the shuffles do not depend on
+    how matrices are batched or streamed.
+    """
+    if not options.randomize or matrix.slices is None:
         return {}
+    key = zlib.crc32(matrix.name.encode())
+    rng = np.random.default_rng(None if options.seed is None else [options.seed, key])
     return random_columns(spectrum.eigenvalues, matrix.slices, _scale(matrix, options), matrix.Q, matrix.M, rng,
                           precision=spectrum.precision, route=spectrum.route,
                           backend=options.backend, rank_eps=options.rank_eps)
 
 
-def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: AnalysisOptions,
-                      rng: np.random.Generator | None = None) -> MatrixAnalysis:
+def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: AnalysisOptions) -> MatrixAnalysis:
     ident = matrix_identity(matrix)
     ident.update(precision=spectrum.precision, route=spectrum.route)
     if spectrum.error:
@@ -269,7 +326,7 @@ def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: Analysi
         **detx_metrics(ev, powerlaw.num_pl_spikes),
         **phase.diagnostics(),
     )
-    record.update(extra, **_extra_columns(matrix, spectrum, options, rng))  # optional columns, as in weightwatcher
+    record.update(extra, **_extra_columns(matrix, spectrum, options))  # optional columns, as in weightwatcher
     return MatrixAnalysis(record, ev, powerlaw, phase.mp, phase)
 
 
@@ -355,10 +412,10 @@ def analyze(
             max_evals=None if ww_compat else options.max_evals,
         )
         if ww_compat:  # weightwatcher's own layer selection (its N, M, rf; see ww_select)
-            matrices = ww_select(model, matrices, min_evals=options.min_evals, max_evals=options.max_evals)
-    results = analyze_matrices(matrices, options)
-    warn_bad_input(r.record for r in results)
-    return records_to_frame(r.record for r in results)
+            matrices = ww_select(model, list(matrices), min_evals=options.min_evals, max_evals=options.max_evals)
+    records = [r.record for r in analyze_stream(matrices, options)]
+    warn_bad_input(records)
+    return records_to_frame(records)
 
 
 def resolve_options(options: AnalysisOptions | None = None, *, ww_compat: bool = False, fit: FitMethod = "fast",
@@ -413,7 +470,10 @@ def analyze_state_dict(
     """:func:`analyze` for a bare ``state_dict`` (weights by name and shape; no model class needed).
 
     See :func:`~lightning_htsr.layers.state_dict_matrices` for how tensors become matrices. Arguments as in
-    :func:`analyze`; ``ww_compat`` scales every 4-D weight as weightwatcher scales ``Conv2d``.
+    :func:`analyze`; ``ww_compat`` scales every 4-D weight as weightwatcher scales ``Conv2d``. Streams: each
+    matrix is upcast only when its batch (:data:`BATCH_BYTES`) is analyzed, so the extra memory is a few matrices,
+    not a float32 copy of the model. For checkpoint files, :func:`~lightning_htsr.analyze_checkpoint` also reads
+    the tensors one at a time.
 
     Example:
         >>> import torch
@@ -423,12 +483,12 @@ def analyze_state_dict(
     """
     options = resolve_options(options, ww_compat=ww_compat, fit=fit, min_tail=min_tail, precision=precision,
                                backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config)
-    with torch.no_grad():
-        matrices = state_dict_matrices(state_dict, include=include, exclude=exclude, min_evals=options.min_evals,
-                                       max_evals=options.max_evals)
-    results = analyze_matrices(matrices, options)
-    warn_bad_input(r.record for r in results)
-    return records_to_frame(r.record for r in results)
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    matrices = iter_state_dict_matrices(state_dict.items(), shapes=shapes, include=include, exclude=exclude,
+                                        min_evals=options.min_evals, max_evals=options.max_evals)
+    records = [r.record for r in analyze_stream(matrices, options)]
+    warn_bad_input(records)
+    return records_to_frame(records)
 
 
 #: Skip reasons that are routine (layer too small or too large), not a problem with the weights.

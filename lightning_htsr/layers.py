@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +24,12 @@ from torch import Tensor, nn
 __all__ = [
     "LAYER_TYPES",
     "WeightAccess",
+    "ShapeAccess",
     "WeightMatrix",
+    "is_weight_entry",
+    "iter_state_dict_matrices",
     "state_dict_matrices",
+    "state_dict_source",
     "weight_matrices",
     "layer_type_of",
 ]
@@ -46,10 +50,13 @@ LAYER_TYPES: tuple[str, ...] = (
     "gru",
     "rnn",
     "quantized_linear",
+    "script",
     "other",
 )
 
 _RNN_GATES = {"LSTM": ("i", "f", "g", "o"), "GRU": ("r", "z", "n")}
+#: Gate names by gate count (rows of ``weight_hh`` over its columns), for weights found by name and shape.
+_GATES_BY_COUNT = {4: ("lstm", _RNN_GATES["LSTM"]), 3: ("gru", _RNN_GATES["GRU"]), 1: ("rnn", None)}
 
 
 @dataclass
@@ -134,12 +141,22 @@ def layer_type_of(module: nn.Module) -> str | None:
         return "attention_in_proj"
     if isinstance(module, nn.RNNBase):
         return {"LSTM": "lstm", "GRU": "gru"}.get(module.mode, "rnn")
+    if isinstance(module, nn.RNNCellBase):
+        return {nn.LSTMCell: "lstm", nn.GRUCell: "gru"}.get(cls, "rnn")
     if cls.__name__ == "Conv1D" and hasattr(module, "nf"):  # transformers' GPT-2 style Conv1D, weight (in, out)
         return "transformers_conv1d"
-    weight = module._parameters.get("weight") if hasattr(module, "_parameters") else None
-    if isinstance(weight, Tensor) and weight.dim() == 2 and "norm" not in cls.__name__.lower():
-        return "other"
+    if isinstance(module, torch.jit.ScriptModule):
+        return "script"
+    weight = _own_weight(module)
+    if isinstance(weight, Tensor) and weight.dim() >= 2 and "norm" not in cls.__name__.lower():
+        return "other"  # a weight of rank 3+ (nn.Bilinear) gets a row saying why it is not analyzed
     return None
+
+
+def _own_weight(module: nn.Module) -> Tensor | None:
+    """The module's own ``weight`` parameter, or ``None`` (plain dict access: no ``__getattr__`` magic)."""
+    params = getattr(module, "_parameters", None)
+    return params.get("weight") if isinstance(params, dict) else None
 
 
 def _conv_dims(module: nn.modules.conv._ConvNd) -> int:
@@ -257,6 +274,7 @@ class _Entry:
     param: Tensor | None
     build: Callable[[Tensor], list[tuple[str, Tensor]]]
     tie_key: Hashable | None  # entries with equal keys hold one (tied) weight, analyzed once; None: never tied
+    problem: str | None = None  # why the weight is listed but cannot be analyzed (e.g. a rank-3 weight)
 
 
 def _join(prefix: str, suffix: str) -> str:
@@ -276,6 +294,16 @@ def _split(names: Sequence[str]) -> Callable[[Tensor], list[tuple[str, Tensor]]]
     return build
 
 
+def _flat(w: Tensor) -> list[tuple[str, Tensor]]:
+    """Builder for weights that are not matrices: one ``rows x rest`` view, only to report a shape."""
+    return [("", w.reshape(1, w.shape[0], -1))]
+
+
+def _rank_problem(weight: Tensor) -> str:
+    shape = "x".join(str(d) for d in weight.shape)
+    return f"weight of rank {weight.dim()} (shape {shape}) is not a matrix; not analyzed"
+
+
 def _conv(groups: int) -> Callable[[Tensor], list[tuple[str, Tensor]]]:
     """Builder: a convolution's kernel positions (and groups) as one pooled stack of slices."""
     return lambda w: [("", _conv_slices(w, groups))]
@@ -292,6 +320,9 @@ def _entries(name: str, module: nn.Module, layer_type: str) -> list[_Entry]:
         # a parameter shared by several modules (tied embeddings) is one weight: keyed by identity
         return _Entry(entry_name, layer_type, module_type, param, build, id(param) if param is not None else None)
 
+    if layer_type == "other" and module.weight.dim() != 2:
+        return [_Entry(name or "weight", layer_type, module_type, module.weight, _flat, None,
+                       _rank_problem(module.weight))]
     if layer_type in ("linear", "embedding", "other", "transformers_conv1d"):
         return [entry(name or "weight", module.weight, _single)]
     if layer_type == "quantized_linear":  # weight() builds a new tensor per call: no identity to tie by
@@ -303,15 +334,28 @@ def _entries(name: str, module: nn.Module, layer_type: str) -> list[_Entry]:
             return [entry(_join(name, "in_proj"), module.in_proj_weight, _split(_QKV))]
         return [entry(_join(name, f"in_proj.{s}"), getattr(module, f"{s}_proj_weight"), _single) for s in _QKV]
     if layer_type in ("lstm", "gru", "rnn"):
-        gates = _RNN_GATES.get(module.mode)
+        gates = _RNN_GATES.get(layer_type.upper())
+        names = module._flat_weights_names if isinstance(module, nn.RNNBase) else ("weight_ih", "weight_hh")
         return [
             # projections (LSTM proj_size, weight_hr) are not gated
             entry(_join(name, pname), getattr(module, pname),
                   _split(gates) if gates is not None and not pname.startswith("weight_hr") else _single)
-            for pname in module._flat_weights_names
+            for pname in names
             if pname.startswith("weight")
         ]
+    if layer_type == "script":
+        return _script_entries(name, module)
     return []
+
+
+def _script_entries(name: str, module: nn.Module) -> list[_Entry]:
+    """A TorchScript module's own parameters, read by name and shape like a state dict (its Python class is gone;
+    ``original_name`` says what it was)."""
+    params = {_join(name, key): value for key, value in module.named_parameters(recurse=False)}
+    gates = _gate_counts({key: tuple(value.shape) for key, value in params.items()})
+    module_type = str(getattr(module, "original_name", type(module).__name__))
+    entries = [_state_dict_entry(key, value, gates, id(value), module_type) for key, value in params.items()]
+    return [e for e in entries if e is not None]
 
 
 #: Wrapper names that distributed strategies and ``torch.compile`` insert into module paths.
@@ -401,7 +445,7 @@ def _matrices_of(
         return
     module_type = entry.module_type
     dtype = str(param.dtype)
-    problem = access.problem(param)
+    problem = entry.problem or access.problem(param)
     sharded = access.is_sharded(param) and problem is None
     wanted = select is None or select(entry.name)
     if not wanted and not sharded:
@@ -449,7 +493,7 @@ def _matrices_of(
         seen[key] = records
 
 
-_RNN_KEY = re.compile(r"^(?P<module>.*?)\.?(?P<param>weight_(?:ih|hh)_l\d+(?:_reverse)?)$")
+_RNN_KEY = re.compile(r"^(?P<module>.*?)\.?(?P<param>weight_(?:ih|hh)(?:_l\d+(?:_reverse)?)?)$")
 _STATE_DICT_CONV = {3: "conv1d", 4: "conv2d", 5: "conv3d"}
 
 
@@ -458,8 +502,114 @@ def _is_weight_key(key: str) -> bool:
     return last == "weight" or last.startswith("weight_") or last.endswith("_weight")
 
 
+def is_weight_entry(key: str, shape: Sequence[int]) -> bool:
+    """Whether a state-dict entry is read as a weight (by name and rank; see :func:`state_dict_matrices`)."""
+    return len(shape) >= 2 and _is_weight_key(key)
+
+
+class ShapeAccess(WeightAccess):
+    """Reads shapes only: meta tensors (a checkpoint's header) are planned like real ones."""
+
+    def problem(self, param: Tensor) -> str | None:
+        """Like :meth:`WeightAccess.problem`, but the meta device is fine."""
+        return None if param.device.type == "meta" and param.is_floating_point() else super().problem(param)
+
+
+def _gate_counts(shapes: Mapping[str, Sequence[int]]) -> dict[str, int]:
+    """Gates per recurrent weight (``nn.LSTM``/``GRU``/``RNN`` ``weight_*_l<k>`` and the cells' ``weight_ih``/
+    ``weight_hh``), read off the rows/columns of the matching ``weight_hh``: 4 LSTM, 3 GRU, 1 RNN."""
+    gates: dict[str, int] = {}
+    for key, shape in shapes.items():
+        match = _RNN_KEY.match(key)
+        if match and "_hh" in match["param"] and len(shape) == 2:
+            rows, cols = shape
+            count = rows // cols if cols else 1
+            gates[f"{match['module']}|{match['param']}"] = count
+            gates[f"{match['module']}|{match['param'].replace('_hh', '_ih')}"] = count
+    return gates
+
+
+def _state_dict_entry(key: str, value: Tensor, gates: Mapping[str, int], tie_key: Hashable | None,
+                      module_type: str = "state_dict") -> _Entry | None:
+    """How one named tensor becomes matrices by name and shape (``None``: not a weight matrix)."""
+    if not is_weight_entry(key, value.shape):
+        return None
+    name = key[: -len(".weight")] if key.endswith(".weight") else key
+    rnn = _RNN_KEY.match(key)
+    problem = None
+    if key.endswith("in_proj_weight") and value.dim() == 2 and value.shape[0] == 3 * value.shape[1]:
+        name, layer_type, build = key[: -len("_weight")], "attention_in_proj", _split(_QKV)
+    elif rnn and value.dim() == 2 and f"{rnn['module']}|{rnn['param']}" in gates:
+        layer_type, names = _GATES_BY_COUNT.get(gates[f"{rnn['module']}|{rnn['param']}"], ("rnn", None))
+        build = _split(names) if names else _single
+    elif value.dim() == 2:
+        layer_type, build = "linear", _single
+    elif value.dim() in _STATE_DICT_CONV:
+        layer_type, build = _STATE_DICT_CONV[value.dim()], _conv(1)
+    else:
+        layer_type, build, problem = "other", _flat, _rank_problem(value)
+    return _Entry(name, layer_type, module_type, value, build, tie_key, problem)
+
+
+def _storage_key(value: Tensor) -> Hashable:
+    """Tensors of a loaded state_dict are distinct objects even when tied: key them by storage (valid while every
+    tensor of the dict is alive)."""
+    if value.device.type == "meta":
+        return id(value)
+    return value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape)
+
+
+def state_dict_source(key: str, shape: Sequence[int]) -> str:
+    """The :attr:`WeightMatrix.source` a state-dict entry's matrices get (the unit a distributed run assigns)."""
+    if key.endswith("in_proj_weight") and len(shape) == 2 and shape[0] == 3 * shape[1]:
+        return key[: -len("_weight")]
+    return key[: -len(".weight")] if key.endswith(".weight") else key
+
+
+def iter_state_dict_matrices(
+    items: Iterable[tuple[str, Any]],
+    *,
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    min_evals: int = 0,
+    max_evals: int | None = None,
+    tie: bool = True,
+    access: WeightAccess | None = None,
+) -> Iterator[WeightMatrix]:
+    """:func:`state_dict_matrices` one tensor at a time: each matrix is yielded as soon as its tensor arrives.
+
+    Args:
+        items: ``(name, tensor)`` pairs, e.g. read lazily from a checkpoint file; non-tensors are ignored.
+        shapes: Every tensor's shape by name, known before the tensors arrive (a checkpoint's header): needed to
+            split a recurrent ``weight_ih`` whose ``weight_hh`` comes later. ``None``: gates are inferred only
+            from ``weight_hh`` tensors that come first.
+        include: Regex(es) a matrix name must match.
+        exclude: Regex(es) of names to drop.
+        min_evals: Matrices with fewer pooled eigenvalues are kept as skipped records.
+        max_evals: Matrices with more pooled eigenvalues are kept as skipped records.
+        tie: Analyze tensors sharing storage once. Only valid when every tensor stays alive during the iteration
+            (an in-memory dict); a stream that frees tensors must pass ``False`` (freed addresses are reused).
+        access: How tensors are read (default :class:`WeightAccess`).
+
+    Yields:
+        :class:`WeightMatrix` objects, in the order of ``items``.
+    """
+    gates = _gate_counts(shapes) if shapes is not None else {}
+    seen: dict[Hashable, list[WeightMatrix]] = {}
+    access = access or WeightAccess()
+    for key, value in items:
+        if not isinstance(value, Tensor):
+            continue
+        if shapes is None:
+            gates.update(_gate_counts({key: tuple(value.shape)}))
+        entry = _state_dict_entry(key, value, gates, _storage_key(value) if tie else None)
+        if entry is not None:
+            yield from _matrices_of(entry, include, exclude, min_evals, max_evals, access, None, True, seen)
+
+
 def state_dict_matrices(
-    state_dict: dict[str, Any],
+    state_dict: Mapping[str, Any],
     *,
     include: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
@@ -471,8 +621,9 @@ def state_dict_matrices(
     Rules: keys whose last part is ``weight``, ``weight_*`` or ``*_weight`` with 2+ dimensions; 2-D tensors are
     matrices (``layer_type "linear"``: a state dict cannot tell a Linear from an Embedding), 3/4/5-D tensors are
     convolutions (``(out, in, *kernel)`` -> one slice per kernel position, groups assumed 1), ``*in_proj_weight``
-    is split into q/k/v, recurrent ``weight_ih_l*``/``weight_hh_l*`` are split per gate (4 gates for LSTM, 3 for
-    GRU, read off the ``weight_hh`` shape). Tensors sharing storage (tied weights) appear once.
+    is split into q/k/v, recurrent ``weight_ih_l*``/``weight_hh_l*`` (and the cells' ``weight_ih``/``weight_hh``)
+    are split per gate (4 gates for LSTM, 3 for GRU, read off the ``weight_hh`` shape). Weights of higher rank get
+    a skipped row saying so. Tensors sharing storage (tied weights) appear once.
 
     Args:
         state_dict: ``{name: tensor}`` (e.g. ``torch.load(path)``, a Lightning checkpoint's ``"state_dict"``, or
@@ -491,40 +642,9 @@ def state_dict_matrices(
         >>> [(m.name, m.layer_type, m.N, m.M, m.num_slices) for m in state_dict_matrices(sd)]
         [('fc', 'linear', 64, 32, 1), ('conv', 'conv2d', 8, 3, 9)]
     """
-    gates_of: dict[str, int] = {}
-    for key, value in state_dict.items():
-        match = _RNN_KEY.match(key)
-        if match and "_hh_" in match["param"] and isinstance(value, Tensor) and value.dim() == 2:
-            rows, cols = value.shape
-            gates_of[f"{match['module']}|{match['param'].replace('_hh_', '_ih_')}"] = rows // cols if cols else 1
-            gates_of[f"{match['module']}|{match['param']}"] = rows // cols if cols else 1
-    seen: dict[Hashable, list[WeightMatrix]] = {}
-    out: list[WeightMatrix] = []
-    access = WeightAccess()
-    for key, value in state_dict.items():
-        if not isinstance(value, Tensor) or value.dim() < 2 or not _is_weight_key(key):
-            continue
-        name = key[: -len(".weight")] if key.endswith(".weight") else key
-        rnn = _RNN_KEY.match(key)
-        if key.endswith("in_proj_weight") and value.dim() == 2 and value.shape[0] == 3 * value.shape[1]:
-            name, layer_type, build = key[: -len("_weight")], "attention_in_proj", _split(_QKV)
-        elif rnn and value.dim() == 2:
-            gates = gates_of.get(f"{rnn['module']}|{rnn['param']}", 1)
-            layer_type = {4: "lstm", 3: "gru"}.get(gates, "rnn")
-            names = _RNN_GATES.get(layer_type.upper())
-            build = _split(names) if names else _single
-        elif value.dim() == 2:
-            layer_type, build = "linear", _single
-        elif value.dim() in _STATE_DICT_CONV:
-            layer_type, build = _STATE_DICT_CONV[value.dim()], _conv(1)
-        else:
-            continue
-        # tensors of a loaded state_dict are distinct objects even when tied: key them by storage
-        tie = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape)) \
-            if value.device.type != "meta" else id(value)
-        entry = _Entry(name, layer_type, "state_dict", value, build, tie)
-        out.extend(_matrices_of(entry, include, exclude, min_evals, max_evals, access, None, True, seen))
-    return out
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, Tensor)}
+    return list(iter_state_dict_matrices(state_dict.items(), shapes=shapes, include=include, exclude=exclude,
+                                         min_evals=min_evals, max_evals=max_evals))
 
 
 def _kept(name: str, include: Sequence[str] | str | None, exclude: Sequence[str] | str | None) -> bool:

@@ -362,6 +362,7 @@ def test_pytorch_lightning_namespace(tmp_path) -> None:
     assert "htsr/net.2/log10_eigenvalues" in tags["histograms"]  # TensorBoard detected by capability
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("backend", ["torch", "cupy"])
 def test_on_gpu_the_spectra_are_computed_on_the_device_and_match_cpu(tmp_path, backend: str) -> None:

@@ -27,7 +27,8 @@ from lightning.pytorch.loggers import CSVLogger
 
 import lightning_htsr as htsr
 from lightning_htsr import HTSRCallback
-from lightning_htsr.cli import CHUNK_SIZE, analyze_in_chunks, main
+from lightning_htsr.analysis import analyze_stream
+from lightning_htsr.cli import main
 from lightning_htsr.layers import state_dict_matrices
 from lightning_htsr.records import COLUMNS
 from lightning_htsr.report import write_report
@@ -190,33 +191,26 @@ def test_plots_write_one_esd_png_per_analyzed_matrix_and_an_index(tmp_path, caps
 # ---------------------------------------------------------------------------------------------- progress
 
 
-def test_many_matrices_are_analyzed_in_chunks_with_a_progress_bar(tmp_path, capsys) -> None:
+def test_progress_bar_counts_every_matrix_with_elapsed_time_and_eta(tmp_path, capsys) -> None:
     gen = torch.Generator().manual_seed(7)
     sd = {f"blocks.{i}.weight": torch.randn(48, 24, generator=gen) for i in range(40)}
     path = tmp_path / "many.pt"
     torch.save(sd, path)
-    code, out, err = run(capsys, "analyze", path, "--progress", "always", "--csv", tmp_path / "many.csv")
+    code, out, err = run(capsys, "analyze", path, "--progress", "--csv", tmp_path / "many.csv")
     assert code == 0
-    frames = err.split("\n")[0].split("\r")[1:]
-    assert [f.split("]")[1].strip() for f in frames] == ["0/40 matrices", "16/40 matrices", "32/40 matrices",
-                                                         "40/40 matrices"]
-    assert frames[-1].startswith("[" + "#" * 30 + "]") and frames[2].startswith("[" + "#" * 24 + " " * 6 + "]")
+    final = err.split("\r")[-1].splitlines()[0]  # tqdm's last redraw: "100%|####| 40/40 [00:01<00:00, ...]"
+    assert re.search(r"40/40 \[\d\d:\d\d<\d\d:\d\d, .*matrix/s", final), final
     assert_rows_match(pd.read_csv(tmp_path / "many.csv"), htsr.analyze_state_dict(sd))
 
-    # auto: no bar when stderr is not a terminal (as under pytest), nor with --quiet
-    code, out, err = run(capsys, "analyze", path)
-    assert code == 0 and "\r" not in err
-    code, out, err = run(capsys, "analyze", path, "--quiet", "--progress", "auto")
-    assert code == 0 and err == ""
+    # default: no bar when stderr is not a terminal (as under pytest), nor with --no-progress or --quiet
+    for argv in ([], ["--no-progress"], ["--quiet"]):
+        code, out, err = run(capsys, "analyze", path, *argv)
+        assert code == 0 and "40/40" not in err and "\r" not in err
 
-    # the chunk size does not change the numbers
-    matrices = state_dict_matrices(sd)
-    options = htsr.AnalysisOptions()
-    whole = analyze_in_chunks(matrices, options, chunk_size=len(matrices))
-    seen: list[int] = []
-    chunked = analyze_in_chunks(matrices, options, chunk_size=7, progress=seen.append)
-    assert seen == [0, 7, 14, 21, 28, 35, 40] and CHUNK_SIZE == 16
-    assert [r["alpha"] for r in chunked] == pytest.approx([r["alpha"] for r in whole], rel=1e-9)
+    # the batch budget does not change the numbers
+    one_by_one = [r.record["alpha"] for r in analyze_stream(state_dict_matrices(sd), batch_bytes=1)]
+    all_at_once = [r.record["alpha"] for r in analyze_stream(state_dict_matrices(sd), batch_bytes=2**30)]
+    assert one_by_one == pytest.approx(all_at_once, rel=1e-9)
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -240,7 +234,7 @@ def _truncated_safetensors(p: Path) -> None:
 
 BAD_FILES = {
     "missing.ckpt": (None, "no such file"),
-    "a_directory": (lambda p: p.mkdir(), "is a directory"),
+    "a_directory": (lambda p: p.mkdir(), "no checkpoint in this directory (looked for model.safetensors.index.json"),
     "empty.pt": (lambda p: p.write_bytes(b""), "the file is empty"),
     "random.pt": (_random_bytes, "not a readable checkpoint"),
     "notes.txt": (lambda p: p.write_text("hello, not a checkpoint\n"), "a text file, not a checkpoint"),

@@ -141,7 +141,9 @@ def test_cupy_backend_explains_what_is_missing() -> None:
             compute_spectra([torch.randn(1, 20, 10)], backend="cupy")
 
 
-cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def cuda(test):
+    """GPU-marked (``pytest -m gpu``) and skipped without CUDA."""
+    return pytest.mark.gpu(pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")(test))
 
 
 @cuda

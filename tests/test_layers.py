@@ -719,3 +719,60 @@ def test_extraction_does_not_touch_weights() -> None:
         assert torch.equal(v, before[k]), k
     assert {k: p.requires_grad for k, p in model.named_parameters()} == grads
 
+
+
+# ---------------------------------------------------------------------------------------------- module forms
+
+
+def _rows(frame):
+    return frame[["name", "N", "M", "num_slices", "status"]].values.tolist(), frame["alpha"].to_numpy(float)
+
+
+def test_recurrent_cells_are_split_per_gate_like_their_layers_also_through_a_state_dict() -> None:
+    import lightning_htsr as htsr
+
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"lstm": nn.LSTMCell(96, 32), "gru": nn.GRUCell(96, 48), "rnn": nn.RNNCell(96, 40)})
+    table = htsr.analyze(model)
+    gates = {"lstm": "ifgo", "gru": "rzn", "rnn": ""}
+    expected = [f"{cell}.{w}" + (f".{g}" if g else "") for cell, names in gates.items()
+                for w in ("weight_ih", "weight_hh") for g in (names or [""])]
+    assert table["name"].tolist() == expected
+    assert set(table.loc[table["name"].str.startswith("lstm."), "layer_type"]) == {"lstm"}
+    first_gate = model["lstm"].weight_ih.detach()[:32]
+    row = table.set_index("name").loc["lstm.weight_ih.i"]
+    assert (row["N"], row["M"]) == (96, 32)
+    np.testing.assert_allclose(row["alpha"], htsr.analyze_state_dict({"x.weight": first_gate})["alpha"][0], rtol=1e-12)
+    names, alphas = _rows(table)
+    sd_names, sd_alphas = _rows(htsr.analyze_state_dict(model.state_dict()))
+    assert sd_names == names
+    np.testing.assert_allclose(sd_alphas, alphas, rtol=1e-12, equal_nan=True)
+
+
+def test_torchscript_modules_are_analyzed_from_their_parameters() -> None:
+    import lightning_htsr as htsr
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Conv2d(16, 32, 3), nn.LSTM(48, 24))
+    names, alphas = _rows(htsr.analyze(model))
+    scripted = htsr.analyze(torch.jit.script(model))
+    assert _rows(scripted)[0] == names
+    np.testing.assert_allclose(_rows(scripted)[1], alphas, rtol=1e-12, equal_nan=True)
+    assert scripted["module_type"].tolist()[:2] == ["Linear", "Conv2d"]
+    # a traced submodule inside an ordinary model
+    traced = torch.jit.trace(nn.Sequential(nn.Linear(64, 128), nn.ReLU()), torch.randn(2, 64))
+    mixed = htsr.analyze(nn.Sequential(traced, nn.Linear(128, 64)))
+    assert mixed["name"].tolist() == ["0.0", "1"] and set(mixed["status"]) == {"success"}
+
+
+def test_a_weight_of_another_rank_gets_a_row_with_a_skip_reason() -> None:
+    import lightning_htsr as htsr
+
+    table = htsr.analyze(nn.ModuleDict({"bilinear": nn.Bilinear(20, 30, 40), "fc": nn.Linear(64, 80)}))
+    row = table.set_index("name").loc["bilinear"]
+    assert row["status"] == "skipped" and row["module_type"] == "Bilinear"
+    assert row["skip_reason"] == "weight of rank 3 (shape 40x20x30) is not a matrix; not analyzed"
+    assert table.set_index("name").loc["fc", "status"] == "success"
+    # a state dict cannot tell (out, in, k) from a Conv1d; rank 6+ has no reading at all
+    sd = htsr.analyze_state_dict({"odd.weight": torch.randn(2, 3, 4, 5, 6, 7)})
+    assert sd["status"].tolist() == ["skipped"] and "weight of rank 6" in sd["skip_reason"][0]

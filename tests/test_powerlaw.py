@@ -191,6 +191,7 @@ def test_likelihood_ratio_prefers_power_law_on_power_law_and_exponential_on_expo
     assert likelihood_ratio_exponential(expo, fit_power_law(expo)) < -2.0
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fit_runs_on_cuda_and_matches_cpu() -> None:
     x = pareto_samples(2.5, 6000, 0)

@@ -1,0 +1,249 @@
+"""Checkpoint files -> one table: the streaming driver behind :func:`analyze_checkpoint` and ``lightning-htsr
+analyze``.
+
+checkpoint (headers) --plan--> matrices by name and shape --(this rank's share, read one tensor at a time)-->
+:func:`~lightning_htsr.analysis.analyze_stream` --> records, gathered on every rank when distributed.
+
+Threads: offline analysis runs torch with :data:`DEFAULT_THREADS` intra-op threads unless told otherwise. Measured
+on the 2-core development box (``benchmarks/README.md``): 2 threads made ``eigvalsh`` of a 4096 x 4096 Gram matrix
+2-3x slower than 1 thread (10.7 s vs 4.9 s; MKL's threads contend with everything else on the cores), while the
+Gram product gained at most 2x; one thread per process and one process per core (``torchrun``) is faster and
+predictable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+
+from .analysis import AnalysisOptions, MatrixAnalysis, _resolve_options, analyze_stream, warn_bad_input
+from .checkpoints import Checkpoint, CheckpointError, TensorInfo, open_checkpoint
+from .distributed import assign_owners, gather_objects
+from .eigenvalues import Backend, Precision
+from .layers import ShapeAccess, WeightMatrix, is_weight_entry, iter_state_dict_matrices, state_dict_source
+from .phases import PhaseConfig
+from .powerlaw import FitMethod
+from .records import records_to_frame
+
+__all__ = ["DEFAULT_THREADS", "analyze_checkpoint", "checkpoint_analyses", "checkpoint_plan", "checkpoint_records",
+           "threads_limit"]
+
+#: torch intra-op threads during offline analysis (see the module docstring for the measurement).
+DEFAULT_THREADS = 1
+
+
+@contextlib.contextmanager
+def threads_limit(threads: int | None) -> Iterator[int]:
+    """Run the body with ``threads`` torch intra-op threads (default :data:`DEFAULT_THREADS`), then restore.
+
+    Args:
+        threads: Number of threads; ``0`` leaves torch's own choice.
+
+    Yields:
+        The number of threads in effect.
+    """
+    before = torch.get_num_threads()
+    wanted = DEFAULT_THREADS if threads is None else threads
+    if wanted > 0:
+        torch.set_num_threads(wanted)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def checkpoint_plan(checkpoint: Checkpoint, options: AnalysisOptions, *, include: Sequence[str] | str | None = None,
+                    exclude: Sequence[str] | str | None = None) -> list[WeightMatrix]:
+    """Every matrix the analysis will report, from the headers alone (no tensor is read).
+
+    Args:
+        checkpoint: The opened checkpoint.
+        options: For ``min_evals``/``max_evals``.
+        include: Regex(es) a matrix name must match.
+        exclude: Regex(es) of names to drop.
+
+    Returns:
+        Matrices with names, shapes and ``source`` (``slices`` on the meta device).
+    """
+    items = ((i.name, torch.empty(i.shape, dtype=i.dtype, device="meta")) for i in checkpoint.infos)
+    return list(iter_state_dict_matrices(items, shapes=checkpoint.shapes(), include=include, exclude=exclude,
+                                         min_evals=options.min_evals, max_evals=options.max_evals, tie=False,
+                                         access=ShapeAccess()))
+
+
+def checkpoint_analyses(
+    checkpoint: Checkpoint,
+    options: AnalysisOptions,
+    *,
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    device: torch.device | str | None = None,
+    owned: Callable[[str], bool] | None = None,
+) -> Iterator[MatrixAnalysis]:
+    """Analyze a checkpoint's matrices as their tensors are read, one at a time.
+
+    Args:
+        checkpoint: The opened checkpoint.
+        options: Conventions.
+        include: Regex(es) a matrix name must match.
+        exclude: Regex(es) of names to drop.
+        device: Analyze there (each matrix is moved when its turn comes).
+        owned: Only read entries whose :attr:`~lightning_htsr.layers.WeightMatrix.source` passes (a rank's share).
+
+    Yields:
+        One :class:`~lightning_htsr.analysis.MatrixAnalysis` per matrix, in checkpoint order.
+    """
+
+    def wanted(info: TensorInfo) -> bool:
+        return is_weight_entry(info.name, info.shape) and (owned is None or owned(
+            state_dict_source(info.name, info.shape)))
+
+    matrices = iter_state_dict_matrices(checkpoint.tensors(wanted), shapes=checkpoint.shapes(), include=include,
+                                        exclude=exclude, min_evals=options.min_evals, max_evals=options.max_evals,
+                                        tie=False)
+    return analyze_stream(matrices, options, device=device)
+
+
+def _world() -> tuple[int, int]:
+    """``(rank, world_size)`` of the default process group, ``(0, 1)`` without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _progress(results: Iterator[MatrixAnalysis], total: int, enabled: bool) -> Iterator[MatrixAnalysis]:
+    """``results`` with a tqdm bar on stderr: matrices done, elapsed, ETA, and the matrix just finished."""
+    if not enabled:
+        yield from results
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="matrix", dynamic_ncols=True, mininterval=0.5) as bar:
+        for result in results:
+            bar.set_postfix_str(str(result.record["name"]), refresh=False)
+            bar.update(1)
+            yield result
+
+
+def checkpoint_records(
+    checkpoint: Checkpoint,
+    options: AnalysisOptions,
+    *,
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    on_result: Callable[[MatrixAnalysis], None] | None = None,
+) -> list[dict[str, Any]]:
+    """The records of every matrix, in plan order; under ``torch.distributed`` each rank analyzes a cost-balanced
+    share (:func:`~lightning_htsr.distributed.assign_owners`) and every rank gets every record.
+
+    Args:
+        checkpoint: The opened checkpoint.
+        options: Conventions.
+        include: Regex(es) a matrix name must match.
+        exclude: Regex(es) of names to drop.
+        device: Analyze there.
+        progress: Show a progress bar (this rank's matrices).
+        on_result: Called with each of this rank's results (e.g. to plot its ESD).
+
+    Returns:
+        One record per matrix of :func:`checkpoint_plan`.
+    """
+    plan = checkpoint_plan(checkpoint, options, include=include, exclude=exclude)
+    rank, world = _world()
+    owners = assign_owners(plan, world) if world > 1 else {}
+    mine = [m for m in plan if owners.get(m.source, 0) == rank]
+    records: list[dict[str, Any]] = []
+    error = ""
+    analyses = checkpoint_analyses(checkpoint, options, include=include, exclude=exclude, device=device,
+                                   owned=(lambda s: owners.get(s, 0) == rank) if world > 1 else None)
+    try:
+        for result in _progress(analyses, len(mine), progress):
+            if on_result is not None:
+                on_result(result)
+            records.append(result.record)
+    except CheckpointError as err:  # a damaged shard seen by one rank: every rank must still reach the gather
+        error = str(err)
+    parts = gather_objects((records, error), world)
+    errors = [e for _, e in parts if e]
+    if errors:
+        raise CheckpointError(errors[0])
+    order = {m.name: i for i, m in enumerate(plan)}
+    merged = [r for part, _ in parts for r in part]
+    return sorted(merged, key=lambda r: order.get(r["name"], len(order)))
+
+
+def analyze_checkpoint(
+    paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]],
+    *,
+    include: Sequence[str] | str | None = None,
+    exclude: Sequence[str] | str | None = None,
+    fit: FitMethod = "fast",
+    min_tail: int | None = None,
+    precision: Precision = "auto",
+    backend: Backend = "torch",
+    min_evals: int | None = None,
+    max_evals: int | None = None,
+    ww_compat: bool = False,
+    phase_config: PhaseConfig | None = None,
+    options: AnalysisOptions | None = None,
+    device: torch.device | str | None = None,
+    threads: int | None = None,
+    progress: bool = False,
+    trust_pickle: bool = False,
+) -> pd.DataFrame:
+    """Analyze checkpoint files without the model's class, streaming: one table for the whole checkpoint.
+
+    Reads a file, several files, a Hugging Face model directory (safetensors or ``pytorch_model-*.bin`` shards
+    with their index, or a single file) or an ``*.index.json``; see :mod:`lightning_htsr.checkpoints`. Tensors are
+    read one at a time, upcast per matrix and dropped once analyzed, so memory stays at a few of the largest
+    matrices. Under an initialized ``torch.distributed`` process group (``torchrun``), each rank analyzes a
+    cost-balanced share and every rank returns the whole table.
+
+    Args:
+        paths: What to read.
+        include: Regex(es) a matrix name must match.
+        exclude: Regex(es) of names to drop.
+        fit: Power-law search, ``"fast"`` or ``"exact"``.
+        min_tail: Smallest power-law tail.
+        precision: ``"auto"``, ``"float32"`` or ``"float64"``.
+        backend: ``"torch"`` or ``"cupy"`` (with ``device="cuda"``).
+        min_evals: Skip matrices with fewer pooled eigenvalues.
+        max_evals: Skip matrices with more pooled eigenvalues.
+        ww_compat: weightwatcher 0.7.7's conventions.
+        phase_config: Phase-classifier thresholds.
+        options: Full :class:`~lightning_htsr.AnalysisOptions`; overrides the convention arguments.
+        device: Analyze there (``"cuda"``): each matrix is moved when its turn comes.
+        threads: torch intra-op threads during the analysis (default :data:`DEFAULT_THREADS`; ``0``: torch's).
+        progress: Show a tqdm progress bar on stderr.
+        trust_pickle: Allow ``torch.save`` files that pickle arbitrary Python objects.
+
+    Returns:
+        The table of :func:`~lightning_htsr.analyze` (same columns, one row per matrix).
+
+    Raises:
+        CheckpointError: When a file cannot be read (the message names it).
+
+    Example:
+        >>> import tempfile, torch
+        >>> from safetensors.torch import save_file
+        >>> with tempfile.TemporaryDirectory() as d:
+        ...     save_file({"fc.weight": torch.randn(512, 256, generator=torch.Generator().manual_seed(0))},
+        ...               f"{d}/model.safetensors")
+        ...     analyze_checkpoint(d)[["name", "phase"]].values.tolist()
+        [['fc', 'random_like']]
+    """
+    options = _resolve_options(options, ww_compat=ww_compat, fit=fit, min_tail=min_tail, precision=precision,
+                               backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config)
+    checkpoint = open_checkpoint(paths, trust_pickle=trust_pickle)
+    with threads_limit(threads):
+        records = checkpoint_records(checkpoint, options, include=include, exclude=exclude, device=device,
+                                     progress=progress)
+    warn_bad_input(records)
+    return records_to_frame(records)
