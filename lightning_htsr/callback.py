@@ -24,10 +24,10 @@ from .analysis import analyze_matrices, matrix_identity, resolve_options, warn_b
 from .distributed import assign_owners, full_weight_access, gather_objects
 from .layers import weight_matrices
 from .phases import PhaseConfig, PhaseTracker
-from .records import empty_record
+from .records import MatrixResult, empty_record
 from .schedule import AnalysisSchedule
 from .sinks.history import HISTORY_FILE, SPECTRA_FILE, HistoryWriter, write_spectra
-from .sinks.scalars import scalar_metrics
+from .sinks.scalars import is_model_key, scalar_metrics
 from .sinks.tensorboard import TensorBoardSink, tensorboard_writer
 from .sinks.summary import fit_summary
 from .stopping import StopCriteria, StopReason, StopState, evaluate_stop
@@ -259,7 +259,7 @@ class _HTSRCallbackImpl:
         start = time.perf_counter()
         with trainer.profiler.profile(f"[HTSR]{self.prefix}.analyze"):
             results = self._compute(trainer, pl_module)
-        records = [r for r, _, _ in results]
+        records = [dict(r.record) for r in results]
         tracked = self.tracker.update({r["name"]: r["phase"] for r in records})
         # A matrix counts with its smoothed label only when this analysis classified it: the tracker remembers old
         # labels across unclassified analyses (hysteresis), but a matrix that is now NaN or skipped has no phase.
@@ -279,8 +279,9 @@ class _HTSRCallbackImpl:
         self.analysis_count += 1
         self.last_analysis_step = step
         if self.verbose and trainer.is_global_zero:
-            self._info(f"HT-SR analysis {self.analysis_count} at step {step} ({trigger}): "
-                       f"{ {k.split('/', 1)[1]: round(v, 3) for k, v in metrics.items() if k.count('/') == 1} }")
+            model_level = {k[len(self.prefix) + 1:]: round(v, 3) for k, v in metrics.items()
+                           if is_model_key(k, self.prefix)}
+            self._info(f"HT-SR analysis {self.analysis_count} at step {step} ({trigger}): {model_level}")
 
     @contextmanager
     def _compute_threads(self, trainer: Any, pl_module: Any):  # noqa: ANN202 - context manager
@@ -295,13 +296,13 @@ class _HTSRCallbackImpl:
         finally:
             torch.set_num_threads(before)
 
-    def _compute(self, trainer: Any, pl_module: Any) -> list[tuple[dict[str, Any], np.ndarray | None, Any]]:
+    def _compute(self, trainer: Any, pl_module: Any) -> list[MatrixResult]:
         """Analyze this rank's share of the matrices and gather everyone's results (all ranks, same order)."""
         world, rank = int(trainer.world_size), int(trainer.global_rank)
         selection = {"include": self.include, "exclude": self.exclude, "layer_types": self.layer_types,
                      "min_evals": self.options.min_evals, "max_evals": self.options.max_evals}
         model = trainer.model if trainer.model is not None else pl_module
-        local: list[tuple[dict[str, Any], np.ndarray | None, Any]] = []
+        local: list[MatrixResult] = []
         with torch.no_grad(), self._compute_threads(trainer, pl_module), full_weight_access(model) as access:
             plan = weight_matrices(pl_module, access=access, materialize=False, **selection)
             owners = assign_owners(plan, world) if world > 1 else None
@@ -309,19 +310,18 @@ class _HTSRCallbackImpl:
             try:
                 mats = weight_matrices(pl_module, access=access, select=select, **selection)
                 for res in analyze_matrices(mats, self.options):
-                    res.record["rank"] = rank
                     ev = res.eigenvalues.numpy().astype(np.float32) if res.eigenvalues is not None else None
-                    local.append((res.record, ev, {"powerlaw": res.powerlaw, "mp": res.mp}))
+                    local.append(MatrixResult({**res.record, "rank": rank}, ev, res.powerlaw, res.mp))
             except Exception as err:  # noqa: BLE001 - a bug here must not end anybody's training run
                 warnings.warn(f"lightning-htsr: analysis failed on rank {rank} ({type(err).__name__}: {err}); "
                               "these matrices are recorded as skipped", UserWarning, stacklevel=2)
                 reason = f"analysis error: {type(err).__name__}: {err}"
-                local = [(empty_record(**matrix_identity(m), status="skipped", skip_reason=reason), None, None)
-                         for m in plan if select is None or select(m.source)]
+                local = [MatrixResult({**empty_record(**matrix_identity(m), status="skipped", skip_reason=reason),
+                                       "rank": rank}) for m in plan if select is None or select(m.source)]
         if world == 1:
             return local
         parts = gather_objects(local, world)  # records, float32 eigenvalues and the (small, frozen) fits
-        by_name = {r["name"]: (r, ev, extras) for part in parts for r, ev, extras in part}
+        by_name = {r.name: r for part in parts for r in part}
         return [by_name[m.name] for m in plan if m.name in by_name]
 
     def _decide(self, trainer: Any, records: list[dict[str, Any]], smoothed: dict[str, str | None],
@@ -353,7 +353,7 @@ class _HTSRCallbackImpl:
         # (its matrix was skipped), a model-level aggregate becomes NaN (nothing left to average: e.g. diverged
         # weights), which EarlyStopping(check_finite=True) on it turns into a stop.
         for key in [k for k in trainer.callback_metrics if k.startswith(f"{self.prefix}/") and k not in metrics]:
-            if key.count("/") == 1:
+            if is_model_key(key, self.prefix):
                 trainer.callback_metrics[key] = torch.tensor(float("nan"))
             else:
                 del trainer.callback_metrics[key]
@@ -368,7 +368,7 @@ class _HTSRCallbackImpl:
             logger.log_metrics({**metrics, "epoch": float(epoch)}, step=step)
             logger.save()
 
-    def _write_views(self, trainer: Any, results: Sequence[tuple[dict[str, Any], Any, Any]],
+    def _write_views(self, trainer: Any, results: Sequence[MatrixResult],
                      smoothed: dict[str, str | None], step: int, trigger: str, epoch: int, stop_message: str) -> None:
         for logger in trainer.loggers:
             writer = tensorboard_writer(logger)
@@ -381,10 +381,10 @@ class _HTSRCallbackImpl:
         if self.history_path:
             rows = [{**r, "analysis": self.analysis_count, "epoch": epoch, "global_step": step, "trigger": trigger,
                      "smoothed_phase": smoothed.get(r["name"]), "stopping_reason": stop_message}
-                    for r, _, _ in results]
+                    for r in (result.record for result in results)]
             HistoryWriter(self.history_path).append(rows)
         if self.spectra_path:
-            write_spectra(self.spectra_path, {r["name"]: ev for r, ev, _ in results}, step=step, epoch=epoch)
+            write_spectra(self.spectra_path, {r.name: r.eigenvalues for r in results}, step=step, epoch=epoch)
 
     def _warn_bad_input(self, trainer: Any, records: list[dict[str, Any]]) -> None:
         """One warning per matrix and reason for the whole run (bad weights often stay bad for many epochs)."""

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from .phases import Phase
@@ -20,6 +22,7 @@ __all__ = [
     "COLUMNS",
     "SUMMARY_METRICS",
     "TOO_SMALL",
+    "MatrixResult",
     "empty_record",
     "flag_unclassified",
     "is_classified",
@@ -58,6 +61,28 @@ SUMMARY_METRICS: tuple[str, ...] = (
     "alpha", "alpha_weighted", "log_alpha_norm", "log_norm", "log_spectral_norm", "stable_rank", "mp_softrank",
     "entropy", "D",
 )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class MatrixResult:
+    """One matrix's result as the callback gathers it across ranks and hands it to the sinks.
+
+    Attributes:
+        record: The row (:data:`COLUMNS`, plus ``rank``: the process that computed it).
+        eigenvalues: Sorted eigenvalues as float32 (``None`` for skipped matrices).
+        powerlaw: The power-law fit (for ESD figures), or ``None``.
+        mp: The Marchenko-Pastur fit (for ESD figures), or ``None``.
+    """
+
+    record: Mapping[str, Any]
+    eigenvalues: np.ndarray | None = None
+    powerlaw: Any = None
+    mp: Any = None
+
+    @property
+    def name(self) -> str:
+        """The matrix's name."""
+        return str(self.record["name"])
 
 
 def empty_record(**values: Any) -> dict[str, Any]:

@@ -404,6 +404,23 @@ def test_diverged_weights_do_not_keep_stale_phases_or_stop_the_run(tmp_path) -> 
     assert math.isnan(float(trainer.callback_metrics["htsr/alpha_mean"]))
 
 
+def test_a_prefix_with_a_slash_keeps_model_level_keys_apart_from_per_matrix_keys(tmp_path) -> None:
+    class Diverge(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module) -> None:
+            if trainer.current_epoch == 1:
+                with torch.no_grad():
+                    for p in pl_module.parameters():
+                        p.fill_(float("nan"))
+
+    callback = HTSRCallback(prefix="exp/htsr", log_figures_every=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = fit(tmp_path, TinyNet(lr=0.0, heavy=True), [Diverge(), callback], logger=False, max_epochs=2)
+    # the aggregate of an analysis with nothing left to average is NaN (not dropped), per-matrix keys are gone
+    assert math.isnan(float(trainer.callback_metrics["exp/htsr/alpha_mean"]))
+    assert not any(k.startswith("exp/htsr/net.") for k in trainer.callback_metrics)
+
+
 def test_early_stopping_on_alpha_mean_catches_divergence(tmp_path) -> None:
     class Diverge(pl.Callback):
         def on_train_epoch_start(self, trainer, pl_module) -> None:

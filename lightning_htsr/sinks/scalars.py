@@ -9,7 +9,7 @@ from typing import Any
 from ..phases import Phase
 from ..records import records_to_frame, summarize
 
-__all__ = ["MATRIX_SCALARS", "MODEL_SCALARS", "phase_legend", "scalar_metrics"]
+__all__ = ["MATRIX_SCALARS", "MODEL_SCALARS", "is_model_key", "phase_legend", "scalar_metrics"]
 
 #: Per-matrix scalars, logged as ``<prefix>/<matrix name>/<metric>`` (plus ``/phase``, the smoothed phase code).
 MATRIX_SCALARS: tuple[str, ...] = ("alpha", "entropy", "alpha_weighted", "stable_rank", "mp_softrank", "num_spikes")
@@ -24,6 +24,18 @@ MODEL_SCALARS: dict[str, str] = {
     "mp_softrank_mean": "mp_softrank",
     "log_spectral_norm_mean": "log_spectral_norm",
 }
+
+
+def is_model_key(key: str, prefix: str = "htsr") -> bool:
+    """Whether a key of :func:`scalar_metrics` is model-level (``<prefix>/alpha_mean``) rather than per matrix
+    (``<prefix>/<matrix>/alpha``); works for prefixes that contain ``/`` themselves.
+
+    Example:
+        >>> is_model_key("runs/htsr/alpha_mean", "runs/htsr"), is_model_key("runs/htsr/fc/alpha", "runs/htsr")
+        (True, False)
+    """
+    start = f"{prefix}/"
+    return key.startswith(start) and "/" not in key[len(start):]
 
 
 def phase_legend() -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..records import flag_unclassified
+from ..records import MatrixResult, flag_unclassified
 from .scalars import MATRIX_SCALARS, phase_legend
 
 __all__ = ["TensorBoardSink", "dashboard_layout", "tensorboard_writer"]
@@ -101,7 +101,7 @@ class TensorBoardSink:
     def write(
         self,
         writer: Any,
-        analyses: Sequence[tuple[Mapping[str, Any], np.ndarray | None, Any]],
+        analyses: Sequence[MatrixResult],
         smoothed: Mapping[str, str | None],
         phase_history: Sequence[Mapping[str, Any]],
         *,
@@ -112,8 +112,7 @@ class TensorBoardSink:
 
         Args:
             writer: A ``SummaryWriter``.
-            analyses: ``(record, eigenvalues, extras)`` per matrix; ``extras`` holds the fits for figures
-                (``{"powerlaw": ..., "mp": ...}``) or ``None``.
+            analyses: One :class:`~lightning_htsr.records.MatrixResult` per matrix (record, eigenvalues, fits).
             smoothed: Smoothed phase per matrix.
             phase_history: ``[{"step": s, "phases": {name: phase}}]`` of all analyses so far (for the phase map).
             step: Global step.
@@ -125,32 +124,32 @@ class TensorBoardSink:
             writer.add_text(f"{p}/phase_legend", phase_legend(), step)
             self._initialized.add(id(writer))
         if self.log_histograms:
-            for record, eigenvalues, _ in analyses:
-                if eigenvalues is None:
+            for result in analyses:
+                if result.eigenvalues is None:
                     continue
-                positive = eigenvalues[eigenvalues > 0]
+                positive = result.eigenvalues[result.eigenvalues > 0]
                 if positive.size:
-                    writer.add_histogram(f"{p}/{record['name']}/log10_eigenvalues",
+                    writer.add_histogram(f"{p}/{result.name}/log10_eigenvalues",
                                          torch.from_numpy(np.log10(positive.astype(np.float64))), step)
         from ..plotting import plot_esd, plot_phase_map  # matplotlib only when figures are drawn
 
         if self.figures_due(analysis_index):
-            for record, eigenvalues, extras in analyses:
-                if eigenvalues is None:
+            for result in analyses:
+                if result.eigenvalues is None:
                     continue
-                extras = extras or {}
-                fig = plot_esd(eigenvalues, powerlaw=extras.get("powerlaw"), mp=extras.get("mp"),
-                               phase=smoothed.get(record["name"]) or record.get("phase"), Q=record.get("Q"),
-                               title=f"{record['name']} (step {step})")
+                record = result.record
+                fig = plot_esd(result.eigenvalues, powerlaw=result.powerlaw, mp=result.mp,
+                               phase=smoothed.get(result.name) or record.get("phase"), Q=record.get("Q"),
+                               title=f"{result.name} (step {step})")
                 _fast_layout(fig)
-                writer.add_figure(f"{p}/{record['name']}/esd", fig, step, close=False)
+                writer.add_figure(f"{p}/{result.name}/esd", fig, step, close=False)
         if phase_history:
-            names = [r["name"] for r, _, _ in analyses]
+            names = [r.name for r in analyses]
             grid = [[h["phases"].get(n) for h in phase_history] for n in names]
             fig = plot_phase_map(names, [h["step"] for h in phase_history], grid, xlabel="global step",
                                  title="smoothed_phase per matrix and analysis")
             writer.add_figure(f"{p}/phase_map", fig, step, close=False)
-        writer.add_text(f"{p}/latest", results_table([r for r, _, _ in analyses], smoothed), step)
+        writer.add_text(f"{p}/latest", results_table([r.record for r in analyses], smoothed), step)
         writer.flush()
 
     def write_stop(self, writer: Any, message: str, step: int) -> None:
