@@ -109,7 +109,8 @@ class Recorder(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         val = trainer.callback_metrics.get("val_loss")
         self.epochs.append({"epoch": trainer.current_epoch, "step": trainer.global_step,
-                            "test_acc": self._accuracy(pl_module), "val_loss": float(val) if val is not None else math.nan})
+                            "test_acc": self._accuracy(pl_module),
+                            "val_loss": float(val) if val is not None else math.nan})
 
 
 def _loader(split: tuple[torch.Tensor, torch.Tensor], batch_size: int, shuffle: bool, seed: int) -> DataLoader:
@@ -160,12 +161,14 @@ def reference_run(task: Task, seed: int, epochs: int, quick: bool = False) -> di
         seconds = time.perf_counter() - start
         frame = read_history(history)
     analyses = []
-    for (index, epoch, step, trigger), rows in frame.groupby(["analysis", "epoch", "global_step", "trigger"], sort=True):
+    groups = frame.groupby(["analysis", "epoch", "global_step", "trigger"], sort=True)
+    for (index, epoch, step, trigger), rows in groups:
         records = [{c: _plain(r[c]) for c in HISTORY_COLUMNS if c in r} for r in rows.to_dict("records")]
         analyses.append({"analysis": int(index), "epoch": int(epoch), "step": int(step), "trigger": trigger,
                          "records": records})
     return {"task": task.name, "seed": seed, "epochs": epochs, "every_n_steps": every, "seconds": seconds,
-            "steps_per_epoch": steps_per_epoch(task, seed, quick), "curve": recorder.epochs, "step_curve": recorder.steps,
+            "steps_per_epoch": steps_per_epoch(task, seed, quick), "curve": recorder.epochs,
+            "step_curve": recorder.steps,
             "analyses": analyses}
 
 
@@ -276,7 +279,8 @@ def over_trained_study(references: Sequence[dict[str, Any]]) -> None:
     for ref in references:
         accs = {c["epoch"]: c["test_acc"] for c in ref["curve"]}
         tracker, seen = PhaseTracker(k=2), set()
-        for a in (a for a in ref["analyses"] if a["trigger"] != "step" or a["step"] in {c["step"] for c in ref["curve"]}):
+        ends = {c["step"] for c in ref["curve"]}
+        for a in (a for a in ref["analyses"] if a["trigger"] != "step" or a["step"] in ends):
             smoothed = tracker.update({r["name"]: r["phase"] for r in a["records"]})
             if a["trigger"] == "train_start":
                 continue
@@ -366,8 +370,8 @@ def plot(references: Sequence[dict[str, Any]], rows: Sequence[Row], path: Path) 
 
     tasks = [t for t in TASKS if any(r["task"] == t for r in references)]
     cols = min(4, len(tasks))
-    fig, axes = plt.subplots(math.ceil(len(tasks) / cols), cols, figsize=(4.2 * cols, 3.2 * math.ceil(len(tasks) / cols)),
-                             squeeze=False)
+    nrows = math.ceil(len(tasks) / cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
     stops = {(r.task, r.seed, r.method): r for r in rows}
     marks = {"htsr stop rule": ("o", "tab:red", "HT-SR stop (weights only)"),
              "EarlyStopping(val_loss, 5)": ("s", "tab:blue", "EarlyStopping(val_loss, 5)")}
@@ -390,7 +394,8 @@ def plot(references: Sequence[dict[str, Any]], rows: Sequence[Row], path: Path) 
     for ax in list(axes.flat)[len(tasks):]:
         ax.axis("off")
     handles = [plt.Line2D([], [], color="0.55", label="full-budget run (one line per seed)")]
-    handles += [plt.Line2D([], [], ls="", marker=m, color=c, mfc="none", mew=1.8, label=l) for m, c, l in marks.values()]
+    handles += [plt.Line2D([], [], ls="", marker=m, color=c, mfc="none", mew=1.8, label=label)
+                for m, c, label in marks.values()]
     fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
@@ -400,7 +405,8 @@ def plot(references: Sequence[dict[str, Any]], rows: Sequence[Row], path: Path) 
 # ---------------------------------------------------------------------------------------------- main
 
 
-def load_or_run_reference(task: Task, seed: int, epochs: int, cache: Path | None, quick: bool = False) -> dict[str, Any]:
+def load_or_run_reference(task: Task, seed: int, epochs: int, cache: Path | None,
+                          quick: bool = False) -> dict[str, Any]:
     path = cache / f"{task.name}-{seed}-{epochs}{'-quick' if quick else ''}.json" if cache else None
     if path is not None and path.exists():
         return json.loads(path.read_text())
@@ -481,8 +487,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 peer = cached(args.cache, f"{name}-{seed}-{epochs}-early_stopping",
                               lambda: early_stopping_run(task, seed, epochs, args.quick), args.quick)
                 rows.append(row(reference, "EarlyStopping(val_loss, 5)", peer))
-            print(f"{name} seed {seed}: reference {reference['seconds']:.0f} s, best {max(c['test_acc'] for c in reference['curve']):.1f}"
-                  f", rule stops at {replayed['stop_epoch']}", flush=True)
+            best = max(c["test_acc"] for c in reference["curve"])
+            print(f"{name} seed {seed}: reference {reference['seconds']:.0f} s, best {best:.1f}, rule stops at "
+                  f"{replayed['stop_epoch']}", flush=True)
     methods = ["reference (full budget)", "htsr stop rule", "htsr (every 1/3 epoch)", "EarlyStopping(val_loss, 5)"]
     print_table(rows, methods)
     if args.study:

@@ -11,7 +11,7 @@ only, and Lightning's ``EarlyStopping`` (the peer) reads the validation loss.
 | ``mlp_mnist1d`` | ``mnist1d.make_dataset`` | MLP 40-512-256-10 | Adam, step decay |
 | ``cnn1d_mnist1d`` | ``mnist1d.make_dataset`` | 1-D CNN (3 conv, 2 fc) | Adam, constant |
 | ``cnn2d_digits`` | scikit-learn digits as 1x8x8 images | 2-D CNN (2 conv, 2 fc) | SGD + momentum, cosine decay |
-| ``transformer_seq`` | synthetic token sequences (majority token) | 2-layer transformer encoder | AdamW, warmup + cosine |
+| ``transformer_seq`` | synthetic token sequences (majority token) | 2-layer transformer | AdamW, warmup + cosine |
 | ``gru_seq`` | synthetic token sequences ((first + last) mod 10) | embedding + GRU + MLP head | Adam, constant |
 """
 
@@ -233,8 +233,13 @@ def adam_step(lr: float, step: int, gamma: float = 0.3) -> Callable:
 def adamw_warmup_cosine(lr: float, warmup: int = 3) -> Callable:
     def make(params, epochs):
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-        ramp = lambda e: (e + 1) / warmup if e < warmup else 0.5 * (1 + math.cos(math.pi * (e - warmup) / max(1, epochs - warmup)))  # noqa: E731,E501
-        return opt, torch.optim.lr_scheduler.LambdaLR(opt, ramp)
+
+        def factor(epoch: int) -> float:  # linear warmup, then cosine to 0 at the end of the budget
+            if epoch < warmup:
+                return (epoch + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (epoch - warmup) / max(1, epochs - warmup)))
+
+        return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
     return make
 

@@ -34,6 +34,19 @@ def read_events(log_dir: str) -> EventAccumulator:
     return acc
 
 
+class Diverge(pl.Callback):
+    """Fills every parameter with NaN at the start of epoch ``at_epoch`` (diverged weights)."""
+
+    def __init__(self, at_epoch: int) -> None:
+        self.at_epoch = at_epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.at_epoch:
+            with torch.no_grad():
+                for p in pl_module.parameters():
+                    p.fill_(float("nan"))
+
+
 def fit(tmp_path, model=None, callbacks=(), **kwargs) -> pl.Trainer:
     trainer = pl.Trainer(callbacks=list(callbacks), **trainer_kwargs(tmp_path, **kwargs))
     trainer.fit(model or TinyNet())
@@ -385,16 +398,10 @@ def test_on_gpu_the_spectra_are_computed_on_the_device_and_match_cpu(tmp_path, b
 def test_diverged_weights_do_not_keep_stale_phases_or_stop_the_run(tmp_path) -> None:
     """After NaN takes over, no matrix is classified: the last good labels must not count (or trigger a stop)."""
 
-    class Diverge(pl.Callback):
-        def on_train_epoch_start(self, trainer, pl_module) -> None:
-            if trainer.current_epoch == 1:
-                with torch.no_grad():
-                    for p in pl_module.parameters():
-                        p.fill_(float("nan"))
-
     callback = HTSRCallback(stop_on="heavy_tailed", patience=1)
     with pytest.warns(UserWarning, match="not fully analyzed"):
-        trainer = fit(tmp_path, TinyNet(lr=0.0, heavy=True), [Diverge(), callback], logger=False, max_epochs=4)
+        trainer = fit(tmp_path, TinyNet(lr=0.0, heavy=True), [Diverge(at_epoch=1), callback], logger=False,
+                      max_epochs=4)
     assert callback.stopping_reason is StopReason.NOT_STOPPED and trainer.current_epoch == 4
     history = read_history(callback.history_path)
     after = history[history.epoch >= 1]
@@ -405,34 +412,22 @@ def test_diverged_weights_do_not_keep_stale_phases_or_stop_the_run(tmp_path) -> 
 
 
 def test_a_prefix_with_a_slash_keeps_model_level_keys_apart_from_per_matrix_keys(tmp_path) -> None:
-    class Diverge(pl.Callback):
-        def on_train_epoch_start(self, trainer, pl_module) -> None:
-            if trainer.current_epoch == 1:
-                with torch.no_grad():
-                    for p in pl_module.parameters():
-                        p.fill_(float("nan"))
-
     callback = HTSRCallback(prefix="exp/htsr", log_figures_every=None)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = fit(tmp_path, TinyNet(lr=0.0, heavy=True), [Diverge(), callback], logger=False, max_epochs=2)
+        trainer = fit(tmp_path, TinyNet(lr=0.0, heavy=True), [Diverge(at_epoch=1), callback], logger=False,
+                      max_epochs=2)
     # the aggregate of an analysis with nothing left to average is NaN (not dropped), per-matrix keys are gone
     assert math.isnan(float(trainer.callback_metrics["exp/htsr/alpha_mean"]))
     assert not any(k.startswith("exp/htsr/net.") for k in trainer.callback_metrics)
 
 
 def test_early_stopping_on_alpha_mean_catches_divergence(tmp_path) -> None:
-    class Diverge(pl.Callback):
-        def on_train_epoch_start(self, trainer, pl_module) -> None:
-            if trainer.current_epoch == 2:
-                with torch.no_grad():
-                    for p in pl_module.parameters():
-                        p.fill_(float("nan"))
-
     stopper = EarlyStopping(monitor="htsr/alpha_mean", patience=100, check_on_train_epoch_end=True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = fit(tmp_path, TinyNet(lr=0.0), [Diverge(), HTSRCallback(), stopper], logger=False, max_epochs=10)
+        trainer = fit(tmp_path, TinyNet(lr=0.0), [Diverge(at_epoch=2), HTSRCallback(), stopper], logger=False,
+                      max_epochs=10)
     assert stopper.stopping_reason.name == "NON_FINITE_METRIC" and trainer.current_epoch == 3
 
 

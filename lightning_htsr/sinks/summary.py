@@ -44,7 +44,8 @@ def not_stopped_reason(records: Sequence[Mapping[str, Any]], smoothed: Mapping[s
     if not any(smoothed.get(r["name"]) == criteria.stop_on for r in learning):
         return f"no learning weight matrix is {criteria.stop_on} yet (random-like matrices are ignored)"
     patience = criteria.settle_patience
-    moving = [r["name"] for r in learning if settled_for(state.anchors.get(r["name"]), state.progress) < patience - 1e-9]
+    moving = [r["name"] for r in learning
+              if settled_for(state.anchors.get(r["name"]), state.progress) < patience - 1e-9]
     shown = ", ".join(moving[:5]) + (" ..." if len(moving) > 5 else "")
     return (f"{len(moving)} of {len(learning)} learning weight matrices moved by more than alpha "
             f"{criteria.alpha_tolerance:.0%} / entropy {criteria.entropy_tolerance:.1%} within the last {patience:g} "
