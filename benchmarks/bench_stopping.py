@@ -33,8 +33,8 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stopping_tasks import TASKS, Task  # noqa: E402
 
 from lightning_htsr import HTSRCallback  # noqa: E402
+from lightning_htsr.phases import PhaseTracker  # noqa: E402
 from lightning_htsr.sinks import read_history  # noqa: E402
+from lightning_htsr.stopping import StopCriteria, over_trained, replay_stop  # noqa: E402
 
 HISTORY_COLUMNS = ("name", "N", "M", "num_evals", "status", "phase", "alpha", "entropy", "stable_rank",
                    "mp_softrank", "log_spectral_norm", "log_norm", "D", "num_spikes", "warning")
@@ -209,21 +211,22 @@ def replay(reference: dict[str, Any], rule: dict[str, Any], schedule: str = "epo
     ``schedule="epoch"`` uses the epoch-end analyses (the callback's default); ``"steps"`` every analysis (about three
     per epoch). Returns the stop's epoch (0-based; ``None`` = never), fractional epochs run, and test accuracy there.
     """
-    analyses = [a for a in reference["analyses"] if schedule == "steps" or a["trigger"] != "step"]
-    if schedule == "epoch":  # the epoch-end analysis of an epoch may have been triggered by the step schedule
-        ends = {c["step"] for c in reference["curve"]}
-        analyses = [a for a in reference["analyses"] if a["trigger"] == "train_start" or a["step"] in ends]
-    from lightning_htsr.stopping import replay_stop
-
+    analyses = reference["analyses"] if schedule == "steps" else epoch_end_analyses(reference)
     spe = reference["steps_per_epoch"]
     stop = replay_stop([{**a, "progress": a["step"] / spe} for a in analyses], **rule)
     curve = reference["curve"]
     if stop is None:
         return {"stop_epoch": None, "epochs_run": len(curve), "test_acc": curve[-1]["test_acc"], "stopped": False}
     accuracy = {c["step"]: c["test_acc"] for c in reference["step_curve"] + curve}
-    run = stop["step"] / reference["steps_per_epoch"]
-    return {"stop_epoch": stop["epoch"], "epochs_run": run, "test_acc": accuracy[stop["step"]], "stopped": True,
-            "message": stop["message"]}
+    return {"stop_epoch": stop["epoch"], "epochs_run": stop["step"] / spe, "test_acc": accuracy[stop["step"]],
+            "stopped": True, "message": stop["message"]}
+
+
+def epoch_end_analyses(reference: dict[str, Any]) -> list[dict[str, Any]]:
+    """The baseline and the analyses at epoch ends (the callback's default schedule); an epoch end may have been
+    triggered by the step schedule."""
+    ends = {c["step"] for c in reference["curve"]}
+    return [a for a in reference["analyses"] if a["trigger"] == "train_start" or a["step"] in ends]
 
 
 def early_stopping_replay(reference: dict[str, Any], patience: int = 5, min_delta: float = 0.0) -> dict[str, Any]:
@@ -273,24 +276,18 @@ def study(references: Sequence[dict[str, Any]]) -> None:
 
 def over_trained_study(references: Sequence[dict[str, Any]]) -> None:
     """How often a heavy-tailed matrix's alpha falls below 2 while test accuracy still improves by > 1 point."""
-    from lightning_htsr.phases import PhaseTracker
-
     events = []
     for ref in references:
         accs = {c["epoch"]: c["test_acc"] for c in ref["curve"]}
         tracker, seen = PhaseTracker(k=2), set()
-        ends = {c["step"] for c in ref["curve"]}
-        for a in (a for a in ref["analyses"] if a["trigger"] != "step" or a["step"] in ends):
-            smoothed = tracker.update({r["name"]: r["phase"] for r in a["records"]})
+        for a in epoch_end_analyses(ref):
+            smoothed = tracker.update_records(a["records"])
             if a["trigger"] == "train_start":
                 continue
-            for r in a["records"]:
-                if r["name"] in seen or smoothed.get(r["name"]) != "heavy_tailed" or not r["phase"]:
-                    continue
-                if r["alpha"] is not None and r["alpha"] < 2.0:
-                    seen.add(r["name"])
-                    later = max(v for e, v in accs.items() if e >= a["epoch"])
-                    events.append((ref["task"], ref["seed"], r["name"], a["epoch"], later - accs[a["epoch"]]))
+            for name in (n for n in over_trained(a["records"], smoothed) if n not in seen):  # the callback's test
+                seen.add(name)
+                later = max(v for e, v in accs.items() if e >= a["epoch"])
+                events.append((ref["task"], ref["seed"], name, a["epoch"], later - accs[a["epoch"]]))
     runs = {(t, s) for t, s, *_ in events}
     improving = [e for e in events if e[4] > WITHIN_POINTS]
     print(f"\nalpha < 2 (over-trained warning) on a heavy-tailed matrix: {len(events)} matrices in {len(runs)} of "
@@ -419,15 +416,11 @@ def load_or_run_reference(task: Task, seed: int, epochs: int, cache: Path | None
 
 def rule_key(rule: dict[str, Any]) -> str:
     """A file-name-safe key of every setting of a rule (defaults included: changing a default misses the cache)."""
-    from dataclasses import fields
-
-    from lightning_htsr.stopping import StopCriteria
-
     criteria = StopCriteria(**{"stop_on": "heavy_tailed", **rule})
     return "_".join(f"{f.name}={getattr(criteria, f.name)}" for f in fields(criteria)).replace("/", "_")
 
 
-def cached(cache: Path | None, key: str, run: Any, quick: bool) -> dict[str, Any]:
+def cached(cache: Path | None, key: str, run: Callable[[], dict[str, Any]], quick: bool) -> dict[str, Any]:
     """``run()``, kept as ``<cache>/<key>.json`` (quick runs are never cached)."""
     path = cache / f"{key}.json" if cache and not quick else None
     if path is not None and path.exists():

@@ -260,10 +260,7 @@ class _HTSRCallbackImpl:
         with trainer.profiler.profile(f"[HTSR]{self.prefix}.analyze"):
             results = self._compute(trainer, pl_module)
         records = [dict(r.record) for r in results]
-        tracked = self.tracker.update({r["name"]: r["phase"] for r in records})
-        # A matrix counts with its smoothed label only when this analysis classified it: the tracker remembers old
-        # labels across unclassified analyses (hysteresis), but a matrix that is now NaN or skipped has no phase.
-        smoothed = {r["name"]: tracked.get(r["name"]) if r["phase"] else None for r in records}
+        smoothed = self.tracker.update_records(records)  # None for a matrix this analysis did not classify
         step, epoch = int(trainer.global_step), int(trainer.current_epoch)
         self.phase_history.append({"step": step, "epoch": epoch, "phases": dict(smoothed)})
         metrics = scalar_metrics(records, smoothed, prefix=self.prefix, extra=self.extra_scalars)

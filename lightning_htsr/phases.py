@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -340,6 +342,23 @@ class PhaseTracker:
                 self.candidate.pop(name)
                 self.streak.pop(name)
         return dict(self.smoothed)
+
+    def update_records(self, records: Iterable[Mapping[str, Any]]) -> dict[str, str | None]:
+        """Feed one analysis' records; the smoothed phase of each matrix *this* analysis classified, else ``None``.
+
+        The tracker remembers old labels across unclassified analyses (hysteresis), but a matrix that is now NaN,
+        skipped or too small has no phase: it must not count with a stale label.
+
+        Example:
+            >>> t = PhaseTracker(k=2)
+            >>> t.update_records([{"name": "fc", "phase": "heavy_tailed"}])
+            {'fc': 'heavy_tailed'}
+            >>> t.update_records([{"name": "fc", "phase": None}])
+            {'fc': None}
+        """
+        records = list(records)
+        tracked = self.update({r["name"]: r["phase"] for r in records})
+        return {r["name"]: tracked.get(r["name"]) if r["phase"] else None for r in records}
 
     def state_dict(self) -> dict[str, object]:
         """Plain-Python state (loads with ``torch.load(weights_only=True)``)."""

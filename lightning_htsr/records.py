@@ -24,6 +24,7 @@ __all__ = [
     "TOO_SMALL",
     "MatrixResult",
     "empty_record",
+    "finite_number",
     "flag_unclassified",
     "is_classified",
     "records_to_frame",
@@ -83,6 +84,16 @@ class MatrixResult:
     def name(self) -> str:
         """The matrix's name."""
         return str(self.record["name"])
+
+
+def finite_number(value: Any) -> bool:
+    """Whether a record value is a finite number (not NaN, inf, ``None``, a string or a bool).
+
+    Example:
+        >>> finite_number(2.5), finite_number(float("nan")), finite_number(None), finite_number(True)
+        (True, False, False, False)
+    """
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def empty_record(**values: Any) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from .metrics import OVER_TRAINED_ALPHA
 from .phases import Phase, PhaseTracker
+from .records import finite_number
 
 __all__ = [
     "Anchor",
@@ -42,6 +43,7 @@ __all__ = [
     "over_trained",
     "phase_fraction",
     "replay_stop",
+    "has_settled",
     "settled_for",
     "update_anchors",
 ]
@@ -188,10 +190,6 @@ def over_trained(records: Sequence[Mapping[str, Any]], phases: Mapping[str, str 
     ]
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def learning_matrices(records: Iterable[Mapping[str, Any]], phases: Mapping[str, str | None]) -> list[Mapping]:
     """Records the ``"settled"`` rule watches: classified now, not ``random_like``, finite alpha and entropy.
 
@@ -200,7 +198,7 @@ def learning_matrices(records: Iterable[Mapping[str, Any]], phases: Mapping[str,
     """
     return [r for r in records
             if phases.get(r["name"]) and phases[r["name"]] != Phase.RANDOM_LIKE.value
-            and all(_finite(r.get(m)) for m in SETTLE_METRICS)]
+            and all(finite_number(r.get(m)) for m in SETTLE_METRICS)]
 
 
 def _moved(anchor: Anchor, record: Mapping[str, Any], criteria: StopCriteria) -> bool:
@@ -233,15 +231,20 @@ def settled_for(anchor: Anchor | None, progress: float) -> float:
     return progress - anchor.progress if anchor is not None else 0.0
 
 
+def has_settled(anchor: Anchor | None, progress: float, patience: float) -> bool:
+    """Whether the matrix has stayed within the tolerances for ``patience`` epochs (up to rounding of progress)."""
+    return settled_for(anchor, progress) >= patience - 1e-9
+
+
 def _settled(criteria: StopCriteria, state: StopState, records: Sequence[Mapping[str, Any]],
              smoothed: Mapping[str, str | None], epoch: int, progress: float) -> tuple[StopState, StopDecision | None]:
     learning = learning_matrices(records, smoothed)
     anchors = update_anchors(state.anchors, learning, criteria, progress=progress, epoch=epoch)
-    state = replace(state, analyses=state.analyses + 1, progress=progress, anchors=anchors)
+    state = replace(state, anchors=anchors)
     patience = criteria.settle_patience
     if criteria.stop_on is None or not any(smoothed.get(r["name"]) == criteria.stop_on for r in learning):
         return state, None
-    if any(settled_for(anchors[r["name"]], progress) < patience - 1e-9 for r in learning):
+    if not all(has_settled(anchors[r["name"]], progress, patience) for r in learning):
         return state, None
     reached = sum(smoothed.get(r["name"]) == criteria.stop_on for r in learning)
     message = (f"HT-SR settled: all {len(learning)} learning weight matrices ({reached} {criteria.stop_on}) kept "
@@ -302,10 +305,9 @@ def evaluate_stop(
     """
     decision: StopDecision | None = None
     progress = float(epoch + 1) if progress is None else float(progress)
+    state = replace(state, analyses=state.analyses + 1, progress=progress)
     if criteria.rule == "settled":  # anchors are kept even when observing only: the summary says what settled when
         state, decision = _settled(criteria, state, records, smoothed, epoch, progress)
-    else:
-        state = replace(state, analyses=state.analyses + 1, progress=progress)
     if decision is None:
         decision, state = _waited(criteria, state, records, smoothed)
     if decision.should_stop and epoch < criteria.min_epochs:
@@ -352,8 +354,7 @@ def replay_stop(analyses: Iterable[Mapping[str, Any]], phase_hysteresis: int = 2
     crit, state, tracker = StopCriteria(**criteria), StopState(), PhaseTracker(k=phase_hysteresis)
     for analysis in analyses:
         records = analysis["records"]
-        tracked = tracker.update({r["name"]: r["phase"] for r in records})
-        smoothed = {r["name"]: tracked.get(r["name"]) if r["phase"] else None for r in records}
+        smoothed = tracker.update_records(records)
         if analysis.get("trigger") == "train_start":
             continue
         decision, state = evaluate_stop(crit, state, records, smoothed, epoch=int(analysis["epoch"]),

@@ -11,29 +11,14 @@ import logging
 import sys
 
 import numpy as np
-import torch
-from torch import nn
 
-sys.path.insert(0, ".")
+sys.path[:0] = [".", "tests"]
+from test_ww_issue11 import trap_model as model  # noqa: E402  (one definition of the test models)
+
 from lightning_htsr import analyze  # noqa: E402
 from lightning_htsr.randomize import RANDOMIZE_COLUMNS  # noqa: E402
 
 SEEDS = range(5)
-
-
-def model(kind: str) -> nn.Module:
-    """The test models: i.i.d. Gaussian, Student-t(2.5) entries, or Gaussian with one planted entry of 40."""
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(200, 400), nn.Linear(300, 300), nn.Conv2d(32, 64, 3))
-    with torch.no_grad():
-        if kind == "heavy":
-            for p in m.parameters():
-                p.copy_(torch.distributions.StudentT(2.5).sample(p.shape))
-        if kind == "trap":
-            m[0].weight[3, 5] = 40.0
-            m[1].weight[7, 7] = 40.0
-            m[2].weight[1, 2, 1, 1] = 40.0
-    return m
 
 
 def main() -> None:

@@ -104,8 +104,9 @@ def test_mp_fit_of_the_shuffled_esd_matches_weightwatchers_fit(shape: tuple[int,
     assert fit["bulk_max"] == pytest.approx((ref_sigma * (1 + 1 / math.sqrt(q))) ** 2 / fit["W_scale"] ** 2)
 
 
-def _trap_model(kind: str) -> nn.Module:
-    """As ``scripts/ww_randomize_reference.py``'s ``model(kind)``."""
+def trap_model(kind: str) -> nn.Module:
+    """The randomize test models (``scripts/ww_randomize_reference.py`` imports this): i.i.d. Gaussian,
+    Student-t(2.5) entries, or Gaussian with one planted entry of 40."""
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(200, 400), nn.Linear(300, 300), nn.Conv2d(32, 64, 3))
     with torch.no_grad():
@@ -150,7 +151,7 @@ _RTOL = {"rand_W_scale": 1e-5, "rand_distance": 0.35, "num_traps": 0.15}
 
 @pytest.mark.parametrize("kind", sorted(WW_RANDOMIZE))
 def test_randomize_columns_agree_with_weightwatcher_in_distribution(kind: str) -> None:
-    model = _trap_model(kind)
+    model = trap_model(kind)
     runs = [analyze(model, ww_compat=True, randomize=True, seed=s) for s in range(5)]
     assert set(RANDOMIZE_COLUMNS) <= set(runs[0].columns)
     for col, ref in WW_RANDOMIZE[kind].items():

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..phases import Phase
-from ..records import records_to_frame, summarize
+from ..records import finite_number, records_to_frame, summarize
 
 __all__ = ["MATRIX_SCALARS", "MODEL_SCALARS", "is_model_key", "phase_legend", "scalar_metrics"]
 
@@ -46,10 +45,6 @@ def phase_legend() -> str:
             "stopping acts on; the same names as the history file's columns.")
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _matrix_scalars(record: Mapping[str, Any], smoothed: str | None, prefix: str,
                     extra: Sequence[str] = ()) -> dict[str, float]:
     """Per-matrix scalars. An unclassified matrix's raw alpha goes to ``alpha_unclassified``, not ``alpha``: it
@@ -58,7 +53,7 @@ def _matrix_scalars(record: Mapping[str, Any], smoothed: str | None, prefix: str
     out: dict[str, float] = {}
     for metric in (*MATRIX_SCALARS, *extra):
         value = record.get(metric)
-        if _finite(value):
+        if finite_number(value):
             key = metric if metric != "alpha" or phase else "alpha_unclassified"
             out[f"{prefix}/{name}/{key}"] = float(value)
     out[f"{prefix}/{name}/phase"] = float(Phase(phase).code) if phase else -1.0  # -1: too small to classify
@@ -113,7 +108,7 @@ def scalar_metrics(
         return out
     summary = summarize(frame, [c for c in MODEL_SCALARS.values() if c in frame])
     for key, column in MODEL_SCALARS.items():
-        if _finite(summary.get(column)):
+        if finite_number(summary.get(column)):
             out[f"{prefix}/{key}"] = float(summary[column])
     for key in ("num_valid", "num_analyzed", "num_classified"):
         out[f"{prefix}/{key}"] = float(summary[key])

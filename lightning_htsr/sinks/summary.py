@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..phases import Phase
-from ..stopping import StopCriteria, StopState, learning_matrices, settled_for
+from ..stopping import StopCriteria, StopState, has_settled, learning_matrices, settled_for
 
 __all__ = ["fit_summary", "not_stopped_reason"]
 
@@ -21,10 +21,9 @@ def _settled_column(name: str, learning: set[str], state: StopState, patience: f
     anchor = state.anchors.get(name)
     if name not in learning or anchor is None:
         return "-"
-    age = settled_for(anchor, state.progress)
-    if age >= patience - 1e-9:
+    if has_settled(anchor, state.progress, patience):
         return f"since epoch {anchor.epoch}"
-    return f"moving (steady for {age:.3g} of {patience:g} epochs)"
+    return f"moving (steady for {settled_for(anchor, state.progress):.3g} of {patience:g} epochs)"
 
 
 def not_stopped_reason(records: Sequence[Mapping[str, Any]], smoothed: Mapping[str, str | None],
@@ -44,8 +43,7 @@ def not_stopped_reason(records: Sequence[Mapping[str, Any]], smoothed: Mapping[s
     if not any(smoothed.get(r["name"]) == criteria.stop_on for r in learning):
         return f"no learning weight matrix is {criteria.stop_on} yet (random-like matrices are ignored)"
     patience = criteria.settle_patience
-    moving = [r["name"] for r in learning
-              if settled_for(state.anchors.get(r["name"]), state.progress) < patience - 1e-9]
+    moving = [r["name"] for r in learning if not has_settled(state.anchors.get(r["name"]), state.progress, patience)]
     shown = ", ".join(moving[:5]) + (" ..." if len(moving) > 5 else "")
     return (f"{len(moving)} of {len(learning)} learning weight matrices moved by more than alpha "
             f"{criteria.alpha_tolerance:.0%} / entropy {criteria.entropy_tolerance:.1%} within the last {patience:g} "
