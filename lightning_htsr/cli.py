@@ -87,7 +87,7 @@ def _parse_columns(text: str | None) -> list[str]:
 
 def _cell(record: Mapping[str, Any], column: str, columns: Sequence[str]) -> str:
     from .records import flag_unclassified
-    from .report import format_value
+    from .views import format_value
 
     value = flag_unclassified(record, format_value).get(column)  # too small to classify: "(too small)", "(1.33)"
     if column == "status" and "skip_reason" not in columns and record.get("skip_reason"):
@@ -124,7 +124,7 @@ def format_table(records: Sequence[Mapping[str, Any]], columns: Sequence[str]) -
 def summary_line(frame: Any) -> str:
     """One line of model-level numbers from :func:`~lightning_htsr.summarize` plus the phase counts."""
     from .records import summarize
-    from .report import format_value, phase_counts
+    from .views import format_value, phase_counts
 
     s = summarize(frame)
     return (f"model: {s['num_layers']} matrices, {s['num_analyzed']} analyzed, {s['num_classified']} classified | "
@@ -274,7 +274,7 @@ class _EsdPlotter:
         self._taken: set[str] = set()
 
     def __call__(self, result: Any) -> None:
-        from .report import esd_figure, safe_filename, save_png
+        from .views import esd_figure, safe_filename, save_png
 
         if result.eigenvalues is None or result.eigenvalues.numel() == 0:
             return
@@ -290,7 +290,7 @@ class _EsdPlotter:
 def _write_plot_index(plots_dir: Path, sources: Sequence[Path], plotted: Sequence[Mapping[str, Any]]) -> Path:
     import html
 
-    from .report import esd_grid, html_page, html_table
+    from .views import esd_grid, html_page, html_table
 
     links = {str(r["name"]): str(r["file"]) for r in plotted}
     where = ", ".join(f"<code>{html.escape(str(p.resolve()))}</code>" for p in sources)

@@ -1,4 +1,4 @@
-"""Offline report of a training run: PNG figures and a self-contained ``index.html`` from the callback's files.
+"""The report of a training run: PNG figures and a self-contained ``index.html`` from the callback's files.
 
 :class:`~lightning_htsr.HTSRCallback` writes ``htsr_history.csv`` (one row per matrix per analysis, see
 :data:`~lightning_htsr.sinks.history.HISTORY_COLUMNS`) and ``htsr_spectra.npz`` (the eigenvalues of the latest
@@ -11,8 +11,10 @@ analysis) into the logger's log dir. :func:`write_report` turns them into:
 * ``index.html``: relative links to the figures, the table of the final analysis, the list of analyses, and a
   "Stopped" section saying where and why the callback stopped training (or that it did not).
 
-:func:`find_history` locates the history file in a log directory. The command line front end is
-``lightning-htsr report RUN`` (:mod:`lightning_htsr.cli`).
+What lives where: this module finds (:func:`find_history`) and reads (:func:`load_history`, :func:`fits_from_row`)
+a run's files and assembles the report; the figures are drawn by :mod:`lightning_htsr.plotting`; table cells, figure
+files and HTML pages come from :mod:`lightning_htsr.views`, which the command line's ``analyze --plots`` uses too.
+The command line front end is ``lightning-htsr report RUN`` (:mod:`lightning_htsr.cli`).
 """
 
 from __future__ import annotations
@@ -22,38 +24,31 @@ import html
 import json
 import math
 import os
-import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from .marchenko_pastur import MarchenkoPasturFit
-from .phases import Phase
 from .powerlaw import PowerLawFit
 from .sinks.history import HISTORY_COLUMNS, SPECTRA_FILE, read_history, read_spectra
+from .views import esd_figure, esd_grid, format_value, html_page, html_table, phase_counts, safe_filename, save_png
 
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+# esd_figure, format_value, html_page, html_table, phase_counts, safe_filename and save_png lived here before
+# lightning_htsr.views; importing them from lightning_htsr.report still works.
 
 __all__ = [
     "DEFAULT_REPORT_DIR",
     "REPORT_TABLE_COLUMNS",
     "ReportError",
     "SPECTRA_FILE",
-    "esd_figure",
     "find_history",
     "fits_from_row",
-    "format_value",
-    "html_page",
-    "html_table",
     "is_history_file",
     "load_history",
-    "phase_counts",
-    "safe_filename",
-    "save_png",
     "write_report",
 ]
 
@@ -69,6 +64,7 @@ REPORT_TABLE_COLUMNS: tuple[str, ...] = (
 _HISTORY_SUFFIXES = (".csv", ".jsonl", ".json")
 _HEADER_PREFIX = ",".join(HISTORY_COLUMNS[:5])  # "analysis,epoch,global_step,trigger,name"
 _ANALYSIS_KEYS = ("analysis", "epoch", "global_step", "trigger")
+_TEXT_COLUMNS = ("trigger", "status", "skip_reason", "warning", "phase", "smoothed_phase", "stopping_reason")
 
 
 class ReportError(Exception):
@@ -158,6 +154,24 @@ def load_history(history_path: str | os.PathLike[str]) -> pd.DataFrame:
         ReportError: When the file is missing, unreadable, empty or lacks the ``name``/``analysis`` columns.
     """
     path = Path(history_path)
+    frame = _read_history_file(path)
+    for column in _TEXT_COLUMNS:
+        frame[column] = frame[column].map(_text) if column in frame.columns else ""
+    for column in ("epoch", "global_step"):
+        if column not in frame.columns:
+            frame[column] = frame["analysis"]
+    for column in ("analysis", "epoch", "global_step"):
+        values = pd.to_numeric(frame[column], errors="coerce")
+        if values.notna().all():
+            frame[column] = values.astype("int64")
+    keys = frame[list(_ANALYSIS_KEYS)].astype(str)
+    changed = (keys != keys.shift()).any(axis=1)
+    frame["report_analysis"] = changed.cumsum() - 1
+    return frame.reset_index(drop=True)
+
+
+def _read_history_file(path: Path) -> pd.DataFrame:
+    """The rows of a history file as written, or a :class:`ReportError` saying why there are none."""
     if not path.exists():
         raise ReportError(f"{path}: no such file")
     if path.is_dir():
@@ -175,22 +189,7 @@ def load_history(history_path: str | os.PathLike[str]) -> pd.DataFrame:
                           f"of lightning_htsr.sinks.history.HISTORY_COLUMNS)")
     if frame.empty:
         raise ReportError(f"{path}: the history has no rows yet (no analysis has run)")
-    for column in ("trigger", "status", "skip_reason", "warning", "phase", "smoothed_phase", "stopping_reason"):
-        if column in frame.columns:
-            frame[column] = frame[column].map(_text)
-        else:
-            frame[column] = ""
-    for column in ("epoch", "global_step"):
-        if column not in frame.columns:
-            frame[column] = frame["analysis"]
-    for column in ("analysis", "epoch", "global_step"):
-        values = pd.to_numeric(frame[column], errors="coerce")
-        if values.notna().all():
-            frame[column] = values.astype("int64")
-    keys = frame[list(_ANALYSIS_KEYS)].astype(str)
-    changed = (keys != keys.shift()).any(axis=1)
-    frame["report_analysis"] = changed.cumsum() - 1
-    return frame.reset_index(drop=True)
+    return frame
 
 
 def _text(value: Any) -> str:
@@ -259,151 +258,44 @@ def fits_from_row(row: Mapping[str, Any]) -> tuple[PowerLawFit, MarchenkoPasturF
     return powerlaw, mp
 
 
-# ------------------------------------------------------------------------------------------------ shared helpers
-
-
-def safe_filename(name: str, taken: set[str], *, prefix: str = "esd_", suffix: str = ".png") -> str:
-    """A file name for a matrix, unique within ``taken`` (which it is added to).
-
-    Example:
-        >>> taken = set()
-        >>> safe_filename("blocks.0/attn q", taken), safe_filename("blocks.0:attn q", taken)
-        ('esd_blocks.0_attn_q.png', 'esd_blocks.0_attn_q-2.png')
-    """
-    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("._") or "matrix"
-    stem = stem[:120]
-    candidate, index = f"{prefix}{stem}{suffix}", 2
-    while candidate.lower() in taken:
-        candidate, index = f"{prefix}{stem}-{index}{suffix}", index + 1
-    taken.add(candidate.lower())
-    return candidate
-
-
-def esd_figure(name: str, eigenvalues: Any, *, powerlaw: PowerLawFit | None, mp: MarchenkoPasturFit | None,
-               phase: Any, Q: float | None = None) -> Figure:  # noqa: N803 - the paper's name
-    """:func:`~lightning_htsr.plotting.plot_esd` titled with the matrix name, alpha and D.
-
-    Args:
-        name: Matrix name (for the title).
-        eigenvalues: The ESD.
-        powerlaw: Power-law fit, or ``None``.
-        mp: Marchenko-Pastur fit, or ``None``.
-        phase: Phase (name, :class:`~lightning_htsr.Phase` or ``PhaseResult``), or ``None``.
-        Q: Aspect ratio ``N / M`` (default: from the fitted bulk edges).
-
-    Returns:
-        The figure.
-    """
-    from .plotting import phase_label, plot_esd
-
-    title = f"{name}: {phase_label(phase)}"
-    if powerlaw is not None and powerlaw.ok and math.isfinite(powerlaw.alpha):
-        title += f"  (α={powerlaw.alpha:.2f}, D={powerlaw.D:.3f})"
-    q = Q if Q is not None and math.isfinite(Q) and Q >= 1 else None
-    return plot_esd(eigenvalues, powerlaw=powerlaw, mp=mp, phase=phase, title=title, Q=q)
-
-
-def save_png(fig: Figure, path: Path) -> None:
-    """Write a figure as PNG (no pyplot involved)."""
-    from .plotting import figure_to_png
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(figure_to_png(fig))
-
-
-_PHASE_ORDER = tuple(p.value for p in Phase)
-
-
-def phase_counts(phases: Iterable[Any]) -> str:
-    """``"random_like 2, heavy_tailed 1, unclassified 1"``: matrices per phase, in the phases' order.
-
-    Example:
-        >>> phase_counts(["heavy_tailed", None, "random_like", "", "heavy_tailed"])
-        'random_like 1, heavy_tailed 2, unclassified 2'
-    """
-    labels = [p if isinstance(p, str) and p else "unclassified" for p in phases]
-    order = [*_PHASE_ORDER, *sorted(set(labels) - set(_PHASE_ORDER) - {"unclassified"}), "unclassified"]
-    return ", ".join(f"{p} {labels.count(p)}" for p in order if p in labels)
-
-
-def format_value(value: Any) -> str:
-    """A table cell: integers as is, floats with 3 decimals (scientific when tiny or huge), NaN/None as ``-``.
-
-    Example:
-        >>> format_value(3.14159), format_value(float("nan")), format_value(12), format_value(2.5e-7)
-        ('3.142', '-', '12', '2.500e-07')
-    """
-    if value is None:
-        return "-"
-    if isinstance(value, (bool, np.bool_)):
-        return str(bool(value))
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, (float, np.floating)):
-        v = float(value)
-        if math.isnan(v):
-            return "-"
-        if math.isinf(v):
-            return "inf" if v > 0 else "-inf"
-        if v != 0.0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
-            return f"{v:.3e}"
-        return f"{v:.3f}"
-    return str(value)
-
-
-def esd_grid(items: Iterable[tuple[str, str, str]]) -> str:
-    """HTML grid of ESD figures, one ``(matrix name, image file, caption)`` each; every image links to its file."""
-    figures = []
-    for name, file, caption in items:
-        src = html.escape(file, quote=True)
-        figures.append(f'<figure><a href="{src}"><img src="{src}" alt="ESD of {html.escape(name, quote=True)}"></a>'
-                       f"<figcaption>{html.escape(caption)}</figcaption></figure>")
-    return '<div class="grid">' + "\n".join(figures) + "</div>"
-
-
-def html_table(rows: Iterable[Mapping[str, Any]], columns: Sequence[str], *,
-               links: Mapping[str, str] | None = None) -> str:
-    """An HTML table (escaped) of ``rows``; ``links`` maps a ``name`` to an href for that row's name cell."""
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
-    body = []
-    for row in rows:
-        cells = []
-        for column in columns:
-            value = row.get(column)
-            text = html.escape("" if value == "" else format_value(value))
-            if column == "name" and links and str(value) in links:
-                text = f'<a href="{html.escape(links[str(value)], quote=True)}">{text}</a>'
-            numeric = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-            cells.append(f'<td class="num">{text}</td>' if numeric else f"<td>{text}</td>")
-        body.append("<tr>" + "".join(cells) + "</tr>")
-    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n" + "\n".join(body) + "\n</tbody>\n</table>"
-
-
-_CSS = """
-body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 1.5em auto; max-width: 1200px;
-       padding: 0 1em; color: #222; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
-table { border-collapse: collapse; font-size: 0.85em; margin: 0.5em 0; }
-th, td { border: 1px solid #ccc; padding: 2px 6px; text-align: left; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-th { background: #f3f3f3; }
-img { max-width: 100%; border: 1px solid #eee; }
-.grid { display: flex; flex-wrap: wrap; gap: 12px; }
-.grid figure { margin: 0; width: 380px; } .grid img { width: 380px; }
-figcaption { font-size: 0.8em; color: #555; }
-.stopped { background: #fff3e0; border-left: 4px solid #ff7f0e; padding: 0.5em 1em; }
-.notstopped { background: #eef6ee; border-left: 4px solid #2ca02c; padding: 0.5em 1em; }
-code { background: #f5f5f5; padding: 0 3px; }
-"""
-
-
-def html_page(title: str, body: str) -> str:
-    """A complete, self-contained HTML page (inline CSS, no external resources)."""
-    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
-            f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
-
-
 # ------------------------------------------------------------------------------------------------ the report
+
+
+@dataclass(frozen=True)
+class _RunHistory:
+    """A loaded history grouped by analysis: what every part of the report is drawn from."""
+
+    path: Path  #: the history file
+    frame: pd.DataFrame  #: :func:`load_history`'s rows
+    analyses: pd.DataFrame  #: one row per analysis (index ``report_analysis``): analysis, epoch, step, trigger, size
+    rows_of: dict[int, pd.DataFrame]  #: the rows of each analysis, in file order
+    summaries: dict[int, dict[str, Any]]  #: :func:`~lightning_htsr.summarize` of each analysis
+    names: list[str]  #: every matrix, in order of first appearance
+    x: str  #: the column of ``analyses`` the figures use as their x axis
+
+    @property
+    def final_id(self) -> int:
+        """The ``report_analysis`` of the last analysis."""
+        return int(self.analyses.index[-1])
+
+    @property
+    def x_label(self) -> str:
+        """The x axis' label."""
+        return {"report_analysis": "analysis"}.get(self.x, self.x)
+
+
+def _group_history(history_path: Path) -> _RunHistory:
+    """Load a history and group it by analysis."""
+    from .records import summarize
+
+    frame = load_history(history_path)
+    rows_of = dict(list(frame.groupby("report_analysis", sort=True)))
+    analyses = frame.groupby("report_analysis", sort=True).agg(
+        analysis=("analysis", "first"), epoch=("epoch", "first"), global_step=("global_step", "first"),
+        trigger=("trigger", "first"), matrices=("name", "size"))
+    return _RunHistory(path=history_path, frame=frame, analyses=analyses, rows_of=rows_of,
+                       summaries={report_id: summarize(rows) for report_id, rows in rows_of.items()},
+                       names=list(dict.fromkeys(frame["name"].astype(str))), x=_x_axis(analyses))
 
 
 def _x_axis(analyses: pd.DataFrame) -> str:
@@ -413,6 +305,118 @@ def _x_axis(analyses: pd.DataFrame) -> str:
         if values.notna().all() and values.is_unique:
             return column
     return "report_analysis"
+
+
+@dataclass(frozen=True)
+class _Figure:
+    """A figure of the report, with its own section in ``index.html``."""
+
+    title: str
+    file: str  #: relative to the report directory
+    caption: str
+
+
+def _metric_figures(run: _RunHistory, out: Path) -> list[_Figure]:
+    """``alpha_history.png`` and ``entropy_history.png`` (each when the history has a value of that metric)."""
+    from .plotting import plot_metric_history
+
+    by_index = run.x == "report_analysis"
+    plot_frame = run.frame.rename(columns={"report_analysis": "analysis #"}) if by_index else run.frame
+    x_col = "analysis #" if by_index else run.x
+    figures = []
+    for metric, title in (("alpha", "Power-law exponent alpha"), ("entropy", "Spectral entropy")):
+        if metric in plot_frame.columns and pd.to_numeric(plot_frame[metric], errors="coerce").notna().any():
+            fig = plot_metric_history(plot_frame, metric, by=x_col, title=f"{metric} per matrix by {run.x_label}")
+            save_png(fig, out / f"{metric}_history.png")
+            figures.append(_Figure(title, f"{metric}_history.png", f"{metric} of every matrix at every analysis; "
+                                                                   "bold: mean over the classified matrices (as in "
+                                                                   "the summaries); grey crosses: too small to "
+                                                                   "classify"))
+    return figures
+
+
+def _phase_map_figure(run: _RunHistory, out: Path) -> _Figure:
+    """``phase_map.png``: the smoothed phase (the raw one when none was smoothed) of every matrix and analysis."""
+    from .plotting import plot_phase_map
+
+    frame, analyses, names = run.frame, run.analyses, run.names
+    phase_column = "smoothed_phase" if (frame["smoothed_phase"] != "").any() else "phase"
+    grid = frame.pivot_table(index="name", columns="report_analysis", values=phase_column, aggfunc="last")
+    grid = grid.reindex(index=names, columns=list(analyses.index))
+    steps = [format_value(analyses.loc[a, run.x]) if run.x != "report_analysis" else str(a) for a in analyses.index]
+    cells = grid.loc[names].values.tolist()  # plot_phase_map reads None, "" and NaN alike as "no phase"
+    fig = plot_phase_map(names, steps, cells, xlabel=run.x_label, title=f"{phase_column} per matrix and analysis")
+    save_png(fig, out / "phase_map.png")
+    return _Figure("Phase map", "phase_map.png", f"{phase_column} of every matrix (rows) at every analysis (columns)")
+
+
+@dataclass(frozen=True)
+class _EsdFigures:
+    """The final ESD figures: the analysis whose fits they draw, the files written and a note for the reader."""
+
+    analysis_id: int  #: ``report_analysis`` of the spectra (normally the last analysis)
+    items: list[tuple[str, str, str]]  #: ``(matrix name, file, caption)`` for :func:`~lightning_htsr.views.esd_grid`
+    links: dict[str, str]  #: matrix name -> file
+    note: str  #: why there are none, or that the spectra are not in the history; ``""`` when all is well
+
+
+def _esd_figures(run: _RunHistory, spectra_file: Path, out: Path) -> _EsdFigures:
+    """Draw ``esd/esd_<matrix>.png`` for every matrix with a spectrum in ``spectra_file``, with its history fits."""
+    if not spectra_file.is_file():
+        return _EsdFigures(run.final_id, [], {}, f"No {spectra_file.name} next to the history "
+                                                 "(HTSRCallback(spectra_file=...) writes it), so there are no ESD "
+                                                 "figures.")
+    try:
+        spectra, step, epoch = read_spectra(spectra_file)
+    except Exception as err:  # noqa: BLE001 - a damaged npz must not prevent the rest of the report
+        return _EsdFigures(run.final_id, [], {},
+                           f"Could not read {spectra_file.name} ({type(err).__name__}: {_first_line(err)}).")
+    analyses = run.analyses
+    match = analyses[(pd.to_numeric(analyses["global_step"], errors="coerce") == step)
+                     & (pd.to_numeric(analyses["epoch"], errors="coerce") == epoch)]
+    esd_id, note = run.final_id, ""
+    if not match.empty:
+        esd_id = int(match.index[-1])
+    else:
+        note = (f"{spectra_file.name} holds the spectra of step {step} (epoch {epoch}), which is not in the history; "
+                "the fits drawn are those of the last analysis.")
+    items = _draw_esds(run.rows_of[esd_id].to_dict("records"), spectra, out)
+    return _EsdFigures(esd_id, items, {name: file for name, file, _ in items}, note)
+
+
+def _draw_esds(rows: list[dict[str, Any]], spectra: Mapping[str, Any], out: Path) -> list[tuple[str, str, str]]:
+    """One ESD figure per history row with a non-empty spectrum; ``(matrix name, file, caption)`` of each."""
+    taken: set[str] = set()
+    items = []
+    for row in rows:
+        name = str(row["name"])
+        ev = spectra.get(name)
+        if ev is None or np.asarray(ev).size == 0:
+            continue
+        powerlaw, mp = fits_from_row(row)
+        phase = row.get("phase") or None
+        fig = esd_figure(name, ev, powerlaw=powerlaw, mp=mp, phase=phase, Q=_number(row, "Q"))
+        file = "esd/" + safe_filename(name, taken)
+        save_png(fig, out / file)
+        caption = f"{name}: {row.get('phase') or 'unclassified'}, alpha {format_value(_number(row, 'alpha'))}"
+        items.append((name, file, caption))
+    return items
+
+
+# ------------------------------------------------------------------------------------------------ index.html
+
+
+def _header_html(run: _RunHistory) -> list[str]:
+    """The title and the paragraph about the history file."""
+    analyses = run.analyses
+    generated = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    return [
+        "<h1>HT-SR report</h1>",
+        f"<p>History: <code>{html.escape(str(run.path.resolve()))}</code>: {len(analyses)} analyses of "
+        f"{len(run.names)} matrices, epochs {format_value(analyses['epoch'].min())} to "
+        f"{format_value(analyses['epoch'].max())}, global steps {format_value(analyses['global_step'].min())} to "
+        f"{format_value(analyses['global_step'].max())}. Generated {html.escape(generated)}.</p>",
+    ]
 
 
 def _stop_section(frame: pd.DataFrame, analyses: pd.DataFrame) -> str:
@@ -429,6 +433,72 @@ def _stop_section(frame: pd.DataFrame, analyses: pd.DataFrame) -> str:
             f"{format_value(first['global_step'])}, analysis {format_value(first['analysis'])}): "
             f"{first['stopping_reason']}")
     return f'<p class="stopped">{html.escape(text)}</p>'
+
+
+def _final_html(run: _RunHistory, esd: _EsdFigures) -> list[str]:
+    """The "Final analysis" section: its summary and its table (names linked to their ESD figures)."""
+    from .records import flag_unclassified
+
+    final_id = run.final_id
+    final_rows, final, summary = run.rows_of[final_id], run.analyses.loc[final_id], run.summaries[final_id]
+    summary_text = (f"{summary['num_layers']} matrices, {summary['num_analyzed']} analyzed, "
+                    f"{summary['num_classified']} classified; mean alpha over the classified ones "
+                    f"{format_value(summary.get('alpha', math.nan))}, mean entropy "
+                    f"{format_value(summary.get('entropy', math.nan))}; phases: {phase_counts(final_rows['phase'])}")
+    columns = [c for c in REPORT_TABLE_COLUMNS if c in final_rows.columns]
+    return [
+        '<h2 id="final">Final analysis</h2>',
+        f"<p>Analysis {format_value(final['analysis'])} at epoch {format_value(final['epoch'])}, global step "
+        f"{format_value(final['global_step'])} ({html.escape(str(final['trigger']) or 'unknown trigger')}): "
+        f"{html.escape(summary_text)}.</p>",
+        html_table([flag_unclassified(r, format_value) for r in final_rows.to_dict("records")], columns,
+                   links=esd.links if esd.analysis_id == final_id else None),
+    ]
+
+
+def _figure_html(figure: _Figure) -> str:
+    """A section of one figure: heading, image and caption."""
+    return (f'<h2>{html.escape(figure.title)}</h2>\n<figure><img src="{html.escape(figure.file, quote=True)}" '
+            f'alt="{html.escape(figure.title, quote=True)}"><figcaption>{html.escape(figure.caption)}</figcaption>'
+            "</figure>")
+
+
+def _esd_html(run: _RunHistory, esd: _EsdFigures) -> list[str]:
+    """The "Final ESD fits" section: which analysis the spectra are of, the note, and the grid of figures."""
+    parts = ['<h2 id="esd">Final ESD fits</h2>']
+    if esd.analysis_id != run.final_id and esd.items:
+        info = run.analyses.loc[esd.analysis_id]
+        parts.append(f"<p>Spectra of analysis {format_value(info['analysis'])} (epoch {format_value(info['epoch'])}, "
+                     f"global step {format_value(info['global_step'])}).</p>")
+    if esd.note:
+        parts.append(f"<p>{html.escape(esd.note)}</p>")
+    if esd.items:
+        parts.append("<p>Histogram of the eigenvalues of W<sup>T</sup>W/N (log-log) with the power-law fit (dashed, "
+                     "from xmin), the Marchenko-Pastur bulk and its edge, and the Tracy-Widom spike threshold.</p>")
+        parts.append(esd_grid(esd.items))
+    return parts
+
+
+def _analyses_html(run: _RunHistory) -> list[str]:
+    """The "Analyses" section: one row per analysis with its means and stopping reason."""
+    per_analysis = []
+    for report_id, info in run.analyses.iterrows():
+        rows, s = run.rows_of[report_id], run.summaries[report_id]
+        per_analysis.append({"analysis": info["analysis"], "epoch": info["epoch"], "global_step": info["global_step"],
+                             "trigger": info["trigger"], "matrices": int(info["matrices"]),
+                             "alpha_mean": s.get("alpha", math.nan), "entropy_mean": s.get("entropy", math.nan),
+                             "frac_heavy_tailed": s.get("frac_heavy_tailed", math.nan),
+                             "stopping_reason": next((r for r in rows["stopping_reason"] if r), "")})
+    return ['<h2 id="analyses">Analyses</h2>',
+            html_table(per_analysis, ["analysis", "epoch", "global_step", "trigger", "matrices", "alpha_mean",
+                                      "entropy_mean", "frac_heavy_tailed", "stopping_reason"])]
+
+
+def _index_html(run: _RunHistory, figures: list[_Figure], esd: _EsdFigures) -> str:
+    """The whole ``index.html``."""
+    parts = [*_header_html(run), '<h2 id="stopped">Stopped</h2>', _stop_section(run.frame, run.analyses),
+             *_final_html(run, esd), *(_figure_html(f) for f in figures), *_esd_html(run, esd), *_analyses_html(run)]
+    return html_page(f"HT-SR report: {run.path.parent.name or run.path.name}", "\n".join(parts))
 
 
 def write_report(
@@ -453,135 +523,13 @@ def write_report(
         ReportError: When the history cannot be read or is not a history.
         OSError: When the report cannot be written.
     """
-    from .plotting import plot_metric_history, plot_phase_map
-    from .records import flag_unclassified, summarize
-
     history_path = Path(history_path)
-    frame = load_history(history_path)
+    run = _group_history(history_path)
     out = Path(out_dir) if out_dir is not None else history_path.parent / DEFAULT_REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
-
-    rows_of = dict(list(frame.groupby("report_analysis", sort=True)))  # rows of each analysis, in file order
-    summaries = {report_id: summarize(rows) for report_id, rows in rows_of.items()}
-    analyses = frame.groupby("report_analysis", sort=True).agg(
-        analysis=("analysis", "first"), epoch=("epoch", "first"), global_step=("global_step", "first"),
-        trigger=("trigger", "first"), matrices=("name", "size"))
-    names = list(dict.fromkeys(frame["name"].astype(str)))
-    x = _x_axis(analyses)
-    x_label = {"report_analysis": "analysis"}.get(x, x)
-    plot_frame = frame.rename(columns={"report_analysis": "analysis #"}) if x == "report_analysis" else frame
-    x_col = "analysis #" if x == "report_analysis" else x
-
-    figures: list[tuple[str, str, str]] = []  # (section title, file, caption)
-    for metric, title in (("alpha", "Power-law exponent alpha"), ("entropy", "Spectral entropy")):
-        if metric in plot_frame.columns and pd.to_numeric(plot_frame[metric], errors="coerce").notna().any():
-            fig = plot_metric_history(plot_frame, metric, by=x_col, title=f"{metric} per matrix by {x_label}")
-            save_png(fig, out / f"{metric}_history.png")
-            figures.append((title, f"{metric}_history.png", f"{metric} of every matrix at every analysis; "
-                                                            "bold: mean over the classified matrices (as in the "
-                                                            "summaries); grey crosses: too small to classify"))
-
-    phase_column = "smoothed_phase" if (frame["smoothed_phase"] != "").any() else "phase"
-    grid = frame.pivot_table(index="name", columns="report_analysis", values=phase_column, aggfunc="last")
-    grid = grid.reindex(index=names, columns=list(analyses.index))
-    steps = [format_value(analyses.loc[a, x]) if x != "report_analysis" else str(a) for a in analyses.index]
-    cells = grid.loc[names].values.tolist()  # plot_phase_map reads None, "" and NaN alike as "no phase"
-    fig = plot_phase_map(names, steps, cells, xlabel=x_label, title=f"{phase_column} per matrix and analysis")
-    save_png(fig, out / "phase_map.png")
-    figures.append(("Phase map", "phase_map.png", f"{phase_column} of every matrix (rows) at every analysis "
-                                                  "(columns)"))
-
-    # the analysis the spectra belong to (normally the last one), and its ESD figures
-    final_id = int(analyses.index[-1])
-    spectra_note = ""
-    esd_links: dict[str, str] = {}
-    esd_items: list[tuple[str, str, str]] = []
+    figures = [*_metric_figures(run, out), _phase_map_figure(run, out)]
     spectra_file = Path(spectra_path) if spectra_path is not None else history_path.parent / SPECTRA_FILE
-    esd_id = final_id
-    if spectra_file.is_file():
-        try:
-            spectra, step, epoch = read_spectra(spectra_file)
-        except Exception as err:  # noqa: BLE001 - a damaged npz must not prevent the rest of the report
-            spectra_note = f"Could not read {spectra_file.name} ({type(err).__name__}: {_first_line(err)})."
-            spectra = {}
-        else:
-            match = analyses[(pd.to_numeric(analyses["global_step"], errors="coerce") == step)
-                             & (pd.to_numeric(analyses["epoch"], errors="coerce") == epoch)]
-            if not match.empty:
-                esd_id = int(match.index[-1])
-            else:
-                spectra_note = (f"{spectra_file.name} holds the spectra of step {step} (epoch {epoch}), which is "
-                                "not in the history; the fits drawn are those of the last analysis.")
-            taken: set[str] = set()
-            for row in rows_of[esd_id].to_dict("records"):
-                name = str(row["name"])
-                ev = spectra.get(name)
-                if ev is None or np.asarray(ev).size == 0:
-                    continue
-                powerlaw, mp = fits_from_row(row)
-                phase = row.get("phase") or None
-                fig = esd_figure(name, ev, powerlaw=powerlaw, mp=mp, phase=phase, Q=_number(row, "Q"))
-                file = "esd/" + safe_filename(name, taken)
-                save_png(fig, out / file)
-                esd_links[name] = file
-                caption = f"{name}: {row.get('phase') or 'unclassified'}, alpha {format_value(_number(row, 'alpha'))}"
-                esd_items.append((name, file, caption))
-    else:
-        spectra_note = (f"No {spectra_file.name} next to the history (HTSRCallback(spectra_file=...) writes it), so "
-                        "there are no ESD figures.")
-
-    # ---- index.html
-    final_rows = rows_of[final_id]
-    final = analyses.loc[final_id]
-    stop_html = _stop_section(frame, analyses)
-    summary = summaries[final_id]
-    summary_text = (f"{summary['num_layers']} matrices, {summary['num_analyzed']} analyzed, "
-                    f"{summary['num_classified']} classified; mean alpha over the classified ones "
-                    f"{format_value(summary.get('alpha', math.nan))}, mean entropy "
-                    f"{format_value(summary.get('entropy', math.nan))}; phases: {phase_counts(final_rows['phase'])}")
-    columns = [c for c in REPORT_TABLE_COLUMNS if c in final_rows.columns]
-    generated = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    parts = [
-        "<h1>HT-SR report</h1>",
-        f"<p>History: <code>{html.escape(str(history_path.resolve()))}</code>: {len(analyses)} analyses of "
-        f"{len(names)} matrices, epochs {format_value(analyses['epoch'].min())} to "
-        f"{format_value(analyses['epoch'].max())}, global steps {format_value(analyses['global_step'].min())} to "
-        f"{format_value(analyses['global_step'].max())}. Generated {html.escape(generated)}.</p>",
-        '<h2 id="stopped">Stopped</h2>',
-        stop_html,
-        '<h2 id="final">Final analysis</h2>',
-        f"<p>Analysis {format_value(final['analysis'])} at epoch {format_value(final['epoch'])}, global step "
-        f"{format_value(final['global_step'])} ({html.escape(str(final['trigger']) or 'unknown trigger')}): "
-        f"{html.escape(summary_text)}.</p>",
-        html_table([flag_unclassified(r, format_value) for r in final_rows.to_dict("records")], columns,
-                   links=esd_links if esd_id == final_id else None),
-    ]
-    for title, file, caption in figures:
-        parts.append(f'<h2>{html.escape(title)}</h2>\n<figure><img src="{html.escape(file, quote=True)}" '
-                     f'alt="{html.escape(title, quote=True)}"><figcaption>{html.escape(caption)}</figcaption></figure>')
-    parts.append('<h2 id="esd">Final ESD fits</h2>')
-    if esd_id != final_id and esd_items:
-        parts.append(f"<p>Spectra of analysis {format_value(analyses.loc[esd_id, 'analysis'])} (epoch "
-                     f"{format_value(analyses.loc[esd_id, 'epoch'])}, global step "
-                     f"{format_value(analyses.loc[esd_id, 'global_step'])}).</p>")
-    if spectra_note:
-        parts.append(f"<p>{html.escape(spectra_note)}</p>")
-    if esd_items:
-        parts.append("<p>Histogram of the eigenvalues of W<sup>T</sup>W/N (log-log) with the power-law fit (dashed, "
-                     "from xmin), the Marchenko-Pastur bulk and its edge, and the Tracy-Widom spike threshold.</p>")
-        parts.append(esd_grid(esd_items))
-    per_analysis = []
-    for report_id, info in analyses.iterrows():
-        rows, s = rows_of[report_id], summaries[report_id]
-        per_analysis.append({"analysis": info["analysis"], "epoch": info["epoch"], "global_step": info["global_step"],
-                             "trigger": info["trigger"], "matrices": int(info["matrices"]),
-                             "alpha_mean": s.get("alpha", math.nan), "entropy_mean": s.get("entropy", math.nan),
-                             "frac_heavy_tailed": s.get("frac_heavy_tailed", math.nan),
-                             "stopping_reason": next((r for r in rows["stopping_reason"] if r), "")})
-    parts.append('<h2 id="analyses">Analyses</h2>')
-    parts.append(html_table(per_analysis, ["analysis", "epoch", "global_step", "trigger", "matrices", "alpha_mean",
-                                           "entropy_mean", "frac_heavy_tailed", "stopping_reason"]))
+    esd = _esd_figures(run, spectra_file, out)
     index = out / "index.html"
-    index.write_text(html_page(f"HT-SR report: {history_path.parent.name or history_path.name}", "\n".join(parts)),
-                     encoding="utf-8")
+    index.write_text(_index_html(run, figures, esd), encoding="utf-8")
     return index
