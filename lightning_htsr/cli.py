@@ -13,6 +13,10 @@
     Figures and an ``index.html`` from the history that :class:`~lightning_htsr.HTSRCallback` wrote during
     training (see :func:`lightning_htsr.report.write_report`).
 
+What lives where: this module parses the arguments, runs the two commands and prints; the analysis is one call
+into :mod:`lightning_htsr.offline` (in ``_run_analyze``), the report is :mod:`lightning_htsr.report`, and the table
+cells, ESD figure files and HTML pages of ``--plots`` come from :mod:`lightning_htsr.views`.
+
 Pickle safety: checkpoints are loaded with ``torch.load(weights_only=True)``, which only rebuilds tensors and
 plain containers. A checkpoint that pickles other Python objects is refused (exit code 2) unless ``--trust-pickle``
 is given, because unpickling them can run arbitrary code from the file.
@@ -341,9 +345,7 @@ def _run_report(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> int
 
 
 def _add_analyze_parser(sub: Any) -> None:
-    """The ``analyze`` subcommand and its options."""
-    from .offline import DEFAULT_THREADS
-
+    """The ``analyze`` subcommand and its options (in the order ``--help`` lists them)."""
     analyze = sub.add_parser(
         "analyze", allow_abbrev=False, help="analyze the weight matrices of a checkpoint (no model class needed)",
         description="Analyze every weight matrix of a checkpoint by name and shape, reading one tensor at a time: "
@@ -355,6 +357,19 @@ def _add_analyze_parser(sub: Any) -> None:
     analyze.add_argument("--csv", metavar="FILE", help="write the full table (all columns) as CSV")
     analyze.add_argument("--json", metavar="FILE", help="write the full table (all columns) as JSON records")
     analyze.add_argument("--plots", metavar="DIR", help="write one ESD figure per analyzed matrix and index.html")
+    _add_selection_options(analyze)
+    _add_numerics_options(analyze)
+    analyze.add_argument("--columns", metavar="A,B,C",
+                         help="columns of the printed table (default: " + ",".join(DEFAULT_TABLE_COLUMNS) + ")")
+    analyze.add_argument("--trust-pickle", action="store_true",
+                         help="allow checkpoints that pickle arbitrary Python objects (runs code from the file: "
+                              "only for trusted files)")
+    _add_execution_options(analyze)
+    analyze.set_defaults(handler=_run_analyze)
+
+
+def _add_selection_options(analyze: argparse.ArgumentParser) -> None:
+    """Which matrices ``analyze`` takes: ``--include/--exclude/--min-evals/--max-evals``."""
     analyze.add_argument("--include", metavar="RE", action="append",
                          help="only matrices whose name matches this regex (repeatable)")
     analyze.add_argument("--exclude", metavar="RE", action="append",
@@ -365,16 +380,21 @@ def _add_analyze_parser(sub: Any) -> None:
                               "selection, default 8)")
     analyze.add_argument("--max-evals", metavar="N", type=int, default=None,
                          help="skip matrices with more pooled eigenvalues (default: no limit)")
+
+
+def _add_numerics_options(analyze: argparse.ArgumentParser) -> None:
+    """How ``analyze`` computes: ``--precision/--fit/--ww-compat``."""
     analyze.add_argument("--precision", choices=("auto", "float32", "float64"), default="auto",
                          help="eigenvalue precision (default auto: float32 where accurate enough)")
     analyze.add_argument("--fit", choices=("fast", "exact"), default="fast", help="power-law search (default fast)")
     analyze.add_argument("--ww-compat", action="store_true",
                          help="weightwatcher 0.7.7's conventions (exact fit, float64; overrides --fit/--precision)")
-    analyze.add_argument("--columns", metavar="A,B,C",
-                         help="columns of the printed table (default: " + ",".join(DEFAULT_TABLE_COLUMNS) + ")")
-    analyze.add_argument("--trust-pickle", action="store_true",
-                         help="allow checkpoints that pickle arbitrary Python objects (runs code from the file: "
-                              "only for trusted files)")
+
+
+def _add_execution_options(analyze: argparse.ArgumentParser) -> None:
+    """Where ``analyze`` runs and what it shows while running: ``--threads/--device/--backend/--progress/--quiet``."""
+    from .offline import DEFAULT_THREADS
+
     analyze.add_argument("--threads", metavar="N", type=int, default=None,
                          help=f"torch intra-op threads per process (default {DEFAULT_THREADS}: measured fastest on "
                               "small shared CPUs; use torchrun processes for more cores; 0: torch's default)")
@@ -387,7 +407,19 @@ def _add_analyze_parser(sub: Any) -> None:
                               "terminal, unless --quiet)")
     analyze.add_argument("--quiet", "-q", action="store_true",
                          help="print only the summary line (no table, notes or automatic progress bar)")
-    analyze.set_defaults(handler=_run_analyze)
+
+
+def _add_report_parser(sub: Any) -> None:
+    """The ``report`` subcommand and its options."""
+    report = sub.add_parser(
+        "report", allow_abbrev=False, help="figures and index.html from a training run's HT-SR history",
+        description="Write PNG figures (alpha and entropy over training, phase map, final ESD fits) and index.html "
+                    "from the htsr_history.csv (or .jsonl) and htsr_spectra.npz written by HTSRCallback.")
+    report.add_argument("run", metavar="RUN",
+                        help="log directory (searched recursively; the newest history is used) or history file")
+    report.add_argument("--out", metavar="DIR",
+                        help="report directory (default: RUN/htsr_report, or htsr_report next to the history file)")
+    report.set_defaults(handler=_run_report)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -399,25 +431,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Heavy-Tailed Self-Regularization diagnostics: eigenvalue spectra, power-law alpha,\n"
                     "spectral entropy and 5+1 phase of every weight matrix.",
         epilog=f"Examples:\n  {PROG} analyze last.ckpt\n  {PROG} analyze model.safetensors --csv layers.csv "
-               f"--plots esd/\n  {PROG} report lightning_logs/version_0\n\nExit codes: 0 success, 2 usage error or a file that "
-               "cannot be analyzed\n(the message on stderr says which file and why), 130 interrupted.",
+               f"--plots esd/\n  {PROG} report lightning_logs/version_0\n\nExit codes: 0 success, 2 usage error "
+               "or a file that cannot be analyzed\n(the message on stderr says which file and why), 130 interrupted.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
     _add_analyze_parser(sub)
-
-    report = sub.add_parser(
-        "report", allow_abbrev=False, help="figures and index.html from a training run's HT-SR history",
-        description="Write PNG figures (alpha and entropy over training, phase map, final ESD fits) and index.html "
-                    "from the htsr_history.csv (or .jsonl) and htsr_spectra.npz written by HTSRCallback.")
-    report.add_argument("run", metavar="RUN",
-                        help="log directory (searched recursively; the newest history is used) or history file")
-    report.add_argument("--out", metavar="DIR",
-                        help="report directory (default: RUN/htsr_report, or htsr_report next to the history file)")
-    report.set_defaults(handler=_run_report)
+    _add_report_parser(sub)
     return parser
 
 

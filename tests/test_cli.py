@@ -29,10 +29,11 @@ import lightning_htsr as htsr
 from lightning_htsr import HTSRCallback
 from lightning_htsr.analysis import analyze_stream
 from lightning_htsr.cli import main
+from lightning_htsr.functional import eigenvalues
 from lightning_htsr.layers import state_dict_matrices
 from lightning_htsr.records import COLUMNS
 from lightning_htsr.report import write_report
-from lightning_htsr.sinks.history import HistoryWriter, read_history
+from lightning_htsr.sinks.history import HistoryWriter, read_history, write_spectra
 from lightning_htsr.stopping import StopReason
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -364,6 +365,50 @@ def test_write_report_reads_json_lines_histories_without_spectra(runs, tmp_path)
     assert "No htsr_spectra.npz next to the history" in text
     assert "stopped by HTSRCallback at epoch 0" in text
     assert sorted(_images(index)) == ["alpha_history.png", "entropy_history.png", "phase_map.png"]
+
+
+def test_report_says_which_analysis_its_spectra_belong_to(tmp_path) -> None:
+    """Spectra of an earlier analysis are drawn with that analysis' fits, spectra of an unknown step with the last
+    analysis' fits and a note, and a damaged spectra file leaves the rest of the report intact."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 128), nn.Linear(128, 96))
+    records = htsr.analyze(model).to_dict("records")
+    history = tmp_path / "htsr_history.csv"
+    writer = HistoryWriter(history)
+    for analysis in range(2):
+        writer.append([{"analysis": analysis, "epoch": analysis, "global_step": 10 * analysis + 9,
+                        "trigger": "epoch_end", **r, "stopping_reason": ""} for r in records])
+    spectra = {f"{i}": eigenvalues(m.weight.detach()).numpy() for i, m in enumerate(model)}
+
+    def report(name: str, spectra_file: Path) -> str:
+        return write_report(history, tmp_path / name, spectra_path=spectra_file).read_text()
+
+    write_spectra(tmp_path / "earlier.npz", spectra, step=9, epoch=0)
+    text = report("earlier", tmp_path / "earlier.npz")
+    assert "Spectra of analysis 0 (epoch 0, global step 9)." in text
+    assert sorted(i for i in _images(tmp_path / "earlier" / "index.html") if i.startswith("esd/")) == [
+        "esd/esd_0.png", "esd/esd_1.png"]
+    final = text.split('<h2 id="final">', 1)[1].split("<h2", 1)[0]
+    assert "<a href=" not in final  # the final table links only figures of the final analysis
+
+    write_spectra(tmp_path / "unknown.npz", spectra, step=999, epoch=99)
+    text = report("unknown", tmp_path / "unknown.npz")
+    assert "holds the spectra of step 999 (epoch 99), which is not in the history" in text
+    assert "Spectra of analysis" not in text and '<a href="esd/esd_0.png">0</a>' in text
+
+    (tmp_path / "damaged.npz").write_bytes(b"not an npz")
+    text = report("damaged", tmp_path / "damaged.npz")
+    assert "Could not read damaged.npz" in text and "esd/" not in text
+    assert {"alpha_history.png", "entropy_history.png", "phase_map.png"} <= set(_images(tmp_path / "damaged" /
+                                                                                       "index.html"))
+
+
+def test_view_helpers_keep_their_old_import_path() -> None:
+    from lightning_htsr import report, views
+
+    for name in ("esd_figure", "format_value", "html_page", "html_table", "phase_counts", "safe_filename",
+                 "save_png"):
+        assert getattr(report, name) is getattr(views, name)
 
 
 def test_report_errors_exit_2(tmp_path, capsys) -> None:
