@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .eigenvalues import Backend, Precision, Route, Spectrum, compute_spectra
 from .fingers import fit_fix_fingers
-from .layers import LOW_PRECISION, WeightMatrix, iter_state_dict_matrices, weight_matrices
+from .layers import LOW_PRECISION, SkipKind, WeightMatrix, iter_state_dict_matrices, weight_matrices
 from .marchenko_pastur import MarchenkoPasturFit
 from .metrics import (
     WW_ENTROPY_EPSILON,
@@ -186,6 +186,11 @@ def _scale(matrix: WeightMatrix, options: AnalysisOptions) -> float:
     return scale
 
 
+def _skipped(ident: dict[str, Any], reason: str, kind: SkipKind) -> dict[str, Any]:
+    """The record of a matrix without a spectrum."""
+    return empty_record(**ident, status="skipped", skip_reason=reason, skip_kind=kind.value)
+
+
 def analyze_matrices(matrices: Sequence[WeightMatrix], options: AnalysisOptions | None = None) -> list[MatrixAnalysis]:
     """Analyze extracted matrices: eigenvalues in batches on their device, then fits, metrics and phase.
 
@@ -214,8 +219,8 @@ def analyze_matrices(matrices: Sequence[WeightMatrix], options: AnalysisOptions 
     for matrix in matrices:
         spectrum = by_name.get(id(matrix))
         if spectrum is None:
-            out.append(MatrixAnalysis(empty_record(**matrix_identity(matrix), status="skipped",
-                                                   skip_reason=matrix.skip_reason or "not analyzed")))
+            out.append(MatrixAnalysis(_skipped(matrix_identity(matrix), matrix.skip_reason or "not analyzed",
+                                               matrix.skip_kind or SkipKind.UNREADABLE)))
         else:
             out.append(_analyze_spectrum(matrix, spectrum, options))
     return out
@@ -288,11 +293,11 @@ def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: Analysi
     ident = matrix_identity(matrix)
     ident.update(precision=spectrum.precision, route=spectrum.route)
     if spectrum.error:
-        return MatrixAnalysis(empty_record(**ident, status="skipped", skip_reason=spectrum.error))
+        return MatrixAnalysis(_skipped(ident, spectrum.error, spectrum.error_kind or SkipKind.SOLVER_FAILED))
     ev = spectrum.eigenvalues
     lam_max = float(ev[-1]) if ev.numel() else 0.0
     if lam_max <= 0.0:
-        return MatrixAnalysis(empty_record(**ident, status="skipped", skip_reason="all-zero weights"), ev)
+        return MatrixAnalysis(_skipped(ident, "all-zero weights", SkipKind.ALL_ZERO), ev)
     ranks = rank_metrics(ev, spectrum.zero_tol)
     fit_tol = options.fit_zero_tol if options.fit_zero_tol is not None else spectrum.floor
     fit = partial(fit_power_law, method=options.fit, min_tail=options.min_tail, ks=options.ks, zero_tol=fit_tol)
@@ -310,6 +315,7 @@ def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: Analysi
         **ident,
         status="degenerate" if problems else "success",
         skip_reason="; ".join(problems),
+        skip_kind=SkipKind.DEGENERATE.value if problems else "",
         alpha=powerlaw.alpha,
         D=powerlaw.D,
         xmin=powerlaw.xmin,
@@ -491,18 +497,30 @@ def analyze_state_dict(
     return records_to_frame(records)
 
 
-#: Skip reasons that are routine (layer too small or too large), not a problem with the weights.
-_ROUTINE_SKIPS = ("min_evals", "max_evals", "max_N", "a single column",
-                  "weightwatcher 0.7.7 does not analyze")  # the last two: ww_compat's selection
+#: How records without a ``skip_kind`` column (built by hand, or read from files written before it existed) are
+#: recognized as routine skips: by words of the ``skip_reason`` messages of that time.
+_LEGACY_ROUTINE_WORDS = ("min_evals", "max_evals", "max_N", "a single column", "weightwatcher 0.7.7 does not analyze")
 
 
-def bad_input_rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Records skipped or degenerate because of their weights (not merely their size)."""
-    return [
-        r
-        for r in records
-        if r["status"] != "success" and not any(k in (r["skip_reason"] or "") for k in _ROUTINE_SKIPS)
-    ]
+def is_routine_skip(record: Mapping[str, Any]) -> bool:
+    """Whether a record was skipped for its size or by ``ww_compat``'s selection (its :class:`SkipKind` is
+    routine), not because of its weights.
+
+    Example:
+        >>> is_routine_skip({"status": "skipped", "skip_kind": "too_few_evals", "skip_reason": "any wording"})
+        True
+    """
+    if "skip_kind" not in record:
+        return any(word in (record.get("skip_reason") or "") for word in _LEGACY_ROUTINE_WORDS)
+    try:
+        return SkipKind(record["skip_kind"]).routine
+    except ValueError:  # "" (analyzed, or an error the analysis recorded) or a missing value read back from a file
+        return False
+
+
+def bad_input_rows(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Records skipped or degenerate because of their weights (not merely their size; see :func:`is_routine_skip`)."""
+    return [r for r in records if r["status"] != "success" and not is_routine_skip(r)]
 
 
 def low_precision_rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .layers import _tall
+from .layers import SkipKind, tall
 
 __all__ = [
     "Backend",
@@ -81,6 +81,7 @@ class Spectrum:
         error: Empty, or why the eigenvalues could not be computed (non-finite weights, solver failure).
         sv_min: The largest over the slices of each slice's smallest singular value (``sqrt`` of its smallest
             scaled eigenvalue): weightwatcher's ``sv_min``.
+        error_kind: The :class:`~lightning_htsr.layers.SkipKind` of ``error`` (``None`` without one).
     """
 
     eigenvalues: Tensor
@@ -90,6 +91,7 @@ class Spectrum:
     floor: float = math.nan
     error: str = ""
     sv_min: float = math.nan
+    error_kind: SkipKind | None = None
 
     @property
     def ok(self) -> bool:
@@ -273,7 +275,7 @@ def compute_spectra(
 
 def _needs_float64(spectrum: Spectrum) -> bool:
     """Whether a float32 Gram-route spectrum must be redone in float64 (its ``floor`` is the float32 one)."""
-    if spectrum.error.startswith("float32 "):  # overflow or solver failure in single precision
+    if spectrum.error_kind is SkipKind.SOLVER_FAILED:  # overflow or solver failure in single precision
         return True
     if spectrum.error:
         return False
@@ -330,9 +332,11 @@ def _failure(stack: Tensor, dtype: torch.dtype, route: str, detail: str) -> Spec
     """Explain a failed matrix. Only now are its weights scanned for NaN/Inf (the rare path pays for it)."""
     empty = torch.zeros(0, dtype=torch.float64)
     if not bool(torch.isfinite(stack).all()):
-        return Spectrum(empty, _dtype_name(dtype), route, math.nan, math.nan, "non-finite weights (NaN or Inf)")
-    # Finite weights: single-precision overflow or a solver failure; "float32 ..." asks the auto policy to redo it.
-    return Spectrum(empty, _dtype_name(dtype), route, math.nan, math.nan, f"{_dtype_name(dtype)} {detail}")
+        return Spectrum(empty, _dtype_name(dtype), route, math.nan, math.nan, "non-finite weights (NaN or Inf)",
+                        error_kind=SkipKind.NON_FINITE)
+    # Finite weights: single-precision overflow or a solver failure; in float32 the auto policy redoes it in float64.
+    return Spectrum(empty, _dtype_name(dtype), route, math.nan, math.nan, f"{_dtype_name(dtype)} {detail}",
+                    error_kind=SkipKind.SOLVER_FAILED)
 
 
 def eigenvalues(
@@ -373,7 +377,7 @@ def eigenvalues(
         weight = weight.unsqueeze(0)
     if weight.dim() != 3:
         raise ValueError(f"expected a 2-D matrix or a 3-D stack of slices, got shape {tuple(weight.shape)}")
-    stack = _tall(weight.detach())
+    stack = tall(weight.detach())
     scale = 1.0 / stack.shape[-2] if normalize else 1.0
     spectrum = compute_spectra([stack], scales=[scale], precision=precision, route=route, backend=backend)[0]
     if spectrum.error:
