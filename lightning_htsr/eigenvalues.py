@@ -28,7 +28,7 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -42,9 +42,11 @@ __all__ = [
     "Precision",
     "Route",
     "Spectrum",
+    "check_choice",
     "compute_spectra",
     "eigenvalues",
     "resolution_floor",
+    "sorted_float64",
 ]
 
 Precision = Literal["auto", "float32", "float64"]
@@ -121,6 +123,37 @@ def resolution_floor(lambda_max: float, M: int, dtype: torch.dtype, route: str) 
     if route == "gram":
         return RESOLUTION_FACTOR * math.sqrt(M) * eps * lambda_max
     return (RESOLUTION_FACTOR * eps) ** 2 * lambda_max
+
+
+def check_choice(name: str, value: object, choices: Any) -> None:
+    """Raise a ``ValueError`` naming the allowed values unless ``value`` is one of ``choices`` (a ``Literal`` type,
+    e.g. :data:`Precision`, or a sequence): the one check of the shared options.
+
+    Example:
+        >>> check_choice("precision", "float16", Precision)
+        Traceback (most recent call last):
+        ...
+        ValueError: precision must be 'auto', 'float32' or 'float64', got 'float16'
+    """
+    allowed = get_args(choices) or tuple(choices)
+    if value not in allowed:
+        quoted = [repr(c) for c in allowed]
+        raise ValueError(f"{name} must be {', '.join(quoted[:-1])} or {quoted[-1]}, got {value!r}")
+
+
+def sorted_float64(eigenvalues: Tensor | np.ndarray | Sequence[float]) -> Tensor:
+    """Eigenvalues as one flat float64 tensor sorted ascending: the one input converter of the fits, the metrics and
+    the phase classifier. A tensor stays on its device; NumPy arrays and sequences come back on the CPU.
+
+    Example:
+        >>> sorted_float64([3.0, 1.0, 2.0])
+        tensor([1., 2., 3.], dtype=torch.float64)
+    """
+    if isinstance(eigenvalues, Tensor):
+        x = eigenvalues.detach().to(torch.float64)
+    else:
+        x = torch.from_numpy(np.ascontiguousarray(eigenvalues, dtype=np.float64))
+    return torch.sort(x.reshape(-1)).values
 
 
 def default_zero_tol(lambda_max: float, n: int, dtype: torch.dtype | np.dtype | type) -> float:
