@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .eigenvalues import Backend, Precision, Route, Spectrum, compute_spectra
+from .eigenvalues import Backend, Precision, Route, Spectrum, check_choice, compute_spectra
 from .fingers import fit_fix_fingers
 from .layers import LOW_PRECISION, SkipKind, WeightMatrix, iter_state_dict_matrices, weight_matrices
 from .marchenko_pastur import MarchenkoPasturFit
@@ -119,6 +119,14 @@ class AnalysisOptions:
     fix_fingers: str | None = None
     randomize: bool = False
     seed: int | None = None
+
+    def __post_init__(self) -> None:
+        """The one check of the shared options (a ``ValueError`` naming the allowed values)."""
+        check_choice("backend", self.backend, Backend)
+        check_choice("fit", self.fit, FitMethod)
+        check_choice("precision", self.precision, Precision)
+        check_choice("route", self.route, Route)
+        check_choice("ks", self.ks, KSConvention)
 
     @classmethod
     def weightwatcher(cls, **overrides: Any) -> AnalysisOptions:
@@ -359,38 +367,23 @@ def analyze(
 
     Weights stay on their device (the eigenvalues are computed there, batched); nothing is modified. Bad weights
     (NaN/Inf, all-zero, rank-1, tiny, fp16/bf16, quantized, meta, sharded) never raise: the row says what happened.
+    ``fit``, ``min_tail``, ``precision``, ``backend``, ``min_evals``, ``max_evals``, ``ww_compat``, ``phase_config``
+    and ``options`` are the conventions of every front door (:func:`resolve_options` says what each does); under
+    ``ww_compat`` the layers are also those weightwatcher 0.7.7 selects (:mod:`~lightning_htsr.ww_select`).
 
     Args:
         model: Any ``nn.Module`` (a ``LightningModule`` too).
         include: Regex(es) a matrix name must match to be analyzed.
         exclude: Regex(es) of matrix names to leave out.
-        layer_types: Restrict to these layer types (see :data:`~lightning_htsr.layers.LAYER_TYPES`), class
-            names or classes.
-        fit: Power-law search, ``"fast"`` (default) or ``"exact"``.
-        min_tail: Smallest power-law tail (default 10; 2 under ``ww_compat``).
-        precision: ``"auto"`` (float32 where accurate enough, float64 where not), ``"float32"`` or ``"float64"``.
-        backend: ``"torch"`` or ``"cupy"`` (CUDA only; ``pip install lightning-htsr[cupy]``).
-        min_evals: The minimum spectrum size: matrices with fewer pooled eigenvalues get no phase and stay out of
-            model-level means (default ``PhaseConfig().min_evals`` = 50); they keep their row and raw alpha down
-            to the fit's floor of 10 eigenvalues (or ``min_evals`` if smaller), below which they are skipped.
-            Under ``ww_compat`` also weightwatcher's selection (default 8).
-        max_evals: Skip matrices with more pooled eigenvalues (default: no limit).
-        ww_compat: Use weightwatcher 0.7.7's conventions (:meth:`AnalysisOptions.weightwatcher`) so that
-            ``alpha, D, xmin, log_norm, log_spectral_norm, stable_rank, entropy`` match
-            ``weightwatcher.WeightWatcher(model=m).analyze()`` on CPU, and select the layers weightwatcher selects
-            (:mod:`~lightning_htsr.ww_select`: its types and its ``M * rf`` between ``min_evals`` and ``max_evals``,
-            default 8 and 15000, and ``N <= 50000``).
-        phase_config: Phase-classifier thresholds.
-        options: Full :class:`AnalysisOptions`; overrides every convention argument above.
-        fix_fingers: weightwatcher's ``"clip_xmax"`` (adds ``num_fingers``, ``raw_alpha``) or ``"xmin_peak"`` (fails
-            the fit, as 0.7.7 does with its default power-law package); see :mod:`~lightning_htsr.fingers`.
-        randomize: Add weightwatcher's correlation-trap columns (``num_traps``, ``rand_distance``, ...; see
-            :mod:`~lightning_htsr.randomize`).
+        layer_types: Restrict to these layer types (:data:`~lightning_htsr.layers.LAYER_TYPES`), class names or
+            classes.
+        fix_fingers: weightwatcher's ``"clip_xmax"`` or ``"xmin_peak"`` (:mod:`~lightning_htsr.fingers`).
+        randomize: Add weightwatcher's correlation-trap columns (:mod:`~lightning_htsr.randomize`).
         seed: Seed of the ``randomize`` shuffles.
 
     Returns:
         A ``pandas.DataFrame`` with the columns of :data:`~lightning_htsr.records.COLUMNS`, one row per matrix
-        (skipped ones included, with ``status`` and ``skip_reason``), then any optional columns.
+        (skipped ones included, with ``status``, ``skip_reason`` and ``skip_kind``), then any optional columns.
 
     Example:
         >>> import torch
@@ -407,20 +400,38 @@ def analyze(
                                backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config)
     if fix_fingers is not None or randomize:
         options = replace(options, fix_fingers=fix_fingers, randomize=randomize, seed=seed)
+    matrices = model_matrices(model, options, include=include, exclude=exclude, layer_types=layer_types,
+                              ww_compat=ww_compat)
+    return records_table([r.record for r in analyze_stream(matrices, options)])
+
+
+def model_matrices(model: nn.Module, options: AnalysisOptions, *, include: Sequence[str] | str | None = None,
+                   exclude: Sequence[str] | str | None = None, layer_types: Sequence[str | type] | None = None,
+                   ww_compat: bool = False) -> list[WeightMatrix]:
+    """The matrices :func:`analyze` reports: :func:`~lightning_htsr.layers.weight_matrices` with the options' size
+    limits, or under ``ww_compat`` weightwatcher's own layer selection (:func:`~lightning_htsr.ww_select.ww_select`,
+    its ``N``, ``M`` and ``rf``)."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # e.g. TypedStorage / lazy-module chatter while traversing
-        matrices = weight_matrices(
-            model,
-            include=include,
-            exclude=exclude,
-            layer_types=layer_types,
-            min_evals=0 if ww_compat else options.min_evals,
-            max_evals=None if ww_compat else options.max_evals,
-        )
-        if ww_compat:  # weightwatcher's own layer selection (its N, M, rf; see ww_select)
-            matrices = ww_select(model, list(matrices), min_evals=options.min_evals, max_evals=options.max_evals)
-    records = [r.record for r in analyze_stream(matrices, options)]
-    warn_bad_input(records)
+        matrices = weight_matrices(model, include=include, exclude=exclude, layer_types=layer_types,
+                                   min_evals=0 if ww_compat else options.min_evals,
+                                   max_evals=None if ww_compat else options.max_evals)
+        if ww_compat:
+            matrices = ww_select(model, matrices, min_evals=options.min_evals, max_evals=options.max_evals)
+    return matrices
+
+
+def records_table(records: list[dict[str, Any]], *, stacklevel: int = 4) -> pd.DataFrame:
+    """The end of every offline front door: warn about bad weights (:func:`warn_bad_input`), then one table.
+
+    Args:
+        records: One analysis' records.
+        stacklevel: Of the warning; the default points at the caller of the front door that calls this.
+
+    Returns:
+        :func:`~lightning_htsr.records.records_to_frame` of the records.
+    """
+    warn_bad_input(records, stacklevel=stacklevel)
     return records_to_frame(records)
 
 
@@ -428,12 +439,25 @@ def resolve_options(options: AnalysisOptions | None = None, *, ww_compat: bool =
                     min_tail: int | None = None, precision: Precision = "auto", backend: Backend = "torch",
                     min_evals: int | None = None, max_evals: int | None = None,
                     phase_config: PhaseConfig | None = None) -> AnalysisOptions:
-    """The :class:`AnalysisOptions` of :func:`analyze`'s arguments (and :class:`~lightning_htsr.HTSRCallback`'s).
+    """The :class:`AnalysisOptions` of the conventions every front door takes (:func:`analyze`,
+    :func:`analyze_state_dict`, :func:`~lightning_htsr.analyze_checkpoint`, the CLI and
+    :class:`~lightning_htsr.HTSRCallback`); the options are checked once, in :class:`AnalysisOptions`.
 
-    ``min_evals`` is the one minimum spectrum size: matrices with fewer pooled eigenvalues get no phase and stay out
-    of the model-level means (it sets ``phase_config.min_evals``, default 50). Below the power-law fit's own floor
-    (:attr:`AnalysisOptions.min_evals`: 10 eigenvalues, or ``min_evals`` if smaller) a matrix is skipped. Under
-    ``ww_compat`` it is also weightwatcher's ``min_evals`` (layers below it skipped; default 8).
+    Args:
+        options: Full :class:`AnalysisOptions`; returned as they are, overriding every other argument.
+        ww_compat: weightwatcher 0.7.7's conventions (:meth:`AnalysisOptions.weightwatcher`), so that ``alpha, D,
+            xmin, log_norm, log_spectral_norm, stable_rank, entropy`` match ``WeightWatcher(model=m).analyze()`` on
+            CPU; ``fit`` and ``precision`` are then weightwatcher's.
+        fit: Power-law search, ``"fast"`` (default) or ``"exact"``.
+        min_tail: Smallest power-law tail (default 10; 2 under ``ww_compat``).
+        precision: ``"auto"`` (float32 where accurate enough, float64 where not), ``"float32"`` or ``"float64"``.
+        backend: ``"torch"`` or ``"cupy"`` (CUDA only; ``pip install lightning-htsr[cupy]``).
+        min_evals: The one minimum spectrum size: matrices with fewer pooled eigenvalues get no phase and stay out
+            of the model-level means (it sets ``phase_config.min_evals``, default 50). Below the power-law fit's
+            own floor (:attr:`AnalysisOptions.min_evals`: 10 eigenvalues, or ``min_evals`` if smaller) a matrix
+            is skipped. Under ``ww_compat`` also weightwatcher's ``min_evals`` (layers below it skipped; default 8).
+        max_evals: Skip matrices with more pooled eigenvalues (default: no limit; 15000 under ``ww_compat``).
+        phase_config: Phase-classifier thresholds.
 
     Example:
         >>> o = resolve_options(min_evals=20)
@@ -475,8 +499,8 @@ def analyze_state_dict(
 ) -> pd.DataFrame:
     """:func:`analyze` for a bare ``state_dict`` (weights by name and shape; no model class needed).
 
-    See :func:`~lightning_htsr.layers.state_dict_matrices` for how tensors become matrices. Arguments as in
-    :func:`analyze`; ``ww_compat`` scales every 4-D weight as weightwatcher scales ``Conv2d``. Streams: each
+    See :func:`~lightning_htsr.layers.state_dict_matrices` for how tensors become matrices; the other arguments are
+    :func:`analyze`'s (``ww_compat`` scales every 4-D weight as weightwatcher scales ``Conv2d``). Streams: each
     matrix is upcast only when its batch (:data:`BATCH_BYTES`) is analyzed, so the extra memory is a few matrices,
     not a float32 copy of the model. For checkpoint files, :func:`~lightning_htsr.analyze_checkpoint` also reads
     the tensors one at a time.
@@ -492,9 +516,7 @@ def analyze_state_dict(
     shapes = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     matrices = iter_state_dict_matrices(state_dict.items(), shapes=shapes, include=include, exclude=exclude,
                                         min_evals=options.min_evals, max_evals=options.max_evals)
-    records = [r.record for r in analyze_stream(matrices, options)]
-    warn_bad_input(records)
-    return records_to_frame(records)
+    return records_table([r.record for r in analyze_stream(matrices, options)])
 
 
 #: How records without a ``skip_kind`` column (built by hand, or read from files written before it existed) are
@@ -561,6 +583,3 @@ def warn_bad_input(
         shown = "; ".join(f"{r['name']} ({r['status']}: {r[reason_key]})" for r in rows[:8])
         more = f"; and {len(rows) - 8} more" if len(rows) > 8 else ""
         warnings.warn(f"{who}: {len(rows)} {what}: {shown}{more}", UserWarning, stacklevel=stacklevel)
-
-
-_resolve_options = resolve_options  # the name lightning_htsr.cli imports

@@ -236,9 +236,8 @@ def classify_phase(
     if mp is None:
         # The bulk is what lies above a near-zero cluster: median matching inside the cluster would fit noise.
         above = x[int(round(frac_zero * n_total)) :] if n_total else x
-        mp = fit_marchenko_pastur(
-            above, N, M, num_slices=num_slices, false_spike_rate=config.false_spike_rate, zero_tol=zero_tol
-        )
+        mp = fit_marchenko_pastur(above, N, M, num_slices=num_slices, false_spike_rate=config.false_spike_rate,
+                                  zero_tol=zero_tol)
     powerlaw, lr_z = _tail_fits(nonzero, zero_tol, powerlaw)
     if n_total == 0 or lam_max <= 0 or not math.isfinite(lam_max):
         phase, reason = None, "no spectrum (all-zero or empty)"

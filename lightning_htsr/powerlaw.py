@@ -362,7 +362,7 @@ def fit_power_law(
     x = _positive(eigenvalues, zero_tol)
     if isinstance(x, PowerLawFit):
         return x
-    xmax, n = float(x[-1]), x.numel()
+    n = x.numel()
     small_n = 0 < n < small_n_cutoff
     logx = torch.log(x)
     alpha, s = _alphas(logx, small_n)
@@ -370,14 +370,19 @@ def fit_power_law(
     two_sided = ks == "two_sided"
     best = _best_start(logx, alpha, valid, method=method, min_tail=min_tail, small_n=small_n, two_sided=two_sided)
     if isinstance(best, str):
-        return PowerLawFit.failed(best, n, xmax)
-    d_best = float(_ks_many(logx, torch.tensor([best], device=x.device), alpha, two_sided, None)[0])
+        return PowerLawFit.failed(best, n, float(x[-1]))
+    return _fit_at(x, logx, alpha, best, two_sided)
+
+
+def _fit_at(x: Tensor, logx: Tensor, alpha: Tensor, best: int, two_sided: bool) -> PowerLawFit:
+    """The successful fit whose tail starts at index ``best`` of the sorted positive eigenvalues ``x``."""
+    n = x.numel()
     a = float(alpha[best])
     return PowerLawFit(
         alpha=a,
         xmin=float(x[best]),
-        xmax=xmax,
-        D=d_best,
+        xmax=float(x[-1]),
+        D=float(_ks_many(logx, torch.tensor([best], device=x.device), alpha, two_sided, None)[0]),
         sigma=(a - 1.0) / math.sqrt(n - best),
         num_pl_spikes=int((x >= x[best]).sum()),  # counted like weightwatcher (ties with xmin included)
         num_evals=n,
