@@ -44,6 +44,7 @@ from .records import empty_record, records_to_frame
 from .ww_select import ww_select
 
 __all__ = [
+    "BATCH_BYTES",
     "AnalysisOptions",
     "MatrixAnalysis",
     "analyze",
@@ -51,7 +52,7 @@ __all__ = [
     "analyze_state_dict",
     "analyze_stream",
     "bad_input_rows",
-    "low_precision_rows",
+    "is_routine_skip",
     "resolve_options",
     "warn_bad_input",
 ]
@@ -400,14 +401,14 @@ def analyze(
                                backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config)
     if fix_fingers is not None or randomize:
         options = replace(options, fix_fingers=fix_fingers, randomize=randomize, seed=seed)
-    matrices = model_matrices(model, options, include=include, exclude=exclude, layer_types=layer_types,
-                              ww_compat=ww_compat)
+    matrices = _model_matrices(model, options, include=include, exclude=exclude, layer_types=layer_types,
+                               ww_compat=ww_compat)
     return records_table([r.record for r in analyze_stream(matrices, options)])
 
 
-def model_matrices(model: nn.Module, options: AnalysisOptions, *, include: Sequence[str] | str | None = None,
-                   exclude: Sequence[str] | str | None = None, layer_types: Sequence[str | type] | None = None,
-                   ww_compat: bool = False) -> list[WeightMatrix]:
+def _model_matrices(model: nn.Module, options: AnalysisOptions, *, include: Sequence[str] | str | None = None,
+                    exclude: Sequence[str] | str | None = None, layer_types: Sequence[str | type] | None = None,
+                    ww_compat: bool = False) -> list[WeightMatrix]:
     """The matrices :func:`analyze` reports: :func:`~lightning_htsr.layers.weight_matrices` with the options' size
     limits, or under ``ww_compat`` weightwatcher's own layer selection (:func:`~lightning_htsr.ww_select.ww_select`,
     its ``N``, ``M`` and ``rf``)."""
@@ -545,7 +546,7 @@ def bad_input_rows(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, An
     return [r for r in records if r["status"] != "success" and not is_routine_skip(r)]
 
 
-def low_precision_rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def _low_precision_rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Records analyzed from weights whose stored precision blurs the ESD (8-bit floats, integer-quantized)."""
     return [r for r in records if r["status"] == "success" and str(r.get("note") or "").startswith(LOW_PRECISION)]
 
@@ -573,7 +574,7 @@ def warn_bad_input(
     records = list(records)
     for rows, reason_key, what in (
         (bad_input_rows(records), "skip_reason", "weight matrices not fully analyzed"),
-        (low_precision_rows(records), "note", "weight matrices analyzed from low-precision weights"),
+        (_low_precision_rows(records), "note", "weight matrices analyzed from low-precision weights"),
     ):
         if seen is not None:
             rows = [r for r in rows if f"{r['name']}|{r[reason_key]}" not in seen]

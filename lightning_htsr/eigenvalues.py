@@ -42,11 +42,10 @@ __all__ = [
     "Precision",
     "Route",
     "Spectrum",
-    "check_choice",
     "compute_spectra",
+    "default_zero_tol",
     "eigenvalues",
     "resolution_floor",
-    "sorted_float64",
 ]
 
 Precision = Literal["auto", "float32", "float64"]

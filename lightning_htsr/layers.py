@@ -24,19 +24,12 @@ from torch import Tensor, nn
 
 __all__ = [
     "LAYER_TYPES",
-    "LOW_PRECISION",
-    "ShapeAccess",
     "SkipKind",
     "WeightAccess",
     "WeightMatrix",
-    "clean_name",
-    "conv_slices",
-    "is_weight_entry",
     "iter_state_dict_matrices",
     "layer_type_of",
     "state_dict_matrices",
-    "state_dict_source",
-    "tall",
     "weight_matrices",
 ]
 

@@ -30,12 +30,10 @@ from torch import Tensor
 from .eigenvalues import sorted_float64
 
 __all__ = [
-    "WW_WEAK_RANK_TOL",
+    "OVER_TRAINED_ALPHA",
+    "alpha_warning",
     "detx_metrics",
     "esd_metrics",
-    "OVER_TRAINED_ALPHA",
-    "UNDER_TRAINED_ALPHA",
-    "alpha_warning",
     "matrix_entropy",
     "norm_metrics",
     "rank_metrics",

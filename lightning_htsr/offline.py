@@ -29,8 +29,7 @@ from .layers import ShapeAccess, WeightMatrix, is_weight_entry, iter_state_dict_
 from .phases import PhaseConfig
 from .powerlaw import FitMethod
 
-__all__ = ["DEFAULT_THREADS", "analyze_checkpoint", "checkpoint_analyses", "checkpoint_plan", "checkpoint_records",
-           "threads_limit"]
+__all__ = ["DEFAULT_THREADS", "analyze_checkpoint", "checkpoint_plan", "checkpoint_records"]
 
 #: torch intra-op threads during offline analysis (see the module docstring for the measurement).
 DEFAULT_THREADS = 1
@@ -75,7 +74,7 @@ def checkpoint_plan(checkpoint: Checkpoint, options: AnalysisOptions, *, include
                                          access=ShapeAccess()))
 
 
-def checkpoint_analyses(
+def _checkpoint_analyses(
     checkpoint: Checkpoint,
     options: AnalysisOptions,
     *,
@@ -160,7 +159,7 @@ def checkpoint_records(
     mine = [m for m in plan if owners.get(m.source, 0) == rank]
     records: list[dict[str, Any]] = []
     error = ""
-    analyses = checkpoint_analyses(checkpoint, options, include=include, exclude=exclude, device=device,
+    analyses = _checkpoint_analyses(checkpoint, options, include=include, exclude=exclude, device=device,
                                    owned=(lambda s: owners.get(s, 0) == rank) if world > 1 else None)
     try:
         for result in _progress(analyses, len(mine), progress):

@@ -40,7 +40,6 @@ __all__ = [
     "fit_power_law",
     "ks_distances",
     "likelihood_ratio_exponential",
-    "WW_SMALL_N_CUTOFF",
 ]
 
 FitMethod = Literal["fast", "exact"]

@@ -41,7 +41,7 @@ from torch import Tensor
 
 from .eigenvalues import compute_spectra, sorted_float64
 
-__all__ = ["RANDOMIZE_COLUMNS", "random_columns", "shuffled_eigenvalues", "ww_mp_fit"]
+__all__ = ["RANDOMIZE_COLUMNS", "random_columns", "ww_mp_fit"]
 
 RANDOMIZE_COLUMNS = ("max_rand_eval", "rand_distance", "ww_softrank", "ww_maxdist", "rand_num_spikes", "num_traps",
                      "rand_sigma_mp", "rand_mp_softrank", "rand_W_scale", "rand_bulk_max", "rand_bulk_min")

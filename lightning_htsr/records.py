@@ -21,10 +21,6 @@ from .phases import Phase
 __all__ = [
     "COLUMNS",
     "SUMMARY_METRICS",
-    "TOO_SMALL",
-    "MatrixResult",
-    "empty_record",
-    "finite_number",
     "flag_unclassified",
     "is_classified",
     "records_to_frame",
@@ -52,8 +48,8 @@ COLUMNS: tuple[str, ...] = (
     "precision", "route", "note",
 )  # fmt: skip
 
-_TEXT = {"name", "layer_type", "module_type", "dtype", "status", "skip_reason", "skip_kind", "warning", "phase", "phase_reason",
-         "precision", "route", "note"}
+_TEXT = {"name", "layer_type", "module_type", "dtype", "status", "skip_reason", "skip_kind", "warning", "phase",
+         "phase_reason", "precision", "route", "note"}
 _INT = {"N", "M", "num_slices", "rf", "num_evals", "num_pl_spikes", "matrix_rank", "rank_loss", "num_spikes",
         "weak_rank_loss", "detX_num", "num_ERG_spikes", "ERG_gap"}
 

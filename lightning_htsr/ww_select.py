@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from .layers import SkipKind, WeightMatrix, clean_name, conv_slices, tall
 
-__all__ = ["WW_MAX_EVALS", "WW_MAX_N", "ww_layer_shape", "ww_select", "ww_skip_reason"]
+__all__ = ["ww_layer_shape", "ww_select", "ww_skip_reason"]
 
 #: weightwatcher 0.7.7's ``DEFAULT_MAX_EVALS``.
 WW_MAX_EVALS = 15000
