@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 import zlib
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -23,9 +23,9 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .eigenvalues import Backend, Precision, Route, Spectrum, compute_spectra
+from .eigenvalues import Backend, Precision, Route, Spectrum, check_choice, compute_spectra
 from .fingers import fit_fix_fingers
-from .layers import LOW_PRECISION, WeightMatrix, iter_state_dict_matrices, weight_matrices
+from .layers import LOW_PRECISION, SkipKind, WeightMatrix, iter_state_dict_matrices, weight_matrices
 from .marchenko_pastur import MarchenkoPasturFit
 from .metrics import (
     WW_ENTROPY_EPSILON,
@@ -44,6 +44,7 @@ from .records import empty_record, records_to_frame
 from .ww_select import ww_select
 
 __all__ = [
+    "BATCH_BYTES",
     "AnalysisOptions",
     "MatrixAnalysis",
     "analyze",
@@ -51,7 +52,7 @@ __all__ = [
     "analyze_state_dict",
     "analyze_stream",
     "bad_input_rows",
-    "low_precision_rows",
+    "is_routine_skip",
     "resolve_options",
     "warn_bad_input",
 ]
@@ -120,6 +121,14 @@ class AnalysisOptions:
     randomize: bool = False
     seed: int | None = None
 
+    def __post_init__(self) -> None:
+        """The one check of the shared options (a ``ValueError`` naming the allowed values)."""
+        check_choice("backend", self.backend, Backend)
+        check_choice("fit", self.fit, FitMethod)
+        check_choice("precision", self.precision, Precision)
+        check_choice("route", self.route, Route)
+        check_choice("ks", self.ks, KSConvention)
+
     @classmethod
     def weightwatcher(cls, **overrides: Any) -> AnalysisOptions:
         """weightwatcher 0.7.7's default ``analyze()`` conventions (CPU): no ``1/N``, conv slices scaled by
@@ -186,6 +195,11 @@ def _scale(matrix: WeightMatrix, options: AnalysisOptions) -> float:
     return scale
 
 
+def _skipped(ident: dict[str, Any], reason: str, kind: SkipKind) -> dict[str, Any]:
+    """The record of a matrix without a spectrum."""
+    return empty_record(**ident, status="skipped", skip_reason=reason, skip_kind=kind.value)
+
+
 def analyze_matrices(matrices: Sequence[WeightMatrix], options: AnalysisOptions | None = None) -> list[MatrixAnalysis]:
     """Analyze extracted matrices: eigenvalues in batches on their device, then fits, metrics and phase.
 
@@ -214,8 +228,8 @@ def analyze_matrices(matrices: Sequence[WeightMatrix], options: AnalysisOptions 
     for matrix in matrices:
         spectrum = by_name.get(id(matrix))
         if spectrum is None:
-            out.append(MatrixAnalysis(empty_record(**matrix_identity(matrix), status="skipped",
-                                                   skip_reason=matrix.skip_reason or "not analyzed")))
+            out.append(MatrixAnalysis(_skipped(matrix_identity(matrix), matrix.skip_reason or "not analyzed",
+                                               matrix.skip_kind or SkipKind.UNREADABLE)))
         else:
             out.append(_analyze_spectrum(matrix, spectrum, options))
     return out
@@ -288,11 +302,11 @@ def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: Analysi
     ident = matrix_identity(matrix)
     ident.update(precision=spectrum.precision, route=spectrum.route)
     if spectrum.error:
-        return MatrixAnalysis(empty_record(**ident, status="skipped", skip_reason=spectrum.error))
+        return MatrixAnalysis(_skipped(ident, spectrum.error, spectrum.error_kind or SkipKind.SOLVER_FAILED))
     ev = spectrum.eigenvalues
     lam_max = float(ev[-1]) if ev.numel() else 0.0
     if lam_max <= 0.0:
-        return MatrixAnalysis(empty_record(**ident, status="skipped", skip_reason="all-zero weights"), ev)
+        return MatrixAnalysis(_skipped(ident, "all-zero weights", SkipKind.ALL_ZERO), ev)
     ranks = rank_metrics(ev, spectrum.zero_tol)
     fit_tol = options.fit_zero_tol if options.fit_zero_tol is not None else spectrum.floor
     fit = partial(fit_power_law, method=options.fit, min_tail=options.min_tail, ks=options.ks, zero_tol=fit_tol)
@@ -310,6 +324,7 @@ def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: Analysi
         **ident,
         status="degenerate" if problems else "success",
         skip_reason="; ".join(problems),
+        skip_kind=SkipKind.DEGENERATE.value if problems else "",
         alpha=powerlaw.alpha,
         D=powerlaw.D,
         xmin=powerlaw.xmin,
@@ -353,38 +368,23 @@ def analyze(
 
     Weights stay on their device (the eigenvalues are computed there, batched); nothing is modified. Bad weights
     (NaN/Inf, all-zero, rank-1, tiny, fp16/bf16, quantized, meta, sharded) never raise: the row says what happened.
+    ``fit``, ``min_tail``, ``precision``, ``backend``, ``min_evals``, ``max_evals``, ``ww_compat``, ``phase_config``
+    and ``options`` are the conventions of every front door (:func:`resolve_options` says what each does); under
+    ``ww_compat`` the layers are also those weightwatcher 0.7.7 selects (:mod:`~lightning_htsr.ww_select`).
 
     Args:
         model: Any ``nn.Module`` (a ``LightningModule`` too).
         include: Regex(es) a matrix name must match to be analyzed.
         exclude: Regex(es) of matrix names to leave out.
-        layer_types: Restrict to these layer types (see :data:`~lightning_htsr.layers.LAYER_TYPES`), class
-            names or classes.
-        fit: Power-law search, ``"fast"`` (default) or ``"exact"``.
-        min_tail: Smallest power-law tail (default 10; 2 under ``ww_compat``).
-        precision: ``"auto"`` (float32 where accurate enough, float64 where not), ``"float32"`` or ``"float64"``.
-        backend: ``"torch"`` or ``"cupy"`` (CUDA only; ``pip install lightning-htsr[cupy]``).
-        min_evals: The minimum spectrum size: matrices with fewer pooled eigenvalues get no phase and stay out of
-            model-level means (default ``PhaseConfig().min_evals`` = 50); they keep their row and raw alpha down
-            to the fit's floor of 10 eigenvalues (or ``min_evals`` if smaller), below which they are skipped.
-            Under ``ww_compat`` also weightwatcher's selection (default 8).
-        max_evals: Skip matrices with more pooled eigenvalues (default: no limit).
-        ww_compat: Use weightwatcher 0.7.7's conventions (:meth:`AnalysisOptions.weightwatcher`) so that
-            ``alpha, D, xmin, log_norm, log_spectral_norm, stable_rank, entropy`` match
-            ``weightwatcher.WeightWatcher(model=m).analyze()`` on CPU, and select the layers weightwatcher selects
-            (:mod:`~lightning_htsr.ww_select`: its types and its ``M * rf`` between ``min_evals`` and ``max_evals``,
-            default 8 and 15000, and ``N <= 50000``).
-        phase_config: Phase-classifier thresholds.
-        options: Full :class:`AnalysisOptions`; overrides every convention argument above.
-        fix_fingers: weightwatcher's ``"clip_xmax"`` (adds ``num_fingers``, ``raw_alpha``) or ``"xmin_peak"`` (fails
-            the fit, as 0.7.7 does with its default power-law package); see :mod:`~lightning_htsr.fingers`.
-        randomize: Add weightwatcher's correlation-trap columns (``num_traps``, ``rand_distance``, ...; see
-            :mod:`~lightning_htsr.randomize`).
+        layer_types: Restrict to these layer types (:data:`~lightning_htsr.layers.LAYER_TYPES`), class names or
+            classes.
+        fix_fingers: weightwatcher's ``"clip_xmax"`` or ``"xmin_peak"`` (:mod:`~lightning_htsr.fingers`).
+        randomize: Add weightwatcher's correlation-trap columns (:mod:`~lightning_htsr.randomize`).
         seed: Seed of the ``randomize`` shuffles.
 
     Returns:
         A ``pandas.DataFrame`` with the columns of :data:`~lightning_htsr.records.COLUMNS`, one row per matrix
-        (skipped ones included, with ``status`` and ``skip_reason``), then any optional columns.
+        (skipped ones included, with ``status``, ``skip_reason`` and ``skip_kind``), then any optional columns.
 
     Example:
         >>> import torch
@@ -401,20 +401,38 @@ def analyze(
                                backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config)
     if fix_fingers is not None or randomize:
         options = replace(options, fix_fingers=fix_fingers, randomize=randomize, seed=seed)
+    matrices = _model_matrices(model, options, include=include, exclude=exclude, layer_types=layer_types,
+                               ww_compat=ww_compat)
+    return records_table([r.record for r in analyze_stream(matrices, options)])
+
+
+def _model_matrices(model: nn.Module, options: AnalysisOptions, *, include: Sequence[str] | str | None = None,
+                    exclude: Sequence[str] | str | None = None, layer_types: Sequence[str | type] | None = None,
+                    ww_compat: bool = False) -> list[WeightMatrix]:
+    """The matrices :func:`analyze` reports: :func:`~lightning_htsr.layers.weight_matrices` with the options' size
+    limits, or under ``ww_compat`` weightwatcher's own layer selection (:func:`~lightning_htsr.ww_select.ww_select`,
+    its ``N``, ``M`` and ``rf``)."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # e.g. TypedStorage / lazy-module chatter while traversing
-        matrices = weight_matrices(
-            model,
-            include=include,
-            exclude=exclude,
-            layer_types=layer_types,
-            min_evals=0 if ww_compat else options.min_evals,
-            max_evals=None if ww_compat else options.max_evals,
-        )
-        if ww_compat:  # weightwatcher's own layer selection (its N, M, rf; see ww_select)
-            matrices = ww_select(model, list(matrices), min_evals=options.min_evals, max_evals=options.max_evals)
-    records = [r.record for r in analyze_stream(matrices, options)]
-    warn_bad_input(records)
+        matrices = weight_matrices(model, include=include, exclude=exclude, layer_types=layer_types,
+                                   min_evals=0 if ww_compat else options.min_evals,
+                                   max_evals=None if ww_compat else options.max_evals)
+        if ww_compat:
+            matrices = ww_select(model, matrices, min_evals=options.min_evals, max_evals=options.max_evals)
+    return matrices
+
+
+def records_table(records: list[dict[str, Any]], *, stacklevel: int = 4) -> pd.DataFrame:
+    """The end of every offline front door: warn about bad weights (:func:`warn_bad_input`), then one table.
+
+    Args:
+        records: One analysis' records.
+        stacklevel: Of the warning; the default points at the caller of the front door that calls this.
+
+    Returns:
+        :func:`~lightning_htsr.records.records_to_frame` of the records.
+    """
+    warn_bad_input(records, stacklevel=stacklevel)
     return records_to_frame(records)
 
 
@@ -422,12 +440,25 @@ def resolve_options(options: AnalysisOptions | None = None, *, ww_compat: bool =
                     min_tail: int | None = None, precision: Precision = "auto", backend: Backend = "torch",
                     min_evals: int | None = None, max_evals: int | None = None,
                     phase_config: PhaseConfig | None = None) -> AnalysisOptions:
-    """The :class:`AnalysisOptions` of :func:`analyze`'s arguments (and :class:`~lightning_htsr.HTSRCallback`'s).
+    """The :class:`AnalysisOptions` of the conventions every front door takes (:func:`analyze`,
+    :func:`analyze_state_dict`, :func:`~lightning_htsr.analyze_checkpoint`, the CLI and
+    :class:`~lightning_htsr.HTSRCallback`); the options are checked once, in :class:`AnalysisOptions`.
 
-    ``min_evals`` is the one minimum spectrum size: matrices with fewer pooled eigenvalues get no phase and stay out
-    of the model-level means (it sets ``phase_config.min_evals``, default 50). Below the power-law fit's own floor
-    (:attr:`AnalysisOptions.min_evals`: 10 eigenvalues, or ``min_evals`` if smaller) a matrix is skipped. Under
-    ``ww_compat`` it is also weightwatcher's ``min_evals`` (layers below it skipped; default 8).
+    Args:
+        options: Full :class:`AnalysisOptions`; returned as they are, overriding every other argument.
+        ww_compat: weightwatcher 0.7.7's conventions (:meth:`AnalysisOptions.weightwatcher`), so that ``alpha, D,
+            xmin, log_norm, log_spectral_norm, stable_rank, entropy`` match ``WeightWatcher(model=m).analyze()`` on
+            CPU; ``fit`` and ``precision`` are then weightwatcher's.
+        fit: Power-law search, ``"fast"`` (default) or ``"exact"``.
+        min_tail: Smallest power-law tail (default 10; 2 under ``ww_compat``).
+        precision: ``"auto"`` (float32 where accurate enough, float64 where not), ``"float32"`` or ``"float64"``.
+        backend: ``"torch"`` or ``"cupy"`` (CUDA only; ``pip install lightning-htsr[cupy]``).
+        min_evals: The one minimum spectrum size: matrices with fewer pooled eigenvalues get no phase and stay out
+            of the model-level means (it sets ``phase_config.min_evals``, default 50). Below the power-law fit's
+            own floor (:attr:`AnalysisOptions.min_evals`: 10 eigenvalues, or ``min_evals`` if smaller) a matrix
+            is skipped. Under ``ww_compat`` also weightwatcher's ``min_evals`` (layers below it skipped; default 8).
+        max_evals: Skip matrices with more pooled eigenvalues (default: no limit; 15000 under ``ww_compat``).
+        phase_config: Phase-classifier thresholds.
 
     Example:
         >>> o = resolve_options(min_evals=20)
@@ -469,8 +500,8 @@ def analyze_state_dict(
 ) -> pd.DataFrame:
     """:func:`analyze` for a bare ``state_dict`` (weights by name and shape; no model class needed).
 
-    See :func:`~lightning_htsr.layers.state_dict_matrices` for how tensors become matrices. Arguments as in
-    :func:`analyze`; ``ww_compat`` scales every 4-D weight as weightwatcher scales ``Conv2d``. Streams: each
+    See :func:`~lightning_htsr.layers.state_dict_matrices` for how tensors become matrices; the other arguments are
+    :func:`analyze`'s (``ww_compat`` scales every 4-D weight as weightwatcher scales ``Conv2d``). Streams: each
     matrix is upcast only when its batch (:data:`BATCH_BYTES`) is analyzed, so the extra memory is a few matrices,
     not a float32 copy of the model. For checkpoint files, :func:`~lightning_htsr.analyze_checkpoint` also reads
     the tensors one at a time.
@@ -486,26 +517,36 @@ def analyze_state_dict(
     shapes = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     matrices = iter_state_dict_matrices(state_dict.items(), shapes=shapes, include=include, exclude=exclude,
                                         min_evals=options.min_evals, max_evals=options.max_evals)
-    records = [r.record for r in analyze_stream(matrices, options)]
-    warn_bad_input(records)
-    return records_to_frame(records)
+    return records_table([r.record for r in analyze_stream(matrices, options)])
 
 
-#: Skip reasons that are routine (layer too small or too large), not a problem with the weights.
-_ROUTINE_SKIPS = ("min_evals", "max_evals", "max_N", "a single column",
-                  "weightwatcher 0.7.7 does not analyze")  # the last two: ww_compat's selection
+#: How records without a ``skip_kind`` column (built by hand, or read from files written before it existed) are
+#: recognized as routine skips: by words of the ``skip_reason`` messages of that time.
+_LEGACY_ROUTINE_WORDS = ("min_evals", "max_evals", "max_N", "a single column", "weightwatcher 0.7.7 does not analyze")
 
 
-def bad_input_rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Records skipped or degenerate because of their weights (not merely their size)."""
-    return [
-        r
-        for r in records
-        if r["status"] != "success" and not any(k in (r["skip_reason"] or "") for k in _ROUTINE_SKIPS)
-    ]
+def is_routine_skip(record: Mapping[str, Any]) -> bool:
+    """Whether a record was skipped for its size or by ``ww_compat``'s selection (its :class:`SkipKind` is
+    routine), not because of its weights.
+
+    Example:
+        >>> is_routine_skip({"status": "skipped", "skip_kind": "too_few_evals", "skip_reason": "any wording"})
+        True
+    """
+    if "skip_kind" not in record:
+        return any(word in (record.get("skip_reason") or "") for word in _LEGACY_ROUTINE_WORDS)
+    try:
+        return SkipKind(record["skip_kind"]).routine
+    except ValueError:  # "" (analyzed, or an error the analysis recorded) or a missing value read back from a file
+        return False
 
 
-def low_precision_rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+def bad_input_rows(records: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Records skipped or degenerate because of their weights (not merely their size; see :func:`is_routine_skip`)."""
+    return [r for r in records if r["status"] != "success" and not is_routine_skip(r)]
+
+
+def _low_precision_rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Records analyzed from weights whose stored precision blurs the ESD (8-bit floats, integer-quantized)."""
     return [r for r in records if r["status"] == "success" and str(r.get("note") or "").startswith(LOW_PRECISION)]
 
@@ -533,7 +574,7 @@ def warn_bad_input(
     records = list(records)
     for rows, reason_key, what in (
         (bad_input_rows(records), "skip_reason", "weight matrices not fully analyzed"),
-        (low_precision_rows(records), "note", "weight matrices analyzed from low-precision weights"),
+        (_low_precision_rows(records), "note", "weight matrices analyzed from low-precision weights"),
     ):
         if seen is not None:
             rows = [r for r in rows if f"{r['name']}|{r[reason_key]}" not in seen]
@@ -543,6 +584,3 @@ def warn_bad_input(
         shown = "; ".join(f"{r['name']} ({r['status']}: {r[reason_key]})" for r in rows[:8])
         more = f"; and {len(rows) - 8} more" if len(rows) > 8 else ""
         warnings.warn(f"{who}: {len(rows)} {what}: {shown}{more}", UserWarning, stacklevel=stacklevel)
-
-
-_resolve_options = resolve_options  # the name lightning_htsr.cli imports

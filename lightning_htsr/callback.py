@@ -147,12 +147,6 @@ class _HTSRCallbackImpl:
         extra_scalars: list[str] | None = None,
     ) -> None:
         super().__init__()
-        if backend not in ("torch", "cupy"):
-            raise ValueError(f"backend must be 'torch' or 'cupy', got {backend!r}")
-        if fit not in ("fast", "exact"):
-            raise ValueError(f"fit must be 'fast' or 'exact', got {fit!r}")
-        if precision not in ("auto", "float32", "float64"):
-            raise ValueError(f"precision must be 'auto', 'float32' or 'float64', got {precision!r}")
         self.schedule = AnalysisSchedule(every_n_epochs=every_n_epochs, epochs=epochs, every_n_steps=every_n_steps,
                                          on_train_start=analyze_on_train_start)
         self.criteria = StopCriteria(stop_on=stop_on, rule=stop_rule, stop_fraction=stop_fraction, patience=patience,

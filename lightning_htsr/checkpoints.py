@@ -35,12 +35,9 @@ from torch import Tensor, nn
 
 __all__ = [
     "READ_BUDGET",
-    "STATE_DICT_KEYS",
     "Checkpoint",
     "CheckpointError",
     "TensorInfo",
-    "extract_state_dict",
-    "load_checkpoint",
     "open_checkpoint",
 ]
 

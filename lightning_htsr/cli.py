@@ -149,15 +149,15 @@ def _write_table(frame: Any, path: Path, kind: str) -> None:
 
 
 def _analysis_options(args: argparse.Namespace) -> Any:
-    from .analysis import _resolve_options
+    from .analysis import resolve_options
 
     if args.min_evals is not None and args.min_evals < 0:
         raise CLIError(f"--min-evals must be >= 0, got {args.min_evals}")
     if args.threads is not None and args.threads < 0:
         raise CLIError(f"--threads must be >= 0, got {args.threads}")
-    return _resolve_options(None, ww_compat=args.ww_compat, fit=args.fit, min_tail=None, precision=args.precision,
-                            backend=args.backend, min_evals=args.min_evals, max_evals=args.max_evals,
-                            phase_config=None)
+    return resolve_options(None, ww_compat=args.ww_compat, fit=args.fit, min_tail=None, precision=args.precision,
+                           backend=args.backend, min_evals=args.min_evals, max_evals=args.max_evals,
+                           phase_config=None)
 
 
 def _device(text: str | None) -> Any:

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from .layers import WeightAccess, WeightMatrix
 
-__all__ = ["DeepSpeedAccess", "assign_owners", "full_weight_access", "gather_objects", "matrix_cost"]
+__all__ = ["assign_owners", "matrix_cost"]
 
 
 def matrix_cost(matrix: WeightMatrix) -> float:

@@ -28,13 +28,13 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .layers import _tall
+from .layers import SkipKind, tall
 
 __all__ = [
     "Backend",
@@ -43,6 +43,7 @@ __all__ = [
     "Route",
     "Spectrum",
     "compute_spectra",
+    "default_zero_tol",
     "eigenvalues",
     "resolution_floor",
 ]
@@ -81,6 +82,7 @@ class Spectrum:
         error: Empty, or why the eigenvalues could not be computed (non-finite weights, solver failure).
         sv_min: The largest over the slices of each slice's smallest singular value (``sqrt`` of its smallest
             scaled eigenvalue): weightwatcher's ``sv_min``.
+        error_kind: The :class:`~lightning_htsr.layers.SkipKind` of ``error`` (``None`` without one).
     """
 
     eigenvalues: Tensor
@@ -90,6 +92,7 @@ class Spectrum:
     floor: float = math.nan
     error: str = ""
     sv_min: float = math.nan
+    error_kind: SkipKind | None = None
 
     @property
     def ok(self) -> bool:
@@ -119,6 +122,37 @@ def resolution_floor(lambda_max: float, M: int, dtype: torch.dtype, route: str) 
     if route == "gram":
         return RESOLUTION_FACTOR * math.sqrt(M) * eps * lambda_max
     return (RESOLUTION_FACTOR * eps) ** 2 * lambda_max
+
+
+def check_choice(name: str, value: object, choices: Any) -> None:
+    """Raise a ``ValueError`` naming the allowed values unless ``value`` is one of ``choices`` (a ``Literal`` type,
+    e.g. :data:`Precision`, or a sequence): the one check of the shared options.
+
+    Example:
+        >>> check_choice("precision", "float16", Precision)
+        Traceback (most recent call last):
+        ...
+        ValueError: precision must be 'auto', 'float32' or 'float64', got 'float16'
+    """
+    allowed = get_args(choices) or tuple(choices)
+    if value not in allowed:
+        quoted = [repr(c) for c in allowed]
+        raise ValueError(f"{name} must be {', '.join(quoted[:-1])} or {quoted[-1]}, got {value!r}")
+
+
+def sorted_float64(eigenvalues: Tensor | np.ndarray | Sequence[float]) -> Tensor:
+    """Eigenvalues as one flat float64 tensor sorted ascending: the one input converter of the fits, the metrics and
+    the phase classifier. A tensor stays on its device; NumPy arrays and sequences come back on the CPU.
+
+    Example:
+        >>> sorted_float64([3.0, 1.0, 2.0])
+        tensor([1., 2., 3.], dtype=torch.float64)
+    """
+    if isinstance(eigenvalues, Tensor):
+        x = eigenvalues.detach().to(torch.float64)
+    else:
+        x = torch.from_numpy(np.ascontiguousarray(eigenvalues, dtype=np.float64))
+    return torch.sort(x.reshape(-1)).values
 
 
 def default_zero_tol(lambda_max: float, n: int, dtype: torch.dtype | np.dtype | type) -> float:
@@ -273,7 +307,7 @@ def compute_spectra(
 
 def _needs_float64(spectrum: Spectrum) -> bool:
     """Whether a float32 Gram-route spectrum must be redone in float64 (its ``floor`` is the float32 one)."""
-    if spectrum.error.startswith("float32 "):  # overflow or solver failure in single precision
+    if spectrum.error_kind is SkipKind.SOLVER_FAILED:  # overflow or solver failure in single precision
         return True
     if spectrum.error:
         return False
@@ -330,9 +364,11 @@ def _failure(stack: Tensor, dtype: torch.dtype, route: str, detail: str) -> Spec
     """Explain a failed matrix. Only now are its weights scanned for NaN/Inf (the rare path pays for it)."""
     empty = torch.zeros(0, dtype=torch.float64)
     if not bool(torch.isfinite(stack).all()):
-        return Spectrum(empty, _dtype_name(dtype), route, math.nan, math.nan, "non-finite weights (NaN or Inf)")
-    # Finite weights: single-precision overflow or a solver failure; "float32 ..." asks the auto policy to redo it.
-    return Spectrum(empty, _dtype_name(dtype), route, math.nan, math.nan, f"{_dtype_name(dtype)} {detail}")
+        return Spectrum(empty, _dtype_name(dtype), route, math.nan, math.nan, "non-finite weights (NaN or Inf)",
+                        error_kind=SkipKind.NON_FINITE)
+    # Finite weights: single-precision overflow or a solver failure; in float32 the auto policy redoes it in float64.
+    return Spectrum(empty, _dtype_name(dtype), route, math.nan, math.nan, f"{_dtype_name(dtype)} {detail}",
+                    error_kind=SkipKind.SOLVER_FAILED)
 
 
 def eigenvalues(
@@ -373,7 +409,7 @@ def eigenvalues(
         weight = weight.unsqueeze(0)
     if weight.dim() != 3:
         raise ValueError(f"expected a 2-D matrix or a 3-D stack of slices, got shape {tuple(weight.shape)}")
-    stack = _tall(weight.detach())
+    stack = tall(weight.detach())
     scale = 1.0 / stack.shape[-2] if normalize else 1.0
     spectrum = compute_spectra([stack], scales=[scale], precision=precision, route=route, backend=backend)[0]
     if spectrum.error:

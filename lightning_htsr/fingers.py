@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .powerlaw import PowerLawFit
 
-__all__ = ["FIX_FINGERS", "XMIN_PEAK_REASON", "fit_fix_fingers"]
+__all__ = ["fit_fix_fingers"]
 
 #: Accepted ``fix_fingers`` values.
 FIX_FINGERS = ("clip_xmax", "xmin_peak")

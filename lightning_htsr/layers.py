@@ -12,6 +12,7 @@ without touching the values (meta device, integer storage, shards, too few eigen
 
 from __future__ import annotations
 
+import enum
 import math
 import re
 from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
@@ -23,15 +24,13 @@ from torch import Tensor, nn
 
 __all__ = [
     "LAYER_TYPES",
+    "SkipKind",
     "WeightAccess",
-    "ShapeAccess",
     "WeightMatrix",
-    "is_weight_entry",
     "iter_state_dict_matrices",
-    "state_dict_matrices",
-    "state_dict_source",
-    "weight_matrices",
     "layer_type_of",
+    "state_dict_matrices",
+    "weight_matrices",
 ]
 
 #: Layer types this stage knows, as used in ``layer_types=`` filters and the ``layer_type`` column.
@@ -59,6 +58,37 @@ _RNN_GATES = {"LSTM": ("i", "f", "g", "o"), "GRU": ("r", "z", "n")}
 _GATES_BY_COUNT = {4: ("lstm", _RNN_GATES["LSTM"]), 3: ("gru", _RNN_GATES["GRU"]), 1: ("rnn", None)}
 
 
+class SkipKind(str, enum.Enum):
+    """Why a matrix has no (complete) analysis: the value behind the human ``skip_reason`` sentence.
+
+    Decisions read the kind, never the sentence (which skips are warned about, which failures are retried in
+    float64), so rewording a message changes nothing. Records carry it as the ``skip_kind`` column (its value).
+    """
+
+    TOO_FEW_EVALS = "too_few_evals"  #: fewer pooled eigenvalues than ``min_evals`` (routine)
+    TOO_MANY_EVALS = "too_many_evals"  #: more pooled eigenvalues than ``max_evals`` (routine)
+    SINGLE_COLUMN = "single_column"  #: slices with one column have no spectrum to speak of (routine)
+    NOT_SELECTED = "not_selected"  #: left out by ``ww_compat``'s weightwatcher layer selection (routine)
+    NOT_A_MATRIX = "not_a_matrix"  #: a weight of rank 3+ outside convolutions
+    UNREADABLE = "unreadable"  #: no usable values: meta device, lazy, partitioned, empty, integer without a scale
+    NON_FINITE = "non_finite"  #: NaN or Inf in the weights
+    SOLVER_FAILED = "solver_failed"  #: the eigensolver failed on finite weights (float32: redone in float64)
+    ALL_ZERO = "all_zero"  #: every eigenvalue is zero
+    DEGENERATE = "degenerate"  #: a spectrum whose power-law fit or entropy is undefined
+
+    @property
+    def routine(self) -> bool:
+        """Whether the skip is about the matrix's size or selection, not a problem with its weights."""
+        return self in _ROUTINE_KINDS
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_ROUTINE_KINDS = frozenset({SkipKind.TOO_FEW_EVALS, SkipKind.TOO_MANY_EVALS, SkipKind.SINGLE_COLUMN,
+                            SkipKind.NOT_SELECTED})
+
+
 @dataclass
 class WeightMatrix:
     """One matrix (or pooled stack of slices) to analyze.
@@ -73,11 +103,12 @@ class WeightMatrix:
         M: Columns of one slice (the smaller side).
         num_slices: Number of pooled slices (kernel positions times groups for convolutions, else 1).
         dtype: The stored dtype of the weight, as a string (``"torch.bfloat16"``, ``"torch.qint8"``, ...).
-        skip_reason: Why the matrix cannot be analyzed, or ``None``.
+        skip_reason: Why the matrix cannot be analyzed (a sentence for people), or ``None``.
         note: Anything the user should know about how the matrix was obtained (e.g. dequantized).
         aliases: Other names of a tied parameter.
         source: Name of the parameter entry the matrix comes from (``"blocks.0.attn.in_proj"`` for its q, k and
             v): the unit a distributed analysis assigns to one rank.
+        skip_kind: The :class:`SkipKind` of ``skip_reason`` (what code decides on), or ``None``.
     """
 
     name: str
@@ -92,6 +123,7 @@ class WeightMatrix:
     note: str = ""
     aliases: list[str] = field(default_factory=list)
     source: str = ""
+    skip_kind: SkipKind | None = None
 
     @classmethod
     def from_tensor(cls, name: str, weight: Tensor, layer_type: str = "other") -> WeightMatrix:
@@ -108,7 +140,7 @@ class WeightMatrix:
             stack = stack.unsqueeze(0)
         if stack.dim() != 3:
             raise ValueError(f"expected a 2-D matrix or 3-D stack, got shape {tuple(weight.shape)}")
-        stack = _tall(stack)
+        stack = tall(stack)
         k, n_rows, m_cols = stack.shape
         return cls(name, layer_type, "Tensor", stack, n_rows, m_cols, k, str(weight.dtype), source=name)
 
@@ -248,12 +280,12 @@ def _precision_note(weight: Tensor) -> str:
     return ""
 
 
-def _tall(stack: Tensor) -> Tensor:
-    """Orient a ``(k, rows, cols)`` stack so that rows >= cols."""
+def tall(stack: Tensor) -> Tensor:
+    """Orient a ``(k, rows, cols)`` stack so that rows >= cols (``N >= M``)."""
     return stack.transpose(-1, -2) if stack.shape[-2] < stack.shape[-1] else stack
 
 
-def _conv_slices(weight: Tensor, groups: int) -> Tensor:
+def conv_slices(weight: Tensor, groups: int) -> Tensor:
     """``(out, in/g, *k)`` (``(in, out/g, *k)`` when transposed) -> ``(g * prod(k), rows / g, cols)`` slices.
 
     The first axis is the one split into groups in both layouts, so one reshape serves both.
@@ -306,7 +338,7 @@ def _rank_problem(weight: Tensor) -> str:
 
 def _conv(groups: int) -> Callable[[Tensor], list[tuple[str, Tensor]]]:
     """Builder: a convolution's kernel positions (and groups) as one pooled stack of slices."""
-    return lambda w: [("", _conv_slices(w, groups))]
+    return lambda w: [("", conv_slices(w, groups))]
 
 
 _QKV = ("q", "k", "v")
@@ -362,7 +394,9 @@ def _script_entries(name: str, module: nn.Module) -> list[_Entry]:
 _WRAPPER_PARTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.", "_forward_module.")
 
 
-def _clean(name: str) -> str:
+def clean_name(name: str) -> str:
+    """A module path without the wrapper parts of :data:`_WRAPPER_PARTS` (FSDP, activation checkpointing,
+    ``torch.compile``, Lightning's forward wrapper)."""
     for part in _WRAPPER_PARTS:
         name = name.replace(part, "")
     for part in _WRAPPER_PARTS:  # a wrapper at the very end of a path has no trailing dot
@@ -412,85 +446,115 @@ def weight_matrices(
         [('0', 'linear', 64, 32, 1), ('2', 'conv2d', 8, 3, 9)]
     """
     access = access or WeightAccess()
+    selection = _Selection(include, exclude, min_evals, max_evals)
     seen: dict[Hashable, list[WeightMatrix]] = {}
     out: list[WeightMatrix] = []
     for module_name, module in model.named_modules():
         layer_type = layer_type_of(module)
         if layer_type is None or not _type_selected(layer_type, module, layer_types):
             continue
-        for entry in _entries(_clean(module_name), module, layer_type):
-            out.extend(_matrices_of(entry, include, exclude, min_evals, max_evals, access, select, materialize,
-                                    seen))
+        for entry in _entries(clean_name(module_name), module, layer_type):
+            out.extend(_matrices_of(entry, selection, access, select, materialize, seen))
     return out
+
+
+@dataclass(frozen=True)
+class _Selection:
+    """Which matrices are listed (names) and which of those are analyzed (sizes)."""
+
+    include: Sequence[str] | str | None = None
+    exclude: Sequence[str] | str | None = None
+    min_evals: int = 0
+    max_evals: int | None = None
+
+    def kept(self, name: str) -> bool:
+        """Whether a matrix of this name is listed at all."""
+        return _kept(name, self.include, self.exclude)
+
+    def size_skip(self, n_rows: int, m_cols: int, evals: int) -> tuple[str, SkipKind] | None:
+        """Why a readable matrix of this shape is not analyzed (reason, kind), or ``None``."""
+        if m_cols < 2:
+            return f"slices are {n_rows}x{m_cols}: a single column has no spectrum to speak of", SkipKind.SINGLE_COLUMN
+        if evals < self.min_evals:
+            return f"{evals} eigenvalues < min_evals={self.min_evals}", SkipKind.TOO_FEW_EVALS
+        if self.max_evals is not None and evals > self.max_evals:
+            return f"{evals} eigenvalues > max_evals={self.max_evals}", SkipKind.TOO_MANY_EVALS
+        return None
+
+
+def _tied_elsewhere(entry: _Entry, seen: dict[Hashable, list[WeightMatrix]]) -> bool:
+    """Whether the entry's weight was listed under another name (tied); if so, record this name as an alias."""
+    key = entry.tie_key
+    if key is None or key not in seen:
+        return False
+    for matrix in seen[key]:
+        matrix.aliases.append(entry.name + matrix.name[len(matrix.source) :])
+    return True
+
+
+def _layout(param: Tensor, access: WeightAccess) -> Tensor | None:
+    """A meta tensor of the parameter's full shape (``None`` when even the shape is unknown: lazy modules)."""
+    if isinstance(param, nn.parameter.UninitializedParameter):
+        return None
+    return torch.empty(access.shape(param), device="meta")
+
+
+def _new_matrix(entry: _Entry, name: str, stack: Tensor | None, read: bool, problem: tuple[str, SkipKind] | None,
+                note: str, selection: _Selection) -> WeightMatrix:
+    """One listed matrix: oriented tall, its slices kept only when read and analyzable."""
+    reason, kind = problem if problem is not None else (None, None)
+    dtype = str(entry.param.dtype) if entry.param is not None else ""
+    if stack is None:  # shape unknown (lazy): nothing to orient
+        matrix = WeightMatrix(name, entry.layer_type, entry.module_type, None, 0, 0, 1, dtype, reason, note,
+                              skip_kind=kind)
+    else:
+        stack = tall(stack)
+        k, n_rows, m_cols = stack.shape
+        matrix = WeightMatrix(name, entry.layer_type, entry.module_type, stack if read else None, n_rows, m_cols, k,
+                              dtype, reason, note, skip_kind=kind)
+        size_problem = selection.size_skip(n_rows, m_cols, matrix.num_evals) if problem is None else None
+        if size_problem is not None:
+            matrix.skip_reason, matrix.skip_kind = size_problem
+        if matrix.skip_reason is not None:
+            matrix.slices = None
+    matrix.source = entry.name
+    return matrix
 
 
 def _matrices_of(
     entry: _Entry,
-    include: Sequence[str] | str | None,
-    exclude: Sequence[str] | str | None,
-    min_evals: int,
-    max_evals: int | None,
+    selection: _Selection,
     access: WeightAccess,
     select: Callable[[str], bool] | None,
     materialize: bool,
     seen: dict[Hashable, list[WeightMatrix]],
 ) -> Iterator[WeightMatrix]:
+    """The matrices of one entry (reading, gathering and dequantizing its weight when analyzed)."""
     param = entry.param
-    if param is None:
+    if param is None or _tied_elsewhere(entry, seen):  # tied weights: analyze once
         return
-    key = entry.tie_key
-    if key is not None and key in seen:  # tied weights: analyze once
-        for record in seen[key]:
-            record.aliases.append(entry.name + record.name[len(record.source) :])
-        return
-    module_type = entry.module_type
-    dtype = str(param.dtype)
-    problem = entry.problem or access.problem(param)
-    sharded = access.is_sharded(param) and problem is None
+    reason = entry.problem or access.problem(param)
+    problem = (reason, SkipKind.NOT_A_MATRIX if entry.problem else SkipKind.UNREADABLE) if reason else None
     wanted = select is None or select(entry.name)
-    if not wanted and not sharded:
+    if not wanted and not (access.is_sharded(param) and problem is None):
         return
-    if problem is not None or not materialize:
-        shape = None if isinstance(param, nn.parameter.UninitializedParameter) else access.shape(param)
-        layout = torch.empty(shape, device="meta") if shape is not None else None
-        weight = None
-    else:
+    weight = None
+    if problem is None and materialize:
         weight = access.gather(param).detach()  # collective for sharded parameters: every rank gets here
         if not wanted:
             return
-        layout = weight
+        if weight.is_quantized:
+            weight = weight.dequantize()
+    layout = weight if weight is not None else _layout(param, access)
     note = _precision_note(param) if problem is None else ""
-    if weight is not None and weight.is_quantized:
-        weight = weight.dequantize()
-        layout = weight
-    records: list[WeightMatrix] = []
-    pieces = entry.build(layout) if layout is not None else [("", None)]
-    for suffix, stack in pieces:
-        name = entry.name + suffix
-        if not _kept(name, include, exclude):
-            continue
-        if stack is None:  # shape unknown (lazy): nothing to orient
-            record = WeightMatrix(name, entry.layer_type, module_type, None, 0, 0, 1, dtype, problem, note)
-        else:
-            stack = _tall(stack)
-            k, n_rows, m_cols = stack.shape
-            kept = stack if weight is not None else None
-            record = WeightMatrix(name, entry.layer_type, module_type, kept, n_rows, m_cols, k, dtype, problem, note)
-            if problem is None:
-                evals = record.num_evals
-                if m_cols < 2:
-                    record.skip_reason = f"slices are {n_rows}x{m_cols}: a single column has no spectrum to speak of"
-                elif evals < min_evals:
-                    record.skip_reason = f"{evals} eigenvalues < min_evals={min_evals}"
-                elif max_evals is not None and evals > max_evals:
-                    record.skip_reason = f"{evals} eigenvalues > max_evals={max_evals}"
-            if record.skip_reason is not None:
-                record.slices = None
-        record.source = entry.name
-        records.append(record)
-        yield record
-    if records and key is not None:
-        seen[key] = records
+    matrices: list[WeightMatrix] = []
+    for suffix, stack in entry.build(layout) if layout is not None else [("", None)]:
+        if selection.kept(entry.name + suffix):
+            matrices.append(_new_matrix(entry, entry.name + suffix, stack, weight is not None, problem, note,
+                                        selection))
+            yield matrices[-1]
+    if matrices and entry.tie_key is not None:
+        seen[entry.tie_key] = matrices
 
 
 _RNN_KEY = re.compile(r"^(?P<module>.*?)\.?(?P<param>weight_(?:ih|hh)(?:_l\d+(?:_reverse)?)?)$")
@@ -598,6 +662,7 @@ def iter_state_dict_matrices(
     gates = _gate_counts(shapes) if shapes is not None else {}
     seen: dict[Hashable, list[WeightMatrix]] = {}
     access = access or WeightAccess()
+    selection = _Selection(include, exclude, min_evals, max_evals)
     for key, value in items:
         if not isinstance(value, Tensor):
             continue
@@ -605,7 +670,7 @@ def iter_state_dict_matrices(
             gates.update(_gate_counts({key: tuple(value.shape)}))
         entry = _state_dict_entry(key, value, gates, _storage_key(value) if tie else None)
         if entry is not None:
-            yield from _matrices_of(entry, include, exclude, min_evals, max_evals, access, None, True, seen)
+            yield from _matrices_of(entry, selection, access, None, True, seen)
 
 
 def state_dict_matrices(

@@ -25,6 +25,8 @@ from functools import lru_cache
 import numpy as np
 from torch import Tensor
 
+from .eigenvalues import sorted_float64
+
 __all__ = [
     "FALSE_SPIKE_RATE",
     "MarchenkoPasturFit",
@@ -190,6 +192,16 @@ class MarchenkoPasturFit:
         return MarchenkoPasturFit(nan, nan, nan, nan, nan, 0, nan, nan, nan, nan, nan)
 
 
+def _ks_to_mp(bulk: np.ndarray, Q: float, sigma2: float, threshold: float) -> float:
+    """KS distance between the sorted bulk and the MP law truncated at ``threshold`` (NaN for an empty bulk)."""
+    if not bulk.size:
+        return math.nan
+    model = mp_cdf(bulk, Q, sigma2) / float(mp_cdf(threshold, Q, sigma2))
+    n = bulk.size
+    steps = np.arange(1, n + 1) / n
+    return float(max(np.max(np.abs(model - steps)), np.max(np.abs(model - (steps - 1.0 / n)))))
+
+
 def fit_marchenko_pastur(
     eigenvalues: Tensor | np.ndarray,
     N: int,
@@ -222,8 +234,8 @@ def fit_marchenko_pastur(
         >>> round(fit.sigma_mp, 2), fit.num_spikes
         (1.0, 0)
     """
-    x = eigenvalues.detach().double().cpu().numpy() if isinstance(eigenvalues, Tensor) else np.asarray(eigenvalues)
-    x = np.sort(x[np.isfinite(x) & (x > zero_tol)].astype(np.float64))
+    x = sorted_float64(eigenvalues).cpu().numpy()
+    x = x[np.isfinite(x) & (x > zero_tol)]
     if x.size < 4 or N < 1 or M < 1:
         return MarchenkoPasturFit.undefined()
     Q = max(N / M, 1.0)
@@ -235,12 +247,6 @@ def fit_marchenko_pastur(
     spikes = x[x > threshold]
     bulk = x[x <= threshold]
     lam_max = float(x[-1])
-    ks = math.nan
-    if bulk.size:
-        model = mp_cdf(bulk, Q, sigma2) / float(mp_cdf(threshold, Q, sigma2))
-        n = bulk.size
-        steps = np.arange(1, n + 1) / n
-        ks = float(max(np.max(np.abs(model - steps)), np.max(np.abs(model - (steps - 1.0 / n)))))
     return MarchenkoPasturFit(
         sigma_mp=math.sqrt(sigma2),
         lambda_minus=lo,
@@ -250,7 +256,7 @@ def fit_marchenko_pastur(
         num_spikes=int(spikes.size),
         spike_gap_tw=float((spikes[0] - hi) / s_tw) if spikes.size else math.nan,
         max_gap_tw=(lam_max - hi) / s_tw,
-        ks_mp=ks,
+        ks_mp=_ks_to_mp(bulk, Q, sigma2, threshold),
         tail_mass=float(spikes.sum() / x.sum()),
         mp_softrank=hi / lam_max,
     )

@@ -25,16 +25,15 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 from torch import Tensor
 
+from .eigenvalues import sorted_float64
+
 __all__ = [
-    "WW_WEAK_RANK_TOL",
+    "OVER_TRAINED_ALPHA",
+    "alpha_warning",
     "detx_metrics",
     "esd_metrics",
-    "OVER_TRAINED_ALPHA",
-    "UNDER_TRAINED_ALPHA",
-    "alpha_warning",
     "matrix_entropy",
     "norm_metrics",
     "rank_metrics",
@@ -52,12 +51,6 @@ WW_ENTROPY_EPSILON = 1e-10
 WW_WEAK_RANK_TOL = 1e-6
 
 
-def _numpy(eigenvalues: Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(eigenvalues, Tensor):
-        return eigenvalues.detach().to(torch.float64).cpu().numpy().reshape(-1)
-    return np.asarray(eigenvalues, dtype=np.float64).reshape(-1)
-
-
 def rank_metrics(eigenvalues: Tensor | np.ndarray, zero_tol: float) -> dict[str, int]:
     """Numerical rank and rank loss.
 
@@ -72,7 +65,7 @@ def rank_metrics(eigenvalues: Tensor | np.ndarray, zero_tol: float) -> dict[str,
         >>> rank_metrics([0.0, 1e-20, 0.5, 2.0], zero_tol=1e-12)
         {'matrix_rank': 2, 'rank_loss': 2}
     """
-    x = _numpy(eigenvalues)
+    x = sorted_float64(eigenvalues).cpu().numpy()
     rank = int(np.count_nonzero(x > zero_tol))
     return {"matrix_rank": rank, "rank_loss": int(x.size - rank)}
 
@@ -93,7 +86,7 @@ def matrix_entropy(eigenvalues: Tensor | np.ndarray, rank: int, *, epsilon: floa
         >>> round(matrix_entropy([1.0, 1.0, 1.0, 1.0], rank=4), 6)  # flat spectrum
         1.0
     """
-    x = _numpy(eigenvalues)
+    x = sorted_float64(eigenvalues).cpu().numpy()
     total = float(x.sum())
     if total <= 0.0 or not math.isfinite(total):
         return math.nan
@@ -124,7 +117,7 @@ def norm_metrics(eigenvalues: Tensor | np.ndarray, alpha: float = math.nan) -> d
         >>> m["norm"], m["stable_rank"], round(m["log_alpha_norm"], 6)
         (4.0, 2.0, 0.778151)
     """
-    x = _numpy(eigenvalues)
+    x = sorted_float64(eigenvalues).cpu().numpy()
     norm = float(x.sum())
     lam_max = float(x.max()) if x.size else math.nan
     positive = norm > 0 and lam_max > 0
@@ -181,7 +174,7 @@ def esd_metrics(eigenvalues: Tensor | np.ndarray, *, sv_min: float, weak_tol: fl
         >>> esd_metrics([1e-9, 0.25, 4.0], sv_min=1e-4, weak_tol=1e-6)
         {'has_esd': True, 'lambda_max': 4.0, 'sv_max': 2.0, 'sv_min': 0.0001, 'weak_rank_loss': 1}
     """
-    x = _numpy(eigenvalues)
+    x = sorted_float64(eigenvalues).cpu().numpy()
     lam_max = float(x.max()) if x.size else math.nan
     return {"has_esd": True, "lambda_max": lam_max, "sv_max": math.sqrt(lam_max), "sv_min": float(sv_min),
             "weak_rank_loss": int(np.count_nonzero(x < weak_tol))}
@@ -209,7 +202,7 @@ def detx_metrics(eigenvalues: Tensor | np.ndarray, num_pl_spikes: int) -> dict[s
         >>> m["detX_num"], m["detX_val"], m["ERG_gap"]  # r[2:] has product 0.77 < 1, r[3:] 3.57 does not
         (2, 0.3, 1)
     """
-    x = np.sort(_numpy(eigenvalues).astype(np.float64))
+    x = sorted_float64(eigenvalues).cpu().numpy()
     n = x.size
     if n < 2 or not x[0] < x[-1]:
         num, idx = 0, 0

@@ -21,17 +21,15 @@ from typing import Any
 import pandas as pd
 import torch
 
-from .analysis import AnalysisOptions, MatrixAnalysis, _resolve_options, analyze_stream, warn_bad_input
+from .analysis import AnalysisOptions, MatrixAnalysis, analyze_stream, records_table, resolve_options
 from .checkpoints import Checkpoint, CheckpointError, TensorInfo, open_checkpoint
 from .distributed import assign_owners, gather_objects
 from .eigenvalues import Backend, Precision
 from .layers import ShapeAccess, WeightMatrix, is_weight_entry, iter_state_dict_matrices, state_dict_source
 from .phases import PhaseConfig
 from .powerlaw import FitMethod
-from .records import records_to_frame
 
-__all__ = ["DEFAULT_THREADS", "analyze_checkpoint", "checkpoint_analyses", "checkpoint_plan", "checkpoint_records",
-           "threads_limit"]
+__all__ = ["DEFAULT_THREADS", "analyze_checkpoint", "checkpoint_plan", "checkpoint_records"]
 
 #: torch intra-op threads during offline analysis (see the module docstring for the measurement).
 DEFAULT_THREADS = 1
@@ -76,7 +74,7 @@ def checkpoint_plan(checkpoint: Checkpoint, options: AnalysisOptions, *, include
                                          access=ShapeAccess()))
 
 
-def checkpoint_analyses(
+def _checkpoint_analyses(
     checkpoint: Checkpoint,
     options: AnalysisOptions,
     *,
@@ -161,7 +159,7 @@ def checkpoint_records(
     mine = [m for m in plan if owners.get(m.source, 0) == rank]
     records: list[dict[str, Any]] = []
     error = ""
-    analyses = checkpoint_analyses(checkpoint, options, include=include, exclude=exclude, device=device,
+    analyses = _checkpoint_analyses(checkpoint, options, include=include, exclude=exclude, device=device,
                                    owned=(lambda s: owners.get(s, 0) == rank) if world > 1 else None)
     try:
         for result in _progress(analyses, len(mine), progress):
@@ -204,21 +202,11 @@ def analyze_checkpoint(
     with their index, or a single file) or an ``*.index.json``; see :mod:`lightning_htsr.checkpoints`. Tensors are
     read one at a time, upcast per matrix and dropped once analyzed, so memory stays at a few of the largest
     matrices. Under an initialized ``torch.distributed`` process group (``torchrun``), each rank analyzes a
-    cost-balanced share and every rank returns the whole table.
+    cost-balanced share and every rank returns the whole table. ``include``, ``exclude`` and the conventions
+    (``fit`` ... ``options``) are :func:`~lightning_htsr.analyze_state_dict`'s.
 
     Args:
         paths: What to read.
-        include: Regex(es) a matrix name must match.
-        exclude: Regex(es) of names to drop.
-        fit: Power-law search, ``"fast"`` or ``"exact"``.
-        min_tail: Smallest power-law tail.
-        precision: ``"auto"``, ``"float32"`` or ``"float64"``.
-        backend: ``"torch"`` or ``"cupy"`` (with ``device="cuda"``).
-        min_evals: Skip matrices with fewer pooled eigenvalues.
-        max_evals: Skip matrices with more pooled eigenvalues.
-        ww_compat: weightwatcher 0.7.7's conventions.
-        phase_config: Phase-classifier thresholds.
-        options: Full :class:`~lightning_htsr.AnalysisOptions`; overrides the convention arguments.
         device: Analyze there (``"cuda"``): each matrix is moved when its turn comes.
         threads: torch intra-op threads during the analysis (default :data:`DEFAULT_THREADS`; ``0``: torch's).
         progress: Show a tqdm progress bar on stderr.
@@ -239,11 +227,10 @@ def analyze_checkpoint(
         ...     analyze_checkpoint(d)[["name", "phase"]].values.tolist()
         [['fc', 'random_like']]
     """
-    options = _resolve_options(options, ww_compat=ww_compat, fit=fit, min_tail=min_tail, precision=precision,
-                               backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config)
+    options = resolve_options(options, ww_compat=ww_compat, fit=fit, min_tail=min_tail, precision=precision,
+                              backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config)
     checkpoint = open_checkpoint(paths, trust_pickle=trust_pickle)
     with threads_limit(threads):
         records = checkpoint_records(checkpoint, options, include=include, exclude=exclude, device=device,
                                      progress=progress)
-    warn_bad_input(records)
-    return records_to_frame(records)
+    return records_table(records)

@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .eigenvalues import default_zero_tol
+from .eigenvalues import default_zero_tol, sorted_float64
 from .marchenko_pastur import FALSE_SPIKE_RATE, MarchenkoPasturFit, fit_marchenko_pastur
 from .powerlaw import PowerLawFit, fit_power_law, likelihood_ratio_exponential
 
@@ -226,8 +226,7 @@ def classify_phase(
         <Phase.RANDOM_LIKE: 'random_like'>
     """
     config = config or PhaseConfig()
-    x = eigenvalues.detach().double().cpu().numpy() if isinstance(eigenvalues, Tensor) else np.asarray(eigenvalues)
-    x = np.sort(x.reshape(-1).astype(np.float64))
+    x = sorted_float64(eigenvalues).cpu().numpy()
     n_total = x.size
     lam_max = float(x[-1]) if n_total else 0.0
     if zero_tol is None:
@@ -237,56 +236,52 @@ def classify_phase(
     if mp is None:
         # The bulk is what lies above a near-zero cluster: median matching inside the cluster would fit noise.
         above = x[int(round(frac_zero * n_total)) :] if n_total else x
-        mp = fit_marchenko_pastur(
-            above, N, M, num_slices=num_slices, false_spike_rate=config.false_spike_rate, zero_tol=zero_tol
-        )
+        mp = fit_marchenko_pastur(above, N, M, num_slices=num_slices, false_spike_rate=config.false_spike_rate,
+                                  zero_tol=zero_tol)
+    powerlaw, lr_z = _tail_fits(nonzero, zero_tol, powerlaw)
+    if n_total == 0 or lam_max <= 0 or not math.isfinite(lam_max):
+        phase, reason = None, "no spectrum (all-zero or empty)"
+    elif frac_zero >= config.zero_fraction and n_total >= config.min_evals:
+        phase, reason = Phase.RANK_COLLAPSE, f"{frac_zero:.0%} of the eigenvalues are (near) zero"
+    elif nonzero.size < config.min_evals:
+        phase, reason = None, f"{nonzero.size} non-zero eigenvalues < {config.min_evals} needed to classify"
+    else:
+        phase, reason = _phase_of_spectrum(nonzero.size, mp, powerlaw, lr_z, config)
+    return PhaseResult(phase, reason, frac_zero, mp, powerlaw, lr_z)
+
+
+def _tail_fits(nonzero: np.ndarray, zero_tol: float, powerlaw: PowerLawFit | None) -> tuple[PowerLawFit, float]:
+    """The power-law fit (``powerlaw`` if given) of the non-zero eigenvalues and its likelihood-ratio z against an
+    exponential tail."""
     if powerlaw is None:
         powerlaw = fit_power_law(torch.from_numpy(nonzero), zero_tol=zero_tol) if nonzero.size else PowerLawFit.failed(
             "no non-zero eigenvalues"
         )
+    return powerlaw, likelihood_ratio_exponential(nonzero, powerlaw) if nonzero.size else math.nan
 
-    lr_z = likelihood_ratio_exponential(nonzero, powerlaw) if nonzero.size else math.nan
 
-    def result(phase: Phase | None, reason: str) -> PhaseResult:
-        return PhaseResult(phase, reason, frac_zero, mp, powerlaw, lr_z)
-
-    if n_total == 0 or lam_max <= 0 or not math.isfinite(lam_max):
-        return result(None, "no spectrum (all-zero or empty)")
-    if frac_zero >= config.zero_fraction and n_total >= config.min_evals:
-        return result(Phase.RANK_COLLAPSE, f"{frac_zero:.0%} of the eigenvalues are (near) zero")
-    if nonzero.size < config.min_evals:
-        return result(None, f"{nonzero.size} non-zero eigenvalues < {config.min_evals} needed to classify")
-    n = nonzero.size
+def _phase_of_spectrum(n: int, mp: MarchenkoPasturFit, powerlaw: PowerLawFit, lr_z: float,
+                       config: PhaseConfig) -> tuple[Phase, str]:
+    """Rules 2-6 of the module docstring for a spectrum of ``n`` non-zero eigenvalues without rank collapse."""
     mp_like = math.isfinite(mp.ks_mp) and mp.ks_mp <= max(config.max_ks_mp, config.ks_critical / math.sqrt(n))
     if mp.num_spikes == 0 and mp_like:
-        return result(Phase.RANDOM_LIKE, f"no spike above the TW edge; bulk KS to MP {mp.ks_mp:.3f}")
+        return Phase.RANDOM_LIKE, f"no spike above the TW edge; bulk KS to MP {mp.ks_mp:.3f}"
     few = 1 <= mp.num_spikes <= max(1.0, config.max_spike_fraction * n)
     if few and mp_like:
         if mp.spike_gap_tw >= config.spike_separation:
-            return result(
-                Phase.BULK_PLUS_SPIKES,
-                f"{mp.num_spikes} spike(s), all >= {mp.spike_gap_tw:.0f} TW widths above an MP bulk "
-                f"(KS {mp.ks_mp:.3f})",
-            )
-        return result(
-            Phase.BLEEDING_OUT,
-            f"{mp.num_spikes} spike(s) above an MP bulk, the weakest only {mp.spike_gap_tw:.1f} TW widths out",
-        )
+            return Phase.BULK_PLUS_SPIKES, (f"{mp.num_spikes} spike(s), all >= {mp.spike_gap_tw:.0f} TW widths above "
+                                            f"an MP bulk (KS {mp.ks_mp:.3f})")
+        return Phase.BLEEDING_OUT, (f"{mp.num_spikes} spike(s) above an MP bulk, the weakest only "
+                                    f"{mp.spike_gap_tw:.1f} TW widths out")
     if _powerlaw_is_trusted(powerlaw, lr_z, n, config):
-        return result(
-            Phase.HEAVY_TAILED,
-            f"power-law tail alpha={powerlaw.alpha:.2f}, D={powerlaw.D:.3f} over {powerlaw.num_pl_spikes} "
-            f"eigenvalues (LR vs exponential z={lr_z:.1f})",
-        )
+        return Phase.HEAVY_TAILED, (f"power-law tail alpha={powerlaw.alpha:.2f}, D={powerlaw.D:.3f} over "
+                                    f"{powerlaw.num_pl_spikes} eigenvalues (LR vs exponential z={lr_z:.1f})")
     if mp.num_spikes == 0:
         # Nothing above the TW edge, yet no MP shape: a bulk narrower than MP (orthogonal and semi-orthogonal inits
         # have every singular value equal). Bulk decay needs eigenmass above the edge, so this is random-like.
-        return result(Phase.RANDOM_LIKE, f"no spike above the TW edge; bulk narrower than MP (KS {mp.ks_mp:.3f})")
-    return result(
-        Phase.BULK_DECAY,
-        f"{mp.num_spikes} eigenvalues above the MP edge (bulk KS {mp.ks_mp:.3f}) without a trusted power law "
-        f"(alpha={powerlaw.alpha:.2f}, D={powerlaw.D:.3f}, LR z={lr_z:.1f})",
-    )
+        return Phase.RANDOM_LIKE, f"no spike above the TW edge; bulk narrower than MP (KS {mp.ks_mp:.3f})"
+    return Phase.BULK_DECAY, (f"{mp.num_spikes} eigenvalues above the MP edge (bulk KS {mp.ks_mp:.3f}) without a "
+                              f"trusted power law (alpha={powerlaw.alpha:.2f}, D={powerlaw.D:.3f}, LR z={lr_z:.1f})")
 
 
 @dataclass

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .eigenvalues import default_zero_tol
+from .eigenvalues import check_choice, default_zero_tol, sorted_float64
 
 __all__ = [
     "FitMethod",
@@ -40,7 +40,6 @@ __all__ = [
     "fit_power_law",
     "ks_distances",
     "likelihood_ratio_exponential",
-    "WW_SMALL_N_CUTOFF",
 ]
 
 FitMethod = Literal["fast", "exact"]
@@ -107,15 +106,6 @@ class PowerLawFit:
         """A failed fit carrying ``reason``; every number is NaN."""
         nan = math.nan
         return PowerLawFit(nan, nan, xmax, nan, nan, 0, num_evals, "failed", reason)
-
-
-def _sorted_float64(eigenvalues: Tensor | np.ndarray) -> tuple[Tensor, torch.dtype | np.dtype]:
-    """Flatten, cast to float64 and sort ascending; also return the input's dtype (for its zero tolerance)."""
-    if isinstance(eigenvalues, np.ndarray):
-        x = torch.from_numpy(np.ascontiguousarray(eigenvalues, dtype=np.float64))
-    else:
-        x = eigenvalues.detach().to(torch.float64)
-    return torch.sort(x.reshape(-1)).values, eigenvalues.dtype
 
 
 def _alphas(logx: Tensor, small_n: bool) -> tuple[Tensor, Tensor]:
@@ -222,7 +212,7 @@ def ks_distances(
         >>> xmins.shape, bool((Ds >= 0).all())
         (torch.Size([23]), True)
     """
-    x, _ = _sorted_float64(eigenvalues)
+    x = sorted_float64(eigenvalues)
     n = x.numel()
     logx = torch.log(x)
     alpha, s = _alphas(logx, n < small_n_cutoff)
@@ -366,63 +356,87 @@ def fit_power_law(
         >>> fit.status, round(fit.alpha, 1)
         ('success', 2.5)
     """
-    if method not in ("fast", "exact"):
-        raise ValueError(f"method must be 'fast' or 'exact', got {method!r}")
-    if ks not in ("two_sided", "lower"):
-        raise ValueError(f"ks must be 'two_sided' or 'lower', got {ks!r}")
-    x, dtype = _sorted_float64(eigenvalues)
+    check_choice("method", method, FitMethod)
+    check_choice("ks", ks, KSConvention)
+    x = _positive(eigenvalues, zero_tol)
+    if isinstance(x, PowerLawFit):
+        return x
+    n = x.numel()
+    small_n = 0 < n < small_n_cutoff
+    logx = torch.log(x)
+    alpha, s = _alphas(logx, small_n)
+    valid = (alpha > 1.0) & (s > 0) & torch.isfinite(alpha)
+    two_sided = ks == "two_sided"
+    best = _best_start(logx, alpha, valid, method=method, min_tail=min_tail, small_n=small_n, two_sided=two_sided)
+    if isinstance(best, str):
+        return PowerLawFit.failed(best, n, float(x[-1]))
+    return _fit_at(x, logx, alpha, best, two_sided)
+
+
+def _fit_at(x: Tensor, logx: Tensor, alpha: Tensor, best: int, two_sided: bool) -> PowerLawFit:
+    """The successful fit whose tail starts at index ``best`` of the sorted positive eigenvalues ``x``."""
+    n = x.numel()
+    a = float(alpha[best])
+    return PowerLawFit(
+        alpha=a,
+        xmin=float(x[best]),
+        xmax=float(x[-1]),
+        D=float(_ks_many(logx, torch.tensor([best], device=x.device), alpha, two_sided, None)[0]),
+        sigma=(a - 1.0) / math.sqrt(n - best),
+        num_pl_spikes=int((x >= x[best]).sum()),  # counted like weightwatcher (ties with xmin included)
+        num_evals=n,
+        status="success",
+    )
+
+
+def _positive(eigenvalues: Tensor | np.ndarray, zero_tol: float | None) -> Tensor | PowerLawFit:
+    """The sorted float64 eigenvalues above the zero tolerance (at least 2), or the failed fit saying why not."""
+    x = sorted_float64(eigenvalues)
     if x.numel() == 0:
         return PowerLawFit.failed("no eigenvalues")
     if not bool(torch.isfinite(x).all()):
         return PowerLawFit.failed("non-finite eigenvalues", x.numel())
     xmax = float(x[-1])
-    tol = zero_tol if zero_tol is not None else default_zero_tol(xmax, x.numel(), dtype)
+    tol = zero_tol if zero_tol is not None else default_zero_tol(xmax, x.numel(), eigenvalues.dtype)
     x = x[x > tol]
-    n = x.numel()
-    if n < 2:
-        return PowerLawFit.failed(f"{n} eigenvalue(s) above the zero tolerance {tol:.3g}; need at least 2", n, xmax)
-    small_n = 0 < n < small_n_cutoff
+    if x.numel() < 2:
+        return PowerLawFit.failed(f"{x.numel()} eigenvalue(s) above the zero tolerance {tol:.3g}; need at least 2",
+                                  x.numel(), xmax)
+    return x
+
+
+def _best_start(logx: Tensor, alpha: Tensor, valid: Tensor, *, method: FitMethod, min_tail: int, small_n: bool,
+                two_sided: bool) -> int | str:
+    """Index of the KS-optimal ``xmin`` among the admissible tails, or why there is none.
+
+    Args:
+        logx: ``ln`` of the sorted positive eigenvalues.
+        alpha: MLE exponent per candidate start (:func:`_alphas`).
+        valid: Candidates with a meaningful exponent (``alpha > 1``, positive log-sum).
+        method: ``"fast"`` or ``"exact"``.
+        min_tail: Smallest tail asked for.
+        small_n: weightwatcher's small-sample branch (tails of at least 8, whole-sample fallback).
+        two_sided: KS convention.
+
+    Returns:
+        The start index, or the failure reason (a string).
+    """
+    n = logx.numel()
     tail_floor = max(min_tail, 2, WW_SMALL_N_MIN_TAIL if small_n else 0)
-    logx = torch.log(x)
-    alpha, s = _alphas(logx, small_n)
     hi = n - tail_floor  # last admissible start index (tail of tail_floor points)
     if hi < 0:
         if not (small_n and min_tail <= 2):
-            return PowerLawFit.failed(
-                f"{n} positive eigenvalues; the tail needs at least {tail_floor}", n, xmax
-            )
+            return f"{n} positive eigenvalues; the tail needs at least {tail_floor}"
         # weightwatcher's small-n fallback: no candidate has 8 points, so the whole sample is the tail.
-        hi = -1
-    valid = (alpha > 1.0) & (s > 0) & torch.isfinite(alpha)
-    two_sided = ks == "two_sided"
-    if hi < 0:
-        best = 0
-        if not bool(valid[0]):
-            return PowerLawFit.failed("degenerate tail (all eigenvalues equal)", n, xmax)
+        return 0 if bool(valid[0]) else "degenerate tail (all eigenvalues equal)"
+    if method == "exact" or (hi + 1) * n <= _EXHAUSTIVE_WORK:  # exhaustive KS work, elements
+        idx = torch.arange(hi + 1, device=logx.device)
+        d = _ks_many(logx, idx, alpha, two_sided, None)
+        d = torch.where(valid[: hi + 1], d, torch.ones_like(d))  # weightwatcher: D = 1 when alpha <= 1
+        best = int(torch.argmin(d))  # first minimum, as np.argmin
     else:
-        work = (hi + 1) * n  # exhaustive KS work, elements
-        if method == "exact" or work <= _EXHAUSTIVE_WORK:
-            idx = torch.arange(hi + 1, device=x.device)
-            d = _ks_many(logx, idx, alpha, two_sided, None)
-            d = torch.where(valid[: hi + 1], d, torch.ones_like(d))  # weightwatcher: D = 1 when alpha <= 1
-            best = int(torch.argmin(d))  # first minimum, as np.argmin
-        else:
-            best = _fast_search(logx, 0, hi, alpha, valid, two_sided)
-        if not bool(valid[best]):
-            return PowerLawFit.failed("no candidate tail gives alpha > 1", n, xmax)
-    d_best = float(_ks_many(logx, torch.tensor([best], device=x.device), alpha, two_sided, None)[0])
-    tail = n - best
-    a = float(alpha[best])
-    return PowerLawFit(
-        alpha=a,
-        xmin=float(x[best]),
-        xmax=xmax,
-        D=d_best,
-        sigma=(a - 1.0) / math.sqrt(tail),
-        num_pl_spikes=int((x >= x[best]).sum()),  # counted like weightwatcher (ties with xmin included)
-        num_evals=n,
-        status="success",
-    )
+        best = _fast_search(logx, 0, hi, alpha, valid, two_sided)
+    return best if bool(valid[best]) else "no candidate tail gives alpha > 1"
 
 
 def likelihood_ratio_exponential(eigenvalues: Tensor | np.ndarray, fit: PowerLawFit) -> float:
@@ -449,7 +463,7 @@ def likelihood_ratio_exponential(eigenvalues: Tensor | np.ndarray, fit: PowerLaw
     """
     if not fit.ok:
         return math.nan
-    x, _ = _sorted_float64(eigenvalues)
+    x = sorted_float64(eigenvalues)
     tail = x[x >= fit.xmin]
     n = tail.numel()
     excess = float(tail.mean()) - fit.xmin

@@ -39,9 +39,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .eigenvalues import compute_spectra
+from .eigenvalues import compute_spectra, sorted_float64
 
-__all__ = ["RANDOMIZE_COLUMNS", "random_columns", "shuffled_eigenvalues", "ww_mp_fit"]
+__all__ = ["RANDOMIZE_COLUMNS", "random_columns", "ww_mp_fit"]
 
 RANDOMIZE_COLUMNS = ("max_rand_eval", "rand_distance", "ww_softrank", "ww_maxdist", "rand_num_spikes", "num_traps",
                      "rand_sigma_mp", "rand_mp_softrank", "rand_W_scale", "rand_bulk_max", "rand_bulk_min")
@@ -175,7 +175,7 @@ def random_columns(evals: Tensor, slices: Tensor, scale: float, q: float, m: int
         rng: Source of the permutations (seeded by ``analyze(seed=...)``).
         **spectrum_options: The original's eigenvalue routine (see :func:`shuffled_eigenvalues`).
     """
-    ev = evals.detach().to(torch.float64).cpu().numpy()
+    ev = sorted_float64(evals).cpu().numpy()
     first = shuffled_eigenvalues(slices, scale, rng, replicas=5 if ev.size < 100 else 1, **spectrum_options)
     second = shuffled_eigenvalues(slices, scale, rng, **spectrum_options)
     out: dict[str, float | int] = {"max_rand_eval": float(first.max()),

@@ -21,10 +21,6 @@ from .phases import Phase
 __all__ = [
     "COLUMNS",
     "SUMMARY_METRICS",
-    "TOO_SMALL",
-    "MatrixResult",
-    "empty_record",
-    "finite_number",
     "flag_unclassified",
     "is_classified",
     "records_to_frame",
@@ -35,7 +31,7 @@ __all__ = [
 COLUMNS: tuple[str, ...] = (
     # what was analyzed
     "name", "layer_type", "module_type", "N", "M", "Q", "num_slices", "rf", "num_evals", "dtype", "has_esd",
-    "status", "skip_reason",
+    "status", "skip_reason", "skip_kind",
     # power-law fit of the tail
     "alpha", "D", "xmin", "xmax", "sigma", "num_pl_spikes", "warning",
     # norms, ranks, entropy
@@ -52,8 +48,8 @@ COLUMNS: tuple[str, ...] = (
     "precision", "route", "note",
 )  # fmt: skip
 
-_TEXT = {"name", "layer_type", "module_type", "dtype", "status", "skip_reason", "warning", "phase", "phase_reason",
-         "precision", "route", "note"}
+_TEXT = {"name", "layer_type", "module_type", "dtype", "status", "skip_reason", "skip_kind", "warning", "phase",
+         "phase_reason", "precision", "route", "note"}
 _INT = {"N", "M", "num_slices", "rf", "num_evals", "num_pl_spikes", "matrix_rank", "rank_loss", "num_spikes",
         "weak_rank_loss", "detX_num", "num_ERG_spikes", "ERG_gap"}
 

@@ -27,9 +27,9 @@ from dataclasses import replace
 
 from torch import Tensor, nn
 
-from .layers import WeightMatrix, _clean, _conv_slices, _tall
+from .layers import SkipKind, WeightMatrix, clean_name, conv_slices, tall
 
-__all__ = ["WW_MAX_EVALS", "WW_MAX_N", "ww_layer_shape", "ww_select", "ww_skip_reason"]
+__all__ = ["ww_layer_shape", "ww_select", "ww_skip_reason"]
 
 #: weightwatcher 0.7.7's ``DEFAULT_MAX_EVALS``.
 WW_MAX_EVALS = 15000
@@ -103,28 +103,29 @@ def ww_select(model: nn.Module, matrices: Sequence[WeightMatrix], *, min_evals: 
     Returns:
         The matrices, in order, with weightwatcher's decisions.
     """
-    modules = {_clean(name): module for name, module in model.named_modules()}
+    modules = {clean_name(name): module for name, module in model.named_modules()}
     modules.setdefault("weight", model)  # a bare layer's matrix is named after its parameter
     out = []
     for matrix in matrices:
         module = modules.get(matrix.source)
         weight = getattr(module, "weight", None) if module is not None else None
         kind = ww_type(module) if module is not None else None
-        if matrix.skip_reason is not None and "single column" not in matrix.skip_reason:
+        if matrix.skip_reason is not None and matrix.skip_kind is not SkipKind.SINGLE_COLUMN:
             out.append(matrix)  # bad weights stay as they are
             continue
         if kind is None or not isinstance(weight, Tensor) or matrix.name != matrix.source:
             what = f"{matrix.module_type} weights" + ("" if matrix.name == matrix.source else f" ({matrix.source})")
-            out.append(replace(matrix, slices=None, skip_reason=f"weightwatcher 0.7.7 does not analyze {what}"))
+            out.append(replace(matrix, slices=None, skip_reason=f"weightwatcher 0.7.7 does not analyze {what}",
+                               skip_kind=SkipKind.NOT_SELECTED))
             continue
         reason = ww_skip_reason(*ww_layer_shape(kind, tuple(weight.shape)), min_evals=min_evals,
                                 max_evals=max_evals or WW_MAX_EVALS)
         if reason is not None:
-            out.append(replace(matrix, slices=None, skip_reason=reason))
+            out.append(replace(matrix, slices=None, skip_reason=reason, skip_kind=SkipKind.NOT_SELECTED))
         elif matrix.skip_reason is not None and kind == "conv2d" and weight.dim() == 4:
-            stack = _tall(_conv_slices(weight.detach(), 1))
+            stack = tall(conv_slices(weight.detach(), 1))
             out.append(replace(matrix, slices=stack, N=stack.shape[1], M=stack.shape[2],
-                               num_slices=stack.shape[0], skip_reason=None))
+                               num_slices=stack.shape[0], skip_reason=None, skip_kind=None))
         else:
             out.append(matrix)
     return out

@@ -195,3 +195,44 @@ def test_phase_config_is_used() -> None:
     strict = htsr.PhaseConfig(min_evals=10_000)
     row = htsr.analyze(layer, phase_config=strict).iloc[0]
     assert pd.isna(row.phase) and "needed to classify" in row.phase_reason
+
+
+# ------------------------------------------------------------------------------------------ front doors
+
+
+def test_every_front_door_gives_the_same_rows(tmp_path) -> None:
+    """``analyze``, ``analyze_state_dict``, ``analyze_checkpoint`` and ``lightning-htsr analyze`` are one pipeline:
+    the same rows (and the same warning) for the same weights, whatever the door."""
+    import warnings
+
+    from safetensors.torch import save_file
+
+    from lightning_htsr.cli import main
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.Linear(128, 4), nn.Linear(1, 40))
+    with torch.no_grad():
+        model[2].weight[0, 0] = float("nan")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    frames, warned = {}, {}
+    for door, run in {"model": lambda **kw: htsr.analyze(model, **kw),
+                      "state_dict": lambda **kw: htsr.analyze_state_dict(model.state_dict(), **kw),
+                      "checkpoint": lambda **kw: htsr.analyze_checkpoint(tmp_path, **kw)}.items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            frames[door] = run(fit="exact", min_evals=20)
+        warned[door] = [str(w.message) for w in caught if "not fully analyzed" in str(w.message)]
+    assert main(["analyze", str(tmp_path), "--fit", "exact", "--min-evals", "20", "--quiet", "--json",
+                 str(tmp_path / "t.json")]) == 0
+    frames["cli"] = pd.read_json(tmp_path / "t.json", orient="records", dtype={"name": str})
+    assert warned["model"] == warned["state_dict"] == warned["checkpoint"] and len(warned["model"]) == 1
+    expected = frames["model"].drop(columns=["module_type"])
+    assert expected["skip_kind"].tolist() == ["", "non_finite", "too_few_evals", "single_column"]
+    for door, frame in frames.items():
+        assert list(frame.columns) == list(COLUMNS), door
+        got = frame.drop(columns=["module_type"])
+        if door == "cli":  # JSON: empty text reads back as "" or None, integers as floats
+            got = got.replace({None: np.nan, "": np.nan})
+            pd.testing.assert_frame_equal(got, expected.replace({None: np.nan, "": np.nan}), check_dtype=False)
+        else:
+            pd.testing.assert_frame_equal(got, expected)

@@ -565,3 +565,38 @@ def test_functional_eigenvalues_raises_on_nan() -> None:
     w[0, 0] = float("nan")
     with pytest.raises(ValueError, match="non-finite"):
         functional.eigenvalues(w)
+
+
+def test_which_skips_warn_depends_on_the_skip_kind_not_the_wording() -> None:
+    """Rewording every ``skip_reason`` changes nothing: warnings, ww_compat's selection and the float64 redo read
+    the :class:`~lightning_htsr.layers.SkipKind` (``skip_kind`` column)."""
+    from dataclasses import replace
+
+    from lightning_htsr.analysis import is_routine_skip
+    from lightning_htsr.eigenvalues import Spectrum, _needs_float64
+    from lightning_htsr.layers import SkipKind, weight_matrices
+    from lightning_htsr.ww_select import ww_select
+
+    bad = randn(40, 20, seed=7)
+    bad[0, 0] = float("nan")
+    model = nn.ModuleDict({"tiny": nn.Linear(5, 8), "col": nn.Linear(1, 30), "bad": linear_with(bad),
+                           "zero": linear_with(torch.zeros(40, 20)), "fine": nn.Linear(64, 96)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        records = lightning_htsr.analyze(model).to_dict("records")
+    kinds = {r["name"]: r["skip_kind"] for r in records}
+    assert kinds == {"tiny": "too_few_evals", "col": "single_column", "bad": "non_finite", "zero": "all_zero",
+                     "fine": ""}
+    reworded = [{**r, "skip_reason": f"reworded {i}" if r["skip_reason"] else ""} for i, r in enumerate(records)]
+    assert [r["name"] for r in bad_input_rows(reworded)] == [r["name"] for r in bad_input_rows(records)] == [
+        "bad", "zero"]
+    assert [is_routine_skip(r) for r in reworded] == [True, True, False, False, False]
+    # ww_compat gives single-column Conv2d slices back by kind, whatever the sentence says
+    conv = nn.Sequential(nn.Conv2d(1, 128, (64, 1)))
+    mats = [replace(m, skip_reason="reworded") if m.skip_reason else m for m in weight_matrices(conv)]
+    assert [m.skip_kind for m in mats] == [SkipKind.SINGLE_COLUMN]
+    assert ww_select(conv, mats)[0].skip_reason is None
+    # the float64 redo of a float32 failure is decided by its kind
+    failed = Spectrum(torch.zeros(0, dtype=torch.float64), "float32", "gram", math.nan, math.nan, "reworded",
+                      error_kind=SkipKind.SOLVER_FAILED)
+    assert _needs_float64(failed) and not _needs_float64(replace(failed, error_kind=SkipKind.NON_FINITE))
