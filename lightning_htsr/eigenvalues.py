@@ -26,6 +26,7 @@ in float64; ``precision="float64"`` forces it for all.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections import defaultdict
@@ -36,7 +37,7 @@ from typing import Literal
 import numpy as np
 import torch
 from scipy.linalg import blas
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController
 from torch import Tensor
 
 from .layers import _tall
@@ -62,6 +63,9 @@ Backend = Literal["torch", "cupy"]
 RESOLUTION_FACTOR = 8.0
 #: Under ``precision="auto"``, a float32 spectrum with more than this fraction below the floor is redone in float64.
 AUTO_FLOAT64_FRACTION = 0.01
+#: CPU Gram matrices of at least this size come from BLAS ``syrk`` one slice at a time; smaller ones from one batched
+#: matrix product (measured crossover on one core: ~128).
+SYRK_MIN_SIZE = 128
 #: Upper bound on the bytes of one batched ``eigvalsh`` input; larger stacks are split.
 MAX_BATCH_BYTES = 256 * 2**20
 
@@ -179,7 +183,9 @@ def _gram(stack: Tensor, cupy, out: Tensor | None = None) -> Tensor:  # noqa: AN
 
 
 def _syrk_applies(stack: Tensor) -> bool:
-    return stack.device.type == "cpu" and stack.dtype in (torch.float32, torch.float64)
+    """CPU float matrices large enough that the saved flops outweigh one BLAS call per slice."""
+    return (stack.device.type == "cpu" and stack.dtype in (torch.float32, torch.float64)
+            and stack.shape[-1] >= SYRK_MIN_SIZE)
 
 
 def _syrk_lower(w: Tensor, out: Tensor) -> None:
@@ -246,7 +252,13 @@ def _raw_eigenvalues(
 def _blas_threads_like_torch():  # noqa: ANN202 - a context manager
     """SciPy's BLAS (the CPU Gram products) limited to torch's intra-op thread count, so that ``--threads`` and
     ``torch.set_num_threads`` govern both libraries and several processes do not oversubscribe the cores."""
-    return threadpool_limits(limits=torch.get_num_threads(), user_api="blas")
+    return _scipy_blas_pools().limit(limits=torch.get_num_threads())
+
+
+@functools.cache
+def _scipy_blas_pools():  # noqa: ANN202 - threadpoolctl's controller
+    """The BLAS thread pools loaded so far (SciPy's among them), found once: a fresh scan costs ~6 ms per call."""
+    return ThreadpoolController().select(user_api="blas")
 
 
 def _gram_eigenvalues(work: Sequence[Tensor], cupy) -> list[Tensor]:  # noqa: ANN001 - cupy module or None
@@ -259,7 +271,8 @@ def _gram_eigenvalues(work: Sequence[Tensor], cupy) -> list[Tensor]:  # noqa: AN
         per_matrix = [work[i].shape[0] for i in members]
         if cupy is None and len(members) > 1:
             # Write each Gram straight into the batch (no torch.cat copy of the whole stack afterwards).
-            batch = torch.zeros((sum(per_matrix), m, m), dtype=dtype, device=device)
+            batch = (torch.zeros if _syrk_applies(work[members[0]]) else torch.empty)(
+                (sum(per_matrix), m, m), dtype=dtype, device=device)
             for i, start, rows in zip(members, itertools.accumulate([0, *per_matrix[:-1]]), per_matrix):
                 _gram(work[i], None, out=batch[start : start + rows])
         else:
@@ -332,6 +345,11 @@ def _float64_up_front(stack: Tensor) -> bool:
     if stack.device.type != "cpu":
         return False
     n_rows, m_cols = stack.shape[-2:]
+    return _redo_predicted(int(n_rows), int(m_cols))
+
+
+@functools.lru_cache(maxsize=1024)
+def _redo_predicted(n_rows: int, m_cols: int) -> bool:
     if m_cols < 2:
         return False
     Q = n_rows / m_cols
