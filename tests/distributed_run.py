@@ -115,6 +115,8 @@ def main(out: str) -> None:
         if relaunched and mode in LAUNCHER_ONLY:
             continue
         run(mode, os.path.join(out, mode))
+        if mode == "ddp_spawn":
+            os.environ.pop("MASTER_PORT", None)  # ddp_spawn's launcher left its port here: let ddp pick a fresh one
 
 
 if __name__ == "__main__":
