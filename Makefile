@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
+# Two pytest-xdist workers, one per core of the 2-core CI box; --dist loadfile keeps each test file on one worker,
+# so a module-scoped fixture (the DDP/FSDP2 runs, the phase calibration) runs once.
+PYTEST_ARGS ?= -n 2 --dist loadfile
 
 .PHONY: demo test clean
 
@@ -18,7 +21,7 @@ demo: $(VENV)/.installed-examples
 	OMP_NUM_THREADS=1 $(PY) examples/quickstart.py
 
 test: $(VENV)/.installed-test
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) lightning_logs htsr_runs

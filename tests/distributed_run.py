@@ -1,12 +1,18 @@
-"""Standalone training run with HTSRCallback, used by tests/test_callback_distributed.py.
+"""Standalone training runs with HTSRCallback, used by tests/test_callback_distributed.py.
 
 Lightning's subprocess launchers (``ddp``, ``ModelParallelStrategy``) re-execute ``sys.argv``; inside pytest that
 would re-run the test session, so distributed runs go through this script instead:
 
-    python tests/distributed_run.py MODE OUT_DIR      # MODE: single | ddp | ddp_spawn | fsdp2
+    python tests/distributed_run.py OUT_DIR
+
+One invocation runs every mode, each writing ``OUT_DIR/MODE/htsr_history.csv`` and ``OUT_DIR/MODE/result.json``:
+``single`` and ``ddp_spawn`` in the launching process (ddp_spawn's two workers are fresh processes), then ``ddp`` and
+``fsdp2`` in the same two processes: the ddp launcher re-executes this script as rank 1 (``LOCAL_RANK`` set, so it
+skips the first two modes), and the FSDP2 Trainer reuses that process group. Sharing the processes saves four Python
+start-ups (each imports torch and Lightning) over one process tree per mode.
 
 Every mode trains the same seeded model with lr = 0 (weights never change), so all modes must produce the same
-per-matrix results; each writes ``OUT_DIR/htsr_history.csv`` and ``OUT_DIR/result.json``.
+per-matrix results.
 """
 
 from __future__ import annotations
@@ -24,6 +30,9 @@ from torch.utils.data import DataLoader
 
 from lightning_htsr import HTSRCallback
 from lightning_htsr.synthetic import pareto
+
+MODES = ("single", "ddp_spawn", "ddp", "fsdp2")
+LAUNCHER_ONLY = ("single", "ddp_spawn")  # not run by the ddp launcher's re-executed rank 1
 
 
 class Net(pl.LightningModule):
@@ -64,25 +73,27 @@ class Net(pl.LightningModule):
         return DataLoader(RandomDataset(32, 64), batch_size=8)
 
 
-def main(mode: str, out: str) -> None:
-    torch.set_num_threads(1)
-    kwargs: dict = {"accelerator": "cpu", "devices": 1}
-    shard = False
-    if mode == "ddp":
-        kwargs.update(strategy="ddp", devices=2)
-    elif mode == "ddp_spawn":
-        kwargs.update(strategy="ddp_spawn", devices=2)
-    elif mode == "fsdp2":
+def strategy_kwargs(mode: str) -> dict:
+    """Trainer arguments that select ``mode``'s strategy on CPU."""
+    if mode == "single":
+        return {"accelerator": "cpu", "devices": 1}
+    if mode == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        kwargs.update(strategy=ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1), devices=2)
-        shard = True
+        strategy = ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+        return {"accelerator": "cpu", "devices": 2, "strategy": strategy}
+    return {"accelerator": "cpu", "devices": 2, "strategy": mode}
+
+
+def run(mode: str, out: str) -> None:
+    """Train ``Net`` under ``mode``; rank 0 writes ``out/result.json`` next to the callback's history."""
+    os.makedirs(out, exist_ok=True)
     callback = HTSRCallback(history_file=os.path.join(out, "htsr_history.csv"),
                             spectra_file=os.path.join(out, "htsr_spectra.npz"), stop_on="heavy_tailed",
                             patience=2, log_figures_every=None)
     trainer = pl.Trainer(max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[callback], **kwargs)
-    trainer.fit(Net(shard=shard))
+                         enable_model_summary=False, callbacks=[callback], **strategy_kwargs(mode))
+    trainer.fit(Net(shard=mode == "fsdp2"))
     if trainer.is_global_zero:
         import pandas as pd
 
@@ -97,5 +108,16 @@ def main(mode: str, out: str) -> None:
                        "stopped_epoch": stopped_epoch, "metrics": metrics}, handle)
 
 
+def main(out: str) -> None:
+    torch.set_num_threads(1)
+    relaunched = "LOCAL_RANK" in os.environ  # rank 1 of the ddp launcher
+    for mode in MODES:
+        if relaunched and mode in LAUNCHER_ONLY:
+            continue
+        run(mode, os.path.join(out, mode))
+        if mode == "ddp_spawn":
+            os.environ.pop("MASTER_PORT", None)  # ddp_spawn's launcher left its port here: let ddp pick a fresh one
+
+
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2])
+    main(sys.argv[1])
