@@ -15,7 +15,9 @@ Printed:
   history and spectra files);
 * the cost of one analysis in seconds (wall from the profiler, process CPU time from a pair of timing callbacks
   around ``HTSRCallback``), split into analyses that draw the ESD figures and the others, so the overhead for
-  another epoch length is ``cost / epoch seconds``; and the shortest epoch for which that stays <= 3 %.
+  another epoch length is ``cost / epoch seconds``; and the shortest epoch for which that stays <= 2 %;
+* the CPU time of the figure worker (the child process that draws the TensorBoard figures), and the overhead at
+  10-second epochs (``--reference-epoch``) with and without it.
 
 The verdict uses the profiler's hook time: at realistic epoch lengths the callback costs a few per cent, less than
 the run-to-run noise of the fit time itself on a shared machine, so the fit-time ratio is printed as a cross-check.

@@ -476,8 +476,8 @@ _CHAR_PHASES = {c: p for p, c in _PHASE_CHARS.items()}
 
 def pack_phase_history(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The phase map's history in a checkpoint: the matrix names once, then per analysis its step, epoch and one
-    character per matrix (its phase code, ``.`` for none or absent: the map draws both alike), about 30x smaller
-    than a dict of names per analysis.
+    character per matrix (its phase code, ``.`` for none or absent: the map draws both alike). Measured with
+    ``torch.save``: 1000 analyses of 26 matrices take 43 KB instead of 127 KB as a dict of names per analysis.
 
     Example:
         >>> packed = pack_phase_history([{"step": 0, "epoch": 0, "phases": {"a": "random_like", "b": None}},
