@@ -34,7 +34,10 @@ from .sinks.summary import fit_summary
 from .stopping import StopCriteria, StopReason, StopState, evaluate_stop
 
 if TYPE_CHECKING:  # the same class serves lightning.pytorch and pytorch_lightning; annotations name the former
+    from lightning.pytorch import Callback as _CallbackHooks
     from lightning.pytorch import LightningModule, Trainer
+else:  # at run time the namespace's own Callback comes in through HTSRCallback's bases
+    _CallbackHooks = object
 
 try:
     from lightning.pytorch.utilities.rank_zero import rank_zero_warn
@@ -47,7 +50,7 @@ __all__ = ["HTSRCallback"]
 PhaseName = Literal["random_like", "bleeding_out", "bulk_plus_spikes", "bulk_decay", "heavy_tailed", "rank_collapse"]
 
 
-class _HTSRCallbackImpl:
+class _HTSRCallbackImpl(_CallbackHooks):
     """Analyze every weight matrix's eigenvalue spectrum during training (Heavy-Tailed Self-Regularization).
 
     At the chosen epochs (and/or steps, and once before training as a baseline) the callback computes the ESD of
@@ -208,7 +211,7 @@ class _HTSRCallbackImpl:
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(prefix=self.prefix)  # type: ignore[attr-defined]
+        return self._generate_state_key(prefix=self.prefix)
 
     @override
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:

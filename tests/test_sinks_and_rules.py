@@ -305,3 +305,22 @@ def test_renderer_draws_in_process_what_a_dead_child_left(tmp_path) -> None:
     acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
     acc.Reload()
     assert sorted(e.step for e in acc.Images("htsr/phase_map")) == [1, 2, 3]
+
+
+def test_renderer_waits_instead_of_queueing_without_bound(tmp_path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_htsr.sinks.figures import FigureRenderer
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    writer = SummaryWriter(str(tmp_path))
+    renderer = FigureRenderer(max_pending=1)
+    for step in (1, 2, 3):
+        renderer.submit(writer, _phase_map_job(step))
+        assert len(renderer._pending) <= 1
+    renderer.close()
+    writer.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("htsr/phase_map")] == [1, 2, 3]

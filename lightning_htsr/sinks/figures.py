@@ -155,10 +155,13 @@ class FigureRenderer:
     Args:
         background: Draw in a child process; ``False`` draws in the calling thread (also the fallback when the
             child cannot start or dies).
+        max_pending: Figures submitted but not yet written beyond which :meth:`submit` waits for the child (when
+            analyses come faster than it draws, training slows down instead of memory growing).
     """
 
-    def __init__(self, background: bool = True) -> None:
+    def __init__(self, background: bool = True, max_pending: int = 256) -> None:
         self.background = background
+        self.max_pending = max_pending
         self._process: subprocess.Popen[bytes] | None = None
         self._pending: dict[int, tuple[Any, FigureJob]] = {}
         self._failed: list[tuple[Any, FigureJob]] = []  # answered without a PNG, or not written: drawn at close
@@ -174,6 +177,8 @@ class FigureRenderer:
         if self.background and self._start():
             job_id = next(self._ids)
             with self._done:
+                while len(self._pending) >= self.max_pending and self._threads[0].is_alive():
+                    self._done.wait(timeout=1.0)
                 self._pending[job_id] = (writer, job)
             self._outbox.put((job_id, job))  # a sender thread writes it: a full pipe must not block training
             return
