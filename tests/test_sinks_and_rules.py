@@ -324,3 +324,12 @@ def test_renderer_waits_instead_of_queueing_without_bound(tmp_path) -> None:
     acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
     acc.Reload()
     assert [e.step for e in acc.Images("htsr/phase_map")] == [1, 2, 3]
+
+
+def test_renderer_pickles_its_settings_only() -> None:
+    import pickle
+
+    from lightning_htsr.sinks.figures import FigureRenderer
+
+    copy = pickle.loads(pickle.dumps(FigureRenderer(background=False, max_pending=3)))
+    assert (copy.background, copy.max_pending, copy._pending) == (False, 3, {})

@@ -171,6 +171,13 @@ class FigureRenderer:
         self._outbox: queue.Queue[tuple[int, FigureJob] | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Settings only (``ddp_spawn`` pickles the callbacks before training): the copy starts its own child."""
+        return {"background": self.background, "max_pending": self.max_pending}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
     def submit(self, writer: Any, job: FigureJob) -> None:
         """Draw ``job`` for ``writer`` (a ``SummaryWriter``): queued for the child, or drawn now without one."""
         self._writers[id(writer)] = writer
