@@ -285,8 +285,13 @@ class FigureRenderer:
 
 
 def serve() -> None:
-    """The child process: read pickled ``(id, FigureJob)`` from stdin until EOF, answer ``(id, png, h, w)``
-    (``png`` ``None`` when drawing failed) on stdout."""
+    """The child process, at the lowest CPU priority: read pickled ``(id, FigureJob)`` from stdin until EOF, answer
+    ``(id, png, h, w)`` (``png`` ``None`` when drawing failed) on stdout."""
+    if hasattr(os, "nice"):  # lowest priority: on a busy machine the training process keeps its cores, and the
+        try:  # figures wait for idle time (at the latest, for the end of fit)
+            os.nice(19)
+        except OSError:
+            pass
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # stray prints must not corrupt the answers
     source = sys.stdin.buffer
