@@ -178,82 +178,97 @@ def plot_esd(
         powerlaw = powerlaw if powerlaw is not None else phase.powerlaw
         mp = mp if mp is not None else phase.mp
     label = phase_label(phase)
-    if ax is None:
-        fig: Any = _new_figure((6.4, 4.6))
-        ax = fig.add_subplot()
-    else:
-        fig = ax.figure
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-
+    fig: Any = _new_figure((6.4, 4.6)) if ax is None else ax.figure
+    ax = fig.add_subplot() if ax is None else ax
+    ax.set(xscale="log", yscale="log")
     x = _positive(eigenvalues)
-    n = x.size
-    hist_min = hist_max = math.nan
-    if n:
-        lo, hi = float(x[0]), float(x[-1])
-        if hi <= lo * (1.0 + 1e-9):
-            lo, hi = lo / 1.5, hi * 1.5
-        count = bins if bins is not None else int(min(100, max(20, round(math.sqrt(n)))))
-        edges = np.logspace(math.log10(lo), math.log10(hi), count + 1)
-        density, _, _ = ax.hist(x, bins=edges, density=True, color=phase_color(label), alpha=0.55,
-                                edgecolor="none", label=f"ESD ({n} eigenvalues > 0)")
-        positive = density[density > 0]
-        hist_min, hist_max = float(positive.min()), float(positive.max())
-    else:
-        ax.text(0.5, 0.5, "no positive eigenvalues", transform=ax.transAxes, ha="center", va="center")
-
-    pl_text = ""
-    if powerlaw is not None:
-        if powerlaw.ok and _finite(powerlaw.alpha, powerlaw.xmin) and powerlaw.xmin > 0 and powerlaw.alpha > 1:
-            alpha, xmin = powerlaw.alpha, powerlaw.xmin
-            xmax = powerlaw.xmax if _finite(powerlaw.xmax) and powerlaw.xmax > xmin else (
-                float(x[-1]) if n and x[-1] > xmin else xmin * 10.0)
-            tail = powerlaw.num_pl_spikes if powerlaw.num_pl_spikes > 0 else int(np.sum(x >= xmin))
-            fraction = tail / n if n else 1.0
-            grid = np.logspace(math.log10(xmin), math.log10(xmax), 200)
-            grid[0], grid[-1] = xmin, xmax  # exact end points, free of logspace rounding
-            pdf = fraction * (alpha - 1.0) / xmin * (grid / xmin) ** (-alpha)
-            d_text = f", D={powerlaw.D:.3f}" if _finite(powerlaw.D) else ""
-            pl_text = f"α={alpha:.2f}{d_text}"
-            ax.plot(grid, pdf, "--", color="black", lw=1.8, label=f"power law {pl_text}", gid="powerlaw")
-            ax.axvline(xmin, color="black", ls=":", lw=1.2, label=f"xmin={xmin:.3g}", gid="xmin")
-        else:
-            reason = powerlaw.reason or "NaN fit"
-            ax.text(0.02, 0.02, f"no power-law fit: {reason}", transform=ax.transAxes, fontsize=8, va="bottom",
-                    color="dimgray")
-
+    density_range = _draw_esd_histogram(ax, x, bins, phase_color(label))
+    pl_text = _draw_powerlaw(ax, x, powerlaw) if powerlaw is not None else ""
     if mp is not None:
-        q = Q if Q is not None else _mp_aspect_ratio(mp)
-        if _finite(q, mp.sigma_mp, mp.lambda_minus, mp.lambda_plus) and q >= 1 and mp.sigma_mp > 0:
-            start = mp.lambda_minus if mp.lambda_minus > 0 else (float(x[0]) if n else mp.lambda_plus * 1e-3)
-            start = min(start, mp.lambda_plus)
-            grid = np.logspace(math.log10(start), math.log10(mp.lambda_plus), 300)[1:-1]
-            pdf = mp_pdf(grid, q, mp.sigma_mp**2)
-            keep = pdf > 0
-            if keep.any():
-                ax.plot(grid[keep], pdf[keep], "-", color="navy", lw=1.5,
-                        label=f"Marchenko-Pastur (σ={mp.sigma_mp:.3g}, Q={q:.2f})", gid="mp")
-        if _finite(mp.lambda_plus) and mp.lambda_plus > 0:
-            ax.axvline(mp.lambda_plus, color="navy", ls="-.", lw=1.2,
-                       label=f"λ+={mp.lambda_plus:.3g}", gid="lambda_plus")
-        if _finite(mp.spike_threshold) and mp.spike_threshold > 0:
-            ax.axvline(mp.spike_threshold, color="crimson", ls=":", lw=1.2,
-                       label=f"spike threshold ({mp.num_spikes} spikes)", gid="spike_threshold")
+        _draw_marchenko_pastur(ax, x, mp, Q)
+    _finish_esd_axes(ax, x, density_range, title, label, pl_text)
+    return fig  # type: ignore[no-any-return]
 
-    if n:  # keep the axes on the histogram (fitted curves fall to ~0 at the MP edges and the tail's end), with
-        # headroom above it for the legend
+
+def _draw_esd_histogram(ax: Axes, x: np.ndarray, bins: int | None, color: str) -> tuple[float, float]:
+    """Density histogram of the sorted positive eigenvalues ``x`` on log-spaced bins; returns the smallest and
+    largest non-zero density (NaN when there is nothing to draw)."""
+    n = x.size
+    if not n:
+        ax.text(0.5, 0.5, "no positive eigenvalues", transform=ax.transAxes, ha="center", va="center")
+        return math.nan, math.nan
+    lo, hi = float(x[0]), float(x[-1])
+    if hi <= lo * (1.0 + 1e-9):
+        lo, hi = lo / 1.5, hi * 1.5
+    count = bins if bins is not None else int(min(100, max(20, round(math.sqrt(n)))))
+    edges = np.logspace(math.log10(lo), math.log10(hi), count + 1)
+    density, _, _ = ax.hist(x, bins=edges, density=True, color=color, alpha=0.55, edgecolor="none",
+                            label=f"ESD ({n} eigenvalues > 0)")
+    positive = density[density > 0]
+    return float(positive.min()), float(positive.max())
+
+
+def _draw_powerlaw(ax: Axes, x: np.ndarray, powerlaw: PowerLawFit) -> str:
+    """The fitted power law (dashed, scaled by the tail's share of ``x``) and ``xmin``; or a note when the fit
+    failed. Returns the legend text ``α=..., D=...`` (empty without a fit)."""
+    n = x.size
+    if not (powerlaw.ok and _finite(powerlaw.alpha, powerlaw.xmin) and powerlaw.xmin > 0 and powerlaw.alpha > 1):
+        reason = powerlaw.reason or "NaN fit"
+        ax.text(0.02, 0.02, f"no power-law fit: {reason}", transform=ax.transAxes, fontsize=8, va="bottom",
+                color="dimgray")
+        return ""
+    alpha, xmin = powerlaw.alpha, powerlaw.xmin
+    xmax = powerlaw.xmax if _finite(powerlaw.xmax) and powerlaw.xmax > xmin else (
+        float(x[-1]) if n and x[-1] > xmin else xmin * 10.0)
+    tail = powerlaw.num_pl_spikes if powerlaw.num_pl_spikes > 0 else int(np.sum(x >= xmin))
+    fraction = tail / n if n else 1.0
+    grid = np.logspace(math.log10(xmin), math.log10(xmax), 200)
+    grid[0], grid[-1] = xmin, xmax  # exact end points, free of logspace rounding
+    pdf = fraction * (alpha - 1.0) / xmin * (grid / xmin) ** (-alpha)
+    d_text = f", D={powerlaw.D:.3f}" if _finite(powerlaw.D) else ""
+    pl_text = f"α={alpha:.2f}{d_text}"
+    ax.plot(grid, pdf, "--", color="black", lw=1.8, label=f"power law {pl_text}", gid="powerlaw")
+    ax.axvline(xmin, color="black", ls=":", lw=1.2, label=f"xmin={xmin:.3g}", gid="xmin")
+    return pl_text
+
+
+def _draw_marchenko_pastur(ax: Axes, x: np.ndarray, mp: MarchenkoPasturFit, Q: float | None) -> None:  # noqa: N803
+    """The fitted MP density (not rescaled: median matching fits the whole spectrum), ``lambda_plus`` and the
+    Tracy-Widom spike threshold."""
+    q = Q if Q is not None else _mp_aspect_ratio(mp)
+    if _finite(q, mp.sigma_mp, mp.lambda_minus, mp.lambda_plus) and q >= 1 and mp.sigma_mp > 0:
+        start = mp.lambda_minus if mp.lambda_minus > 0 else (float(x[0]) if x.size else mp.lambda_plus * 1e-3)
+        start = min(start, mp.lambda_plus)
+        grid = np.logspace(math.log10(start), math.log10(mp.lambda_plus), 300)[1:-1]
+        pdf = mp_pdf(grid, q, mp.sigma_mp**2)
+        keep = pdf > 0
+        if keep.any():
+            ax.plot(grid[keep], pdf[keep], "-", color="navy", lw=1.5,
+                    label=f"Marchenko-Pastur (σ={mp.sigma_mp:.3g}, Q={q:.2f})", gid="mp")
+    if _finite(mp.lambda_plus) and mp.lambda_plus > 0:
+        ax.axvline(mp.lambda_plus, color="navy", ls="-.", lw=1.2, label=f"λ+={mp.lambda_plus:.3g}", gid="lambda_plus")
+    if _finite(mp.spike_threshold) and mp.spike_threshold > 0:
+        ax.axvline(mp.spike_threshold, color="crimson", ls=":", lw=1.2,
+                   label=f"spike threshold ({mp.num_spikes} spikes)", gid="spike_threshold")
+
+
+def _finish_esd_axes(ax: Axes, x: np.ndarray, density_range: tuple[float, float], title: str | None, label: str,
+                     pl_text: str) -> None:
+    """Limits on the histogram (fitted curves fall to ~0 at the MP edges and the tail's end) with headroom above
+    it for the legend; title (default: the phase and the power-law fit), axis labels and the legend."""
+    if title is None:
+        title = f"ESD: {label}" + (f"  ({pl_text})" if pl_text else "")
+    if x.size:
+        hist_min, hist_max = density_range
         bottom, top = math.log10(hist_min / 5.0), math.log10(hist_max * 2.0)
         ax.set_ylim(10.0**bottom, 10.0 ** (top + 0.6 * (top - bottom)))
         ax.set_xlim(float(x[0]) / 1.5, float(x[-1]) * 1.5)
-    if title is None:
-        title = f"ESD: {label}" + (f"  ({pl_text})" if pl_text else "")
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("eigenvalue λ of $W^T W / N$")
     ax.set_ylabel("density")
     handles, _ = ax.get_legend_handles_labels()
     if handles:
         ax.legend(fontsize=7, loc="upper right", title=f"phase: {label}", title_fontsize=8, framealpha=0.85)
-    return fig  # type: ignore[no-any-return]
 
 
 def plot_phase_map(
@@ -352,15 +367,7 @@ def plot_metric_history(
     missing = [c for c in ("name", by, metric) if c not in frame.columns]
     if missing:
         raise ValueError(f"frame has no column(s) {missing}")
-    from .records import is_classified
-
-    data = frame[["name", by, metric]].copy()
-    data[metric] = data[metric].astype(float)
-    finite = np.isfinite(data[metric].to_numpy())
-    classified = is_classified(frame).to_numpy() if "phase" in frame else np.ones(len(frame), dtype=bool)
-    analyzed = (frame["status"] == "success").to_numpy() if "status" in frame else np.ones(len(frame), dtype=bool)
-    small = data[finite & analyzed & ~classified]
-    data = data[finite & classified]
+    data, small = _split_history_rows(frame, metric, by)
     names = list(dict.fromkeys(data["name"]))
     fig = _new_figure((7.5, 4.6))
     ax = fig.add_subplot()
@@ -378,12 +385,24 @@ def plot_metric_history(
     with_values = data["name"].nunique()  # matrices never analyzed (skipped) draw no line and are not counted
     ax.plot(mean.index, mean.to_numpy(), "-", color="black", lw=2.8, label=f"mean over {with_values} matrices",
             gid="mean")
-    ax.set_xlabel(by)
-    ax.set_ylabel(metric)
+    ax.set(xlabel=by, ylabel=metric)
     ax.set_title(title if title is not None else f"{metric} by {by}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best", ncols=2 if len(names) > 6 and not thin else 1)
     return fig
+
+
+def _split_history_rows(frame: pd.DataFrame, metric: str, by: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``(classified, too_small)``: the finite ``name, by, metric`` rows of classified matrices (lines and the mean)
+    and those analyzed but too small to classify (grey crosses)."""
+    from .records import is_classified
+
+    data = frame[["name", by, metric]].copy()
+    data[metric] = data[metric].astype(float)
+    finite = np.isfinite(data[metric].to_numpy())
+    classified = is_classified(frame).to_numpy() if "phase" in frame else np.ones(len(frame), dtype=bool)
+    analyzed = (frame["status"] == "success").to_numpy() if "status" in frame else np.ones(len(frame), dtype=bool)
+    return data[finite & classified], data[finite & analyzed & ~classified]
 
 
 def figure_to_png(fig: Figure, *, dpi: float | None = None) -> bytes:

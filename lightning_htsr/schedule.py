@@ -50,4 +50,5 @@ class AnalysisSchedule:
 
     def step_due(self, global_step: int) -> bool:
         """Whether optimizer step ``global_step`` (after it was taken) is an analysis point."""
-        return bool(self.every_n_steps) and global_step > 0 and global_step % self.every_n_steps == 0  # type: ignore[operator]
+        every = self.every_n_steps
+        return every is not None and every > 0 and global_step > 0 and global_step % every == 0

@@ -445,3 +445,40 @@ def test_an_exception_inside_the_analysis_never_ends_training(tmp_path, monkeypa
     history = read_history(callback.history_path)
     assert len(history) == 3 * 4 and (history.status == "skipped").all()
     assert history.skip_reason.str.contains("analysis error: RuntimeError: simulated eigensolver crash").all()
+
+
+# ------------------------------------------------------------------------------ figures off the training thread
+
+
+def _images(log_dir: str) -> dict[str, list[tuple[int, bytes]]]:
+    acc = read_events(log_dir)
+    return {tag: [(e.step, e.encoded_image_string) for e in acc.Images(tag)] for tag in acc.Tags()["images"]}
+
+
+def test_figures_drawn_in_the_background_are_the_ones_drawn_in_the_training_thread(tmp_path) -> None:
+    images = {}
+    for background in (True, False):
+        logger = TensorBoardLogger(str(tmp_path), name=f"background_{background}")
+        fit(tmp_path, TinyNet(lr=0.05), [HTSRCallback(log_figures_every=2, background_figures=background)],
+            logger=logger, max_epochs=3)
+        images[background] = _images(logger.log_dir)
+    assert sorted(images[True]) == ["htsr/net.0/esd", "htsr/net.2/esd", "htsr/net.4/esd", "htsr/phase_map"]
+    assert [step for step, _ in images[True]["htsr/phase_map"]] == [0, 8, 16, 24]
+    assert images[True] == images[False]  # same steps, same PNG bytes
+
+
+class Crash(pl.Callback):
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 2:
+            raise RuntimeError("crash in epoch 2")
+
+
+def test_figures_of_every_analysis_before_an_exception_are_written(tmp_path) -> None:
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    callback = HTSRCallback(log_figures_every=2)
+    with pytest.raises(RuntimeError, match="crash in epoch 2"):
+        fit(tmp_path, TinyNet(lr=0.05), [callback, Crash()], logger=logger, max_epochs=4)
+    images = _images(logger.log_dir)
+    assert [step for step, _ in images["htsr/phase_map"]] == [0, 8, 16]  # the baseline, epochs 0 and 1
+    assert [step for step, _ in images["htsr/net.2/esd"]] == [0, 16]
+    assert read_history(callback.history_path)["analysis"].max() == 2

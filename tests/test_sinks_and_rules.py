@@ -257,3 +257,79 @@ def test_plan_does_not_read_weights() -> None:
     plan = weight_matrices(model, materialize=False)
     assert [(m.N, m.M, m.num_slices) for m in plan] == [(128, 64, 1), (8, 3, 9)]
     assert all(m.slices is None for m in plan)
+
+
+# ------------------------------------------------------------------------------------- figure rendering
+
+
+def _phase_map_job(step: int) -> "FigureJob":
+    from lightning_htsr.sinks.figures import FigureJob
+
+    return FigureJob("htsr/phase_map", step, "phase_map", {
+        "names": ["a", "b"], "steps": [0, step], "phases": [["random_like", "heavy_tailed"], [None, "bulk_decay"]],
+        "title": "t"}, 1.0)
+
+
+def test_render_png_has_the_pixels_of_add_figure() -> None:
+    import io
+
+    from PIL import Image
+    from torch.utils.tensorboard._utils import figure_to_image
+
+    from lightning_htsr.sinks.figures import draw, render_png
+
+    job = _phase_map_job(8)
+    png, height, width = render_png(job)
+    ours = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    theirs = np.moveaxis(figure_to_image(draw(job), close=False), 0, 2)  # what SummaryWriter.add_figure writes
+    assert ours.shape == (height, width, 3)
+    np.testing.assert_array_equal(ours, theirs)
+
+
+def test_renderer_draws_in_process_what_a_dead_child_left(tmp_path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_htsr.sinks.figures import FigureRenderer
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    writer = SummaryWriter(str(tmp_path))
+    renderer = FigureRenderer()
+    renderer.submit(writer, _phase_map_job(1))
+    assert renderer._process is not None
+    renderer._process.kill()  # the child dies with jobs queued or in flight
+    for step in (2, 3):
+        renderer.submit(writer, _phase_map_job(step))
+    renderer.close()
+    writer.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    acc.Reload()
+    assert sorted(e.step for e in acc.Images("htsr/phase_map")) == [1, 2, 3]
+
+
+def test_renderer_waits_instead_of_queueing_without_bound(tmp_path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_htsr.sinks.figures import FigureRenderer
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    writer = SummaryWriter(str(tmp_path))
+    renderer = FigureRenderer(max_pending=1)
+    for step in (1, 2, 3):
+        renderer.submit(writer, _phase_map_job(step))
+        assert len(renderer._pending) <= 1
+    renderer.close()
+    writer.close()
+    acc = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    acc.Reload()
+    assert [e.step for e in acc.Images("htsr/phase_map")] == [1, 2, 3]
+
+
+def test_renderer_pickles_its_settings_only() -> None:
+    import pickle
+
+    from lightning_htsr.sinks.figures import FigureRenderer
+
+    copy = pickle.loads(pickle.dumps(FigureRenderer(background=False, max_pending=3)))
+    assert (copy.background, copy.max_pending, copy._pending) == (False, 3, {})

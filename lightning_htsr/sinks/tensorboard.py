@@ -8,6 +8,7 @@ so does any logger exposing a ``SummaryWriter``. Everything is written at ``glob
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from ..records import MatrixResult, flag_unclassified
+from .figures import FigureJob, FigureRenderer, draw, takes_png
 from .scalars import MATRIX_SCALARS, phase_legend
 
 __all__ = ["TensorBoardSink", "dashboard_layout", "tensorboard_writer"]
@@ -81,17 +83,24 @@ def results_table(records: Sequence[Mapping[str, Any]], smoothed: Mapping[str, s
 class TensorBoardSink:
     """Writes the TensorBoard-only views of each analysis (rank 0 only; scalars go through the loggers).
 
+    Figures for torch's ``SummaryWriter`` are drawn off the training process by a
+    :class:`~lightning_htsr.sinks.figures.FigureRenderer` and written with the step of their analysis; call
+    :meth:`close` at the end of training (the callback does, also on exceptions) to wait for the last ones.
+
     Args:
         prefix: Tag namespace.
         log_histograms: Histogram of log10 eigenvalues per matrix at every analysis.
         log_figures_every: ESD log-log figures with the fitted power law every this many analyses (and at the
             first); ``None`` or 0 disables them. The phase map is drawn at every analysis.
+        background_figures: Draw the figures in a child process (``False``: in the training thread).
     """
 
-    def __init__(self, prefix: str = "htsr", log_histograms: bool = True, log_figures_every: int | None = 5) -> None:
+    def __init__(self, prefix: str = "htsr", log_histograms: bool = True, log_figures_every: int | None = 5,
+                 background_figures: bool = True) -> None:
         self.prefix = prefix
         self.log_histograms = log_histograms
         self.log_figures_every = log_figures_every
+        self.renderer = FigureRenderer(background=background_figures)
         self._initialized: set[int] = set()
 
     def figures_due(self, analysis_index: int) -> bool:
@@ -125,43 +134,43 @@ class TensorBoardSink:
             self._initialized.add(id(writer))
         if self.log_histograms:
             for result in analyses:
-                if result.eigenvalues is None:
-                    continue
-                positive = result.eigenvalues[result.eigenvalues > 0]
-                if positive.size:
+                if result.eigenvalues is not None and (positive := result.eigenvalues[result.eigenvalues > 0]).size:
                     writer.add_histogram(f"{p}/{result.name}/log10_eigenvalues",
                                          torch.from_numpy(np.log10(positive.astype(np.float64))), step)
-        from ..plotting import plot_esd, plot_phase_map  # matplotlib only when figures are drawn
+        jobs = self.figure_jobs(analyses, smoothed, phase_history, step=step, analysis_index=analysis_index)
+        for job in jobs:
+            if takes_png(writer):
+                self.renderer.submit(writer, job)
+            else:  # another SummaryWriter-like writer: its own add_figure, in process
+                writer.add_figure(job.tag, draw(job), step, close=False)
+        writer.add_text(f"{p}/latest", results_table([r.record for r in analyses], smoothed), step)
+        writer.flush()
 
+    def figure_jobs(self, analyses: Sequence[MatrixResult], smoothed: Mapping[str, str | None],
+                    phase_history: Sequence[Mapping[str, Any]], *, step: int,
+                    analysis_index: int) -> list[FigureJob]:
+        """The figures of one analysis: an ESD per matrix when :meth:`figures_due`, and the phase map."""
+        now, jobs = time.time(), []
         if self.figures_due(analysis_index):
             for result in analyses:
-                if result.eigenvalues is None:
-                    continue
-                record = result.record
-                fig = plot_esd(result.eigenvalues, powerlaw=result.powerlaw, mp=result.mp,
-                               phase=smoothed.get(result.name) or record.get("phase"), Q=record.get("Q"),
-                               title=f"{result.name} (step {step})")
-                _fast_layout(fig)
-                writer.add_figure(f"{p}/{result.name}/esd", fig, step, close=False)
+                if result.eigenvalues is not None:
+                    phase = smoothed.get(result.name) or result.record.get("phase")
+                    jobs.append(FigureJob(f"{self.prefix}/{result.name}/esd", step, "esd", {
+                        "eigenvalues": result.eigenvalues, "powerlaw": result.powerlaw, "mp": result.mp,
+                        "phase": phase, "Q": result.record.get("Q"), "title": f"{result.name} (step {step})"}, now))
         if phase_history:
             names = [r.name for r in analyses]
             grid = [[h["phases"].get(n) for h in phase_history] for n in names]
-            fig = plot_phase_map(names, [h["step"] for h in phase_history], grid, xlabel="global step",
-                                 title="smoothed_phase per matrix and analysis")
-            writer.add_figure(f"{p}/phase_map", fig, step, close=False)
-        writer.add_text(f"{p}/latest", results_table([r.record for r in analyses], smoothed), step)
-        writer.flush()
+            jobs.append(FigureJob(f"{self.prefix}/phase_map", step, "phase_map", {
+                "names": names, "steps": [h["step"] for h in phase_history], "phases": grid,
+                "xlabel": "global step", "title": "smoothed_phase per matrix and analysis"}, now))
+        return jobs
 
     def write_stop(self, writer: Any, message: str, step: int) -> None:
         """Record why training was stopped."""
         writer.add_text(f"{self.prefix}/stopping_reason", message, step)
         writer.flush()
 
-
-def _fast_layout(fig: Any) -> None:
-    """Fixed margins and no minor ticks: a third of the rendering time of constrained layout on log-log axes
-    (measured 146 ms vs 467 ms per ESD figure), which is most of what the callback costs a training run."""
-    fig.set_layout_engine(None)
-    fig.subplots_adjust(left=0.11, right=0.98, bottom=0.11, top=0.91)
-    for ax in fig.axes:
-        ax.minorticks_off()
+    def close(self) -> None:
+        """Wait for the figures still being drawn, write them and flush (idempotent)."""
+        self.renderer.close()
