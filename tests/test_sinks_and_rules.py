@@ -307,6 +307,34 @@ def test_renderer_draws_in_process_what_a_dead_child_left(tmp_path) -> None:
     assert sorted(e.step for e in acc.Images("htsr/phase_map")) == [1, 2, 3]
 
 
+def test_renderers_of_one_process_share_one_child_that_outlives_a_fit(tmp_path) -> None:
+    """Two renderers (two fits, two callbacks) and two closes: one child started once, every figure in its own
+    writer; a dead child is replaced for the next renderer."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from lightning_htsr.sinks.figures import FigureRenderer
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first, second = FigureRenderer(), FigureRenderer()
+    for name, renderer, steps in (("a", first, (1, 2)), ("b", second, (3,)), ("a2", first, (4,))):
+        writer = SummaryWriter(str(tmp_path / name))
+        for step in steps:
+            renderer.submit(writer, _phase_map_job(step))
+        renderer.close()
+        writer.close()
+        acc = EventAccumulator(str(tmp_path / name), size_guidance={"images": 0})
+        acc.Reload()
+        assert sorted(e.step for e in acc.Images("htsr/phase_map")) == list(steps)
+    assert first._process is second._process and first._process.poll() is None
+    first._process.kill()
+    first._process.wait()
+    third = FigureRenderer()
+    third.submit(SummaryWriter(str(tmp_path / "c")), _phase_map_job(5))
+    assert third._process is not None and third._process is not first._process
+    third.close()
+
+
 def test_renderer_waits_instead_of_queueing_without_bound(tmp_path) -> None:
     from torch.utils.tensorboard import SummaryWriter
 

@@ -3,16 +3,18 @@
 Drawing the figures is almost all of what the callback costs a training run (measured in
 ``benchmarks/bench_callback_overhead.py``: the spectra of 26 matrices take 0.09 s, their 26 ESD figures several
 seconds). A thread would not help: matplotlib holds the GIL while it draws, and the training loop needs it between
-two torch kernels. So :class:`FigureRenderer` hands each figure to one child process (``python -c``, not
-``multiprocessing``: a user's script without an ``if __name__ == "__main__"`` guard is not re-run), which draws it
-with Agg and returns the PNG; a reader thread writes the PNG to the ``SummaryWriter`` with the step and wall time of
-the analysis it belongs to. :meth:`FigureRenderer.close` (end of ``fit``, or an exception) waits for every figure
-still being drawn; figures a dead child did not return are drawn in process, so none is lost. The pixels are the
-same as ``SummaryWriter.add_figure`` of the same figure (Agg, RGB, PIL's PNG encoder).
+two torch kernels. So :class:`FigureRenderer` hands each figure to a child process (``python -c``, not
+``multiprocessing``: a user's script without an ``if __name__ == "__main__"`` guard is not re-run; one per Python
+process, shared by every renderer and kept across fits), which draws it with Agg and returns the PNG; a reader
+thread writes the PNG to the ``SummaryWriter`` with the step and wall time of the analysis it belongs to.
+:meth:`FigureRenderer.close` (end of ``fit``, or an exception) waits for every figure of its own still being drawn;
+figures a dead child did not return are drawn in process, so none is lost. The pixels are the same as
+``SummaryWriter.add_figure`` of the same figure (Agg, RGB, PIL's PNG encoder).
 """
 
 from __future__ import annotations
 
+import atexit
 import io
 import itertools
 import os
@@ -150,7 +152,10 @@ def fast_layout(fig: Any) -> None:
 
 
 class FigureRenderer:
-    """Draws :class:`FigureJob` s in one child process and writes each PNG to its writer when it is ready.
+    """Draws :class:`FigureJob` s in a child process and writes each PNG to its writer when it is ready.
+
+    The child is shared by every renderer of this Python process (started at the first figure, kept across fits,
+    stopped at exit), so its start-up (importing torch: about 3 s of CPU) is paid once per process, not once per fit.
 
     Args:
         background: Draw in a child process; ``False`` draws in the calling thread (also the fallback when the
@@ -162,45 +167,48 @@ class FigureRenderer:
     def __init__(self, background: bool = True, max_pending: int = 256) -> None:
         self.background = background
         self.max_pending = max_pending
-        self._process: subprocess.Popen[bytes] | None = None
+        self._worker: _Worker | None = None
         self._pending: dict[int, tuple[Any, FigureJob]] = {}
         self._failed: list[tuple[Any, FigureJob]] = []  # answered without a PNG, or not written: drawn at close
         self._writers: dict[int, Any] = {}  # written to since the last close(): flushed there
         self._done = threading.Condition()
-        self._ids = itertools.count()
-        self._outbox: queue.Queue[tuple[int, FigureJob] | None] = queue.Queue()
-        self._threads: list[threading.Thread] = []
 
     def __getstate__(self) -> dict[str, Any]:
-        """Settings only (``ddp_spawn`` pickles the callbacks before training): the copy starts its own child."""
+        """Settings only (``ddp_spawn`` pickles the callbacks before training): the copy uses its own process's
+        child."""
         return {"background": self.background, "max_pending": self.max_pending}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__(**state)  # type: ignore[misc]
 
+    @property
+    def _process(self) -> subprocess.Popen[bytes] | None:
+        """The child drawing this renderer's figures (``None`` before the first figure or without one)."""
+        return self._worker.process if self._worker is not None else None
+
     def submit(self, writer: Any, job: FigureJob) -> None:
         """Draw ``job`` for ``writer`` (a ``SummaryWriter``): queued for the child, or drawn now without one."""
         self._writers[id(writer)] = writer
         if self.background and self._start():
-            job_id = next(self._ids)
+            assert self._worker is not None
+            job_id = next(_JOB_IDS)
             with self._done:
-                while len(self._pending) >= self.max_pending and self._threads[0].is_alive():
+                while len(self._pending) >= self.max_pending and self._worker.alive():
                     self._done.wait(timeout=1.0)
                 self._pending[job_id] = (writer, job)
-            self._outbox.put((job_id, job))  # a sender thread writes it: a full pipe must not block training
+            self._worker.send(job_id, job, self)  # a sender thread writes it: a full pipe must not block training
             return
         write_png(writer, job, *render_png(job))
 
     def close(self, timeout: float = 600.0) -> None:
-        """Wait until every submitted figure is written (drawing in process what a dead child left), stop the child
-        and flush the writers."""
-        if self._process is not None:
+        """Wait until every submitted figure is written (drawing in process what a dead child left) and flush the
+        writers. The shared child keeps running for the next fit."""
+        if self._worker is not None:
             deadline = time.monotonic() + timeout
             with self._done:
-                while self._pending and self._threads and self._threads[0].is_alive() \
-                        and time.monotonic() < deadline:
+                while self._pending and self._worker.alive() and time.monotonic() < deadline:
                     self._done.wait(timeout=1.0)
-            self._stop()
+            self._worker.forget(self._pending)
         with self._done:
             left, self._pending, self._failed = [*self._failed, *self._pending.values()], {}, []
         for writer, job in left:
@@ -210,32 +218,85 @@ class FigureRenderer:
             writer.flush()
 
     def _start(self) -> bool:
-        if self._process is not None and self._process.poll() is None:
+        if self._worker is not None and self._worker.alive():
             return True
-        if self._process is not None:  # it died: stay in process from now on
+        if self._worker is not None:  # it died: stay in process from now on
             self.background = False
             return False
+        self._worker = _shared_worker()
+        if self._worker is None:
+            self.background = False
+        return self._worker is not None
+
+    def _answer(self, job_id: int, png: bytes | None, height: int, width: int) -> None:
+        """Called by the reader thread: write the PNG of one of this renderer's figures."""
+        with self._done:
+            entry = self._pending.pop(job_id, None)
+        if entry is not None:
+            try:
+                if png is None:
+                    raise RuntimeError("the figure worker could not draw it")
+                write_png(entry[0], entry[1], png, height, width)
+            except Exception:  # noqa: BLE001 - drawn and written again in process at close(), errors shown there
+                with self._done:
+                    self._failed.append(entry)
+        self._wake()
+
+    def _wake(self) -> None:
+        with self._done:
+            self._done.notify_all()
+
+
+_JOB_IDS = itertools.count()
+
+
+class _Worker:
+    """The child process (``python -c``, not ``multiprocessing``: a user's script without an ``if __name__ ==
+    "__main__"`` guard is not re-run), a sender and a reader thread, and which renderer each job in flight is for."""
+
+    def __init__(self) -> None:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         env = {**os.environ, "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join([root, *filter(None, [os.environ.get("PYTHONPATH")])])}
+        self.owner = os.getpid()  # a forked copy of this process must start its own child
+        command = [sys.executable, "-c", "from lightning_htsr.sinks.figures import serve; serve()"]
+        self.process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+        self.routes: dict[int, FigureRenderer] = {}
+        self.lock = threading.Lock()
+        self.outbox: queue.Queue[tuple[int, FigureJob] | None] = queue.Queue()
+        self.reader = threading.Thread(target=self._read, name="htsr-figures-read", daemon=True)
+        self.sender = threading.Thread(target=self._send, name="htsr-figures-send", daemon=True)
+        self.reader.start()
+        self.sender.start()
+
+    def alive(self) -> bool:
+        return self.owner == os.getpid() and self.process.poll() is None and self.reader.is_alive()
+
+    def send(self, job_id: int, job: FigureJob, renderer: FigureRenderer) -> None:
+        with self.lock:
+            self.routes[job_id] = renderer
+        self.outbox.put((job_id, job))
+
+    def forget(self, job_ids: Any) -> None:
+        """Drop the routes of jobs their renderer draws itself (the child died or took too long)."""
+        with self.lock:
+            for job_id in list(job_ids):
+                self.routes.pop(job_id, None)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self.outbox.put(None)
         try:
-            self._process = subprocess.Popen(
-                [sys.executable, "-c", "from lightning_htsr.sinks.figures import serve; serve()"],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-        except OSError:
-            self.background = False
-            return False
-        self._threads = [threading.Thread(target=self._read, name="htsr-figures-read", daemon=True),
-                         threading.Thread(target=self._send, name="htsr-figures-send", daemon=True)]
-        for thread in self._threads:
-            thread.start()
-        return True
+            self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        for thread in (self.reader, self.sender):
+            thread.join(timeout=timeout)
 
     def _send(self) -> None:
-        """Sender thread: pickle queued jobs to the child until ``None`` (close) or the child is gone."""
-        assert self._process is not None and self._process.stdin is not None
-        stream = self._process.stdin
-        while (item := self._outbox.get()) is not None:
+        """Sender thread: pickle queued jobs to the child until ``None`` (stop) or the child is gone."""
+        assert self.process.stdin is not None
+        stream = self.process.stdin
+        while (item := self.outbox.get()) is not None:
             try:
                 pickle.dump(item, stream, protocol=pickle.HIGHEST_PROTOCOL)
                 stream.flush()
@@ -247,41 +308,43 @@ class FigureRenderer:
             pass
 
     def _read(self) -> None:
-        """Reader thread: write every PNG the child returns, until it closes its output."""
-        assert self._process is not None and self._process.stdout is not None
+        """Reader thread: hand every PNG the child returns to its renderer, until the child closes its output."""
+        assert self.process.stdout is not None
         while True:
             try:
-                job_id, png, height, width = pickle.load(self._process.stdout)
+                job_id, png, height, width = pickle.load(self.process.stdout)
             except Exception:  # noqa: BLE001 - EOF or a dead child: close() draws what is left
                 break
-            with self._done:
-                entry = self._pending.pop(job_id, None)
-            if entry is None:
-                continue
-            try:
-                if png is None:
-                    raise RuntimeError("the figure worker could not draw it")
-                write_png(entry[0], entry[1], png, height, width)
-            except Exception:  # noqa: BLE001 - drawn and written again in process at close(), errors shown there
-                with self._done:
-                    self._failed.append(entry)
-            with self._done:
-                self._done.notify_all()
-        with self._done:
-            self._done.notify_all()
+            with self.lock:
+                renderer = self.routes.pop(job_id, None)
+            if renderer is not None:
+                renderer._answer(job_id, png, height, width)
+        with self.lock:
+            waiting, self.routes = set(self.routes.values()), {}
+        for renderer in waiting:
+            renderer._wake()
 
-    def _stop(self) -> None:
-        process, threads, self._process, self._threads = self._process, self._threads, None, []
-        if process is None:
-            return
-        self._outbox.put(None)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        for thread in threads:
-            thread.join(timeout=30)
-        self._outbox = queue.Queue()
+
+_WORKER: _Worker | None = None
+_WORKER_LOCK = threading.Lock()
+
+
+def _shared_worker() -> _Worker | None:
+    """This process's figure child, started now if there is none (or it died); ``None`` if it cannot start."""
+    global _WORKER
+    with _WORKER_LOCK:
+        if _WORKER is None or not _WORKER.alive():
+            try:
+                _WORKER = _Worker()
+            except OSError:
+                return None
+        return _WORKER
+
+
+@atexit.register
+def _stop_shared_worker() -> None:
+    if _WORKER is not None and _WORKER.owner == os.getpid():
+        _WORKER.stop(timeout=5.0)
 
 
 def serve() -> None:
