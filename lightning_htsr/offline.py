@@ -4,11 +4,13 @@ analyze``.
 checkpoint (headers) --plan--> matrices by name and shape --(this rank's share, read one tensor at a time)-->
 :func:`~lightning_htsr.analysis.analyze_stream` --> records, gathered on every rank when distributed.
 
-Threads: offline analysis runs torch with :data:`DEFAULT_THREADS` intra-op threads unless told otherwise. Measured
-on the 2-core development box (``benchmarks/README.md``): 2 threads made ``eigvalsh`` of a 4096 x 4096 Gram matrix
-2-3x slower than 1 thread (10.7 s vs 4.9 s; MKL's threads contend with everything else on the cores), while the
-Gram product gained at most 2x; one thread per process and one process per core (``torchrun``) is faster and
-predictable.
+Threads: offline analysis runs torch (and SciPy's BLAS, which follows it) with :data:`DEFAULT_THREADS` intra-op
+threads unless told otherwise. Measured on the 2-core development box (``benchmarks/README.md``, one Llama-7B decoder
+layer): on a quiet box 2 threads were 1.45x faster than 1 (34 s vs 49 s), but 2 processes of 1 thread (``torchrun``)
+were about 1.9x, and with other jobs loading the cores 2 threads were 2x *slower* than 1 (MKL's threads wait for
+each other). One thread per process also makes the table independent of how many processes share the work: float32
+sums depend on the thread count (alpha moved by up to 3e-4 relative between 1 and 2 threads), never on the number
+of processes. ``--threads 0`` (torch's default) is the faster choice for one process on an otherwise idle machine.
 """
 
 from __future__ import annotations
