@@ -55,6 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from transformer_lm import build_model, make_dataloaders, quiet_lightning  # noqa: E402
 
 from lightning_htsr import HTSRCallback  # noqa: E402
+from lightning_htsr.sinks.figures import stop_figure_worker  # noqa: E402
 
 HOOK_PREFIX = "[Callback]HTSRCallback{'prefix': 'htsr'}."
 ANALYZE = "[HTSR]htsr.analyze"
@@ -125,8 +126,9 @@ def run_once(with_callback: bool, args: argparse.Namespace, workdir: str, tag: s
                          num_sanity_val_steps=0)
     pl.seed_everything(args.seed, verbose=False)
     wall, cpu, children = time.perf_counter(), time.process_time(), _children_cpu()
-    trainer.fit(model, train_dl, val_dl)  # the figure worker (a child process) has exited when fit returns
+    trainer.fit(model, train_dl, val_dl)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    stop_figure_worker()  # the figure child outlives fit (one per process): reap it so its CPU time is counted
     children = _children_cpu() - children
     durations = profiler.recorded_durations
     hooks = {k[len(HOOK_PREFIX):]: sum(v) for k, v in durations.items() if k.startswith(HOOK_PREFIX)}
