@@ -109,8 +109,11 @@ class Spectrum:
         return not self.error
 
 
-def _compute_dtype(weight_dtype: torch.dtype, precision: Precision) -> torch.dtype:
-    if precision == "float64" or weight_dtype == torch.float64:
+def _compute_dtype(stack: Tensor, precision: Precision, route: str) -> torch.dtype:
+    """The first arithmetic tried for one matrix (``precision="auto"`` may still redo a float32 one in float64)."""
+    if precision == "float64" or stack.dtype == torch.float64:
+        return torch.float64
+    if precision == "auto" and route == "gram" and _float64_up_front(stack):
         return torch.float64
     return torch.float32
 
@@ -209,8 +212,9 @@ def _gram(stack: Tensor, cupy, out: Tensor | None = None) -> Tensor:  # noqa: AN
         return torch.from_dlpack(cupy.matmul(w.transpose(0, 2, 1), w))
     if _syrk_applies(stack):
         out = torch.zeros(stack.shape[0], stack.shape[-1], stack.shape[-1], dtype=stack.dtype) if out is None else out
-        for w, g in zip(stack, out):
-            _syrk_lower(w, g)
+        with _blas_threads_like_torch():
+            for w, g in zip(stack, out):
+                _syrk_lower(w, g)
         return out
     return torch.matmul(stack.transpose(-1, -2), stack, out=out)
 
@@ -238,6 +242,18 @@ def _syrk_lower(w: Tensor, out: Tensor) -> None:
         result = syrk(1.0, a.T, trans=0, lower=0, c=target, overwrite_c=1)
     if not np.shares_memory(result, target):  # f2py made a copy after all
         target[...] = result
+
+
+def _blas_threads_like_torch():  # noqa: ANN202 - a context manager
+    """SciPy's BLAS (the CPU Gram products) limited to torch's intra-op thread count, so that ``--threads`` and
+    ``torch.set_num_threads`` govern both libraries and several processes do not oversubscribe the cores."""
+    return _scipy_blas_pools().limit(limits=torch.get_num_threads())
+
+
+@functools.cache
+def _scipy_blas_pools():  # noqa: ANN202 - threadpoolctl's controller
+    """The BLAS thread pools loaded so far (SciPy's among them), found once: a fresh scan costs ~6 ms per call."""
+    return ThreadpoolController().select(user_api="blas")
 
 
 def _cupy_for(tensors: Sequence[Tensor]):  # noqa: ANN202 - returns the cupy module
@@ -278,24 +294,6 @@ def _raw_eigenvalues(
     if route == "svd":
         return [(torch.linalg.svdvals(w) ** 2).reshape(-1) for w in work]
     cupy = _cupy_for(work) if backend == "cupy" else None
-    with _blas_threads_like_torch():
-        return _gram_eigenvalues(work, cupy)
-
-
-def _blas_threads_like_torch():  # noqa: ANN202 - a context manager
-    """SciPy's BLAS (the CPU Gram products) limited to torch's intra-op thread count, so that ``--threads`` and
-    ``torch.set_num_threads`` govern both libraries and several processes do not oversubscribe the cores."""
-    return _scipy_blas_pools().limit(limits=torch.get_num_threads())
-
-
-@functools.cache
-def _scipy_blas_pools():  # noqa: ANN202 - threadpoolctl's controller
-    """The BLAS thread pools loaded so far (SciPy's among them), found once: a fresh scan costs ~6 ms per call."""
-    return ThreadpoolController().select(user_api="blas")
-
-
-def _gram_eigenvalues(work: Sequence[Tensor], cupy) -> list[Tensor]:  # noqa: ANN001 - cupy module or None
-    """Gram + ``eigvalsh`` per matrix, with Gram matrices of equal size and dtype stacked into batched calls."""
     results: list[Tensor | None] = [None] * len(work)
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, w in enumerate(work):
@@ -348,9 +346,7 @@ def compute_spectra(
     check_choice("backend", backend, Backend)
     scales = list(scales) if scales is not None else [1.0] * len(stacks)
     chosen = "svd" if route == "svd" else "gram"
-    dtypes = [_compute_dtype(s.dtype, precision) for s in stacks]
-    if precision == "auto" and chosen == "gram":
-        dtypes = [torch.float64 if _float64_up_front(s) else d for s, d in zip(stacks, dtypes)]
+    dtypes = [_compute_dtype(s, precision, chosen) for s in stacks]
     epsilons = [rank_eps if rank_eps is not None else _rank_eps(s.dtype) for s in stacks]
     spectra = _solve(stacks, dtypes, scales, epsilons, chosen, backend)
     if precision == "auto" and chosen == "gram":
