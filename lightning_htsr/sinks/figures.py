@@ -229,18 +229,23 @@ class FigureRenderer:
         return self._worker is not None
 
     def _answer(self, job_id: int, png: bytes | None, height: int, width: int) -> None:
-        """Called by the reader thread: write the PNG of one of this renderer's figures."""
+        """Called by the reader thread: write the PNG of one of this renderer's figures. The figure stays pending
+        until it is written, so :meth:`close` never flushes a writer while a PNG is still going into it."""
         with self._done:
-            entry = self._pending.pop(job_id, None)
-        if entry is not None:
-            try:
-                if png is None:
-                    raise RuntimeError("the figure worker could not draw it")
-                write_png(entry[0], entry[1], png, height, width)
-            except Exception:  # noqa: BLE001 - drawn and written again in process at close(), errors shown there
-                with self._done:
-                    self._failed.append(entry)
-        self._wake()
+            entry = self._pending.get(job_id)
+        if entry is None:
+            return
+        try:
+            if png is None:
+                raise RuntimeError("the figure worker could not draw it")
+            write_png(entry[0], entry[1], png, height, width)
+            failed = False
+        except Exception:  # noqa: BLE001 - drawn and written again in process at close(), errors shown there
+            failed = True
+        with self._done:
+            if self._pending.pop(job_id, None) is not None and failed:
+                self._failed.append(entry)
+            self._done.notify_all()
 
     def _wake(self) -> None:
         with self._done:
