@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import pandas as pd
 import torch
+from torch import Tensor
 
 from .analysis import AnalysisOptions, MatrixAnalysis, analyze_stream, records_table, resolve_options
 from .checkpoints import Checkpoint, CheckpointError, TensorInfo, open_checkpoint
@@ -71,9 +72,16 @@ def checkpoint_plan(checkpoint: Checkpoint, options: AnalysisOptions, *, include
         Matrices with names, shapes and ``source`` (``slices`` on the meta device).
     """
     items = ((i.name, torch.empty(i.shape, dtype=i.dtype, device="meta")) for i in checkpoint.infos)
-    return list(iter_state_dict_matrices(items, shapes=checkpoint.shapes(), include=include, exclude=exclude,
-                                         min_evals=options.min_evals, max_evals=options.max_evals, tie=False,
-                                         access=ShapeAccess()))
+    return list(_matrices(items, checkpoint, options, include, exclude, access=ShapeAccess()))
+
+
+def _matrices(items: Iterable[tuple[str, Tensor]], checkpoint: Checkpoint, options: AnalysisOptions,
+              include: Sequence[str] | str | None, exclude: Sequence[str] | str | None,
+              **access: Any) -> Iterator[WeightMatrix]:
+    """The checkpoint's matrices from ``items`` (meta tensors for the plan, real ones for the analysis): one
+    selection, so the plan and the analysis always name and skip the same matrices."""
+    return iter_state_dict_matrices(items, shapes=checkpoint.shapes(), include=include, exclude=exclude,
+                                    min_evals=options.min_evals, max_evals=options.max_evals, tie=False, **access)
 
 
 def _checkpoint_analyses(
@@ -103,10 +111,8 @@ def _checkpoint_analyses(
         return is_weight_entry(info.name, info.shape) and (owned is None or owned(
             state_dict_source(info.name, info.shape)))
 
-    matrices = iter_state_dict_matrices(checkpoint.tensors(wanted), shapes=checkpoint.shapes(), include=include,
-                                        exclude=exclude, min_evals=options.min_evals, max_evals=options.max_evals,
-                                        tie=False)
-    return analyze_stream(matrices, options, device=device)
+    return analyze_stream(_matrices(checkpoint.tensors(wanted), checkpoint, options, include, exclude), options,
+                          device=device)
 
 
 def _world() -> tuple[int, int]:
