@@ -41,165 +41,18 @@ from typing import Any
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import lightning.pytorch as pl  # noqa: E402
-from lightning.pytorch.callbacks import EarlyStopping  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stopping_tasks import TASKS, Task  # noqa: E402
+from stopping_runs import QUICK_EPOCHS, early_stopping_run, reference_run, rule_run, splits  # noqa: E402,F401
+from stopping_signals import signal_table  # noqa: E402
+from stopping_tasks import OVERFITTING, TASKS  # noqa: E402
 
-from lightning_htsr import HTSRCallback  # noqa: E402
 from lightning_htsr.phases import PhaseTracker  # noqa: E402
-from lightning_htsr.sinks import read_history  # noqa: E402
 from lightning_htsr.stopping import StopCriteria, over_trained, replay_stop  # noqa: E402
 
-HISTORY_COLUMNS = ("name", "N", "M", "num_evals", "status", "phase", "alpha", "entropy", "stable_rank",
-                   "mp_softrank", "log_spectral_norm", "log_norm", "D", "num_spikes", "warning")
 WITHIN_POINTS = 1.0
-
-
-# -------------------------------------------------------------------------------------------- training
-
-
-class Classifier(pl.LightningModule):
-    """Cross-entropy classifier around any ``nn.Module``; the optimizer and per-epoch schedule come from the task."""
-
-    def __init__(self, net: nn.Module, task: Task, epochs: int) -> None:
-        super().__init__()
-        self.net, self.task, self.epochs = net, task, epochs
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", nn.functional.cross_entropy(self(x), y), prog_bar=False)
-
-    def configure_optimizers(self):
-        opt, sched = self.task.optimizer(self.parameters(), self.epochs)
-        return opt if sched is None else {"optimizer": opt, "lr_scheduler": sched}
-
-
-class Recorder(pl.Callback):
-    """Test accuracy (held-out, never seen by any stop rule) after every epoch and every ``every_n_steps``."""
-
-    def __init__(self, test: tuple[torch.Tensor, torch.Tensor], every_n_steps: int | None) -> None:
-        self.x, self.y = test
-        self.every_n_steps = every_n_steps
-        self.epochs: list[dict[str, float]] = []
-        self.steps: list[dict[str, float]] = []
-
-    @torch.no_grad()
-    def _accuracy(self, module: pl.LightningModule) -> float:
-        was_training = module.training
-        module.eval()
-        correct = sum(int((module(x).argmax(-1) == y).sum()) for x, y in zip(self.x.split(1024), self.y.split(1024)))
-        module.train(was_training)
-        return 100.0 * correct / len(self.y)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
-        if self.every_n_steps and step % self.every_n_steps == 0:
-            self.steps.append({"step": step, "epoch": trainer.current_epoch, "test_acc": self._accuracy(pl_module)})
-
-    def on_train_epoch_end(self, trainer, pl_module):
-        val = trainer.callback_metrics.get("val_loss")
-        self.epochs.append({"epoch": trainer.current_epoch, "step": trainer.global_step,
-                            "test_acc": self._accuracy(pl_module),
-                            "val_loss": float(val) if val is not None else math.nan})
-
-
-def _loader(split: tuple[torch.Tensor, torch.Tensor], batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    return DataLoader(TensorDataset(*split), batch_size=batch_size, shuffle=shuffle,
-                      generator=torch.Generator().manual_seed(seed) if shuffle else None)
-
-
-#: ``--quick``: epochs per run and examples per split (a smoke test of the script, not a measurement).
-QUICK_EPOCHS, QUICK_EXAMPLES = 2, 256
-
-
-def splits(task: Task, seed: int, quick: bool = False) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    """The task's (train, val, test) splits; ``quick`` keeps the first :data:`QUICK_EXAMPLES` of each."""
-    data = task.data(seed)
-    return tuple((x[:QUICK_EXAMPLES], y[:QUICK_EXAMPLES]) for x, y in data) if quick else data
-
-
-def train(task: Task, seed: int, epochs: int, callbacks: list[pl.Callback], root: str,
-          every_n_steps: int | None = None, quick: bool = False) -> tuple[Recorder, pl.Trainer]:
-    """One seeded, deterministic training run; returns the recorder (curves) and the trainer."""
-    pl.seed_everything(seed, workers=True, verbose=False)
-    train_split, val_split, test_split = splits(task, seed, quick)
-    model = Classifier(task.model(seed), task, epochs)
-    recorder = Recorder(test_split, every_n_steps)
-    trainer = pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
-                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
-                         callbacks=[recorder, *callbacks], deterministic=True, num_sanity_val_steps=0)
-    trainer.fit(model, _loader(train_split, task.batch_size, True, seed), _loader(val_split, 1024, False, seed))
-    return recorder, trainer
-
-
-def steps_per_epoch(task: Task, seed: int, quick: bool = False) -> int:
-    return math.ceil(len(splits(task, seed, quick)[0][1]) / task.batch_size)
-
-
-# ------------------------------------------------------------------------------------------------ runs
-
-
-def reference_run(task: Task, seed: int, epochs: int, quick: bool = False) -> dict[str, Any]:
-    """Full budget, the callback observing at every epoch end and about three times per epoch in steps."""
-    every = max(1, steps_per_epoch(task, seed, quick) // 3)
-    with tempfile.TemporaryDirectory() as root:
-        history = os.path.join(root, "history.csv")
-        htsr = HTSRCallback(every_n_steps=every, log_histograms=False, log_figures_every=None, history_file=history,
-                            spectra_file=None, print_summary=False)
-        start = time.perf_counter()
-        recorder, _ = train(task, seed, epochs, [htsr], root, every_n_steps=every, quick=quick)
-        seconds = time.perf_counter() - start
-        frame = read_history(history)
-    analyses = []
-    groups = frame.groupby(["analysis", "epoch", "global_step", "trigger"], sort=True)
-    for (index, epoch, step, trigger), rows in groups:
-        records = [{c: _plain(r[c]) for c in HISTORY_COLUMNS if c in r} for r in rows.to_dict("records")]
-        analyses.append({"analysis": int(index), "epoch": int(epoch), "step": int(step), "trigger": trigger,
-                         "records": records})
-    return {"task": task.name, "seed": seed, "epochs": epochs, "every_n_steps": every, "seconds": seconds,
-            "steps_per_epoch": steps_per_epoch(task, seed, quick), "curve": recorder.epochs,
-            "step_curve": recorder.steps,
-            "analyses": analyses}
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if hasattr(value, "item"):
-        value = value.item()
-    return None if isinstance(value, float) and math.isnan(value) else value
-
-
-def rule_run(task: Task, seed: int, epochs: int, rule: dict[str, Any], quick: bool = False) -> dict[str, Any]:
-    """The stop rule live: ``HTSRCallback(stop_on="heavy_tailed", **rule)``, weights only."""
-    kwargs = {"stop_on": "heavy_tailed", **{("stop_rule" if k == "rule" else k): v for k, v in rule.items()}}
-    with tempfile.TemporaryDirectory() as root:
-        htsr = HTSRCallback(log_histograms=False, log_figures_every=None, history_file=None, spectra_file=None,
-                            print_summary=False, **kwargs)
-        recorder, _ = train(task, seed, epochs, [htsr], root, quick=quick)
-    return {"epochs_run": len(recorder.epochs), "stopped": htsr.stopped_epoch >= 0,
-            "test_acc": recorder.epochs[-1]["test_acc"], "message": htsr.stopping_reason_message}
-
-
-def early_stopping_run(task: Task, seed: int, epochs: int, quick: bool = False) -> dict[str, Any]:
-    """The peer: Lightning's ``EarlyStopping(monitor="val_loss", patience=5)``."""
-    with tempfile.TemporaryDirectory() as root:
-        es = EarlyStopping(monitor="val_loss", patience=5)
-        recorder, _ = train(task, seed, epochs, [es], root, quick=quick)
-    return {"epochs_run": len(recorder.epochs), "stopped": es.stopped_epoch > 0,
-            "test_acc": recorder.epochs[-1]["test_acc"]}
 
 
 # -------------------------------------------------------------------------------------------- replays
@@ -209,17 +62,22 @@ def replay(reference: dict[str, Any], rule: dict[str, Any], schedule: str = "epo
     """The stop rule on the reference history: where it would have stopped (same code as the callback).
 
     ``schedule="epoch"`` uses the epoch-end analyses (the callback's default); ``"steps"`` every analysis (about three
-    per epoch). Returns the stop's epoch (0-based; ``None`` = never), fractional epochs run, and test accuracy there.
+    per epoch). Returns the stop's epoch (0-based; ``None`` = never), fractional epochs run, and the test accuracy of
+    the model ``trainer.fit`` leaves in memory: at the stop, or at the restored analysis when the rule hands back the
+    weights of an earlier one.
     """
     analyses = reference["analyses"] if schedule == "steps" else epoch_end_analyses(reference)
     spe = reference["steps_per_epoch"]
+    rule = dict(rule)
+    restore = rule.pop("restore_best_weights", False)  # the callback's default
     stop = replay_stop([{**a, "progress": a["step"] / spe} for a in analyses], **rule)
     curve = reference["curve"]
     if stop is None:
         return {"stop_epoch": None, "epochs_run": len(curve), "test_acc": curve[-1]["test_acc"], "stopped": False}
     accuracy = {c["step"]: c["test_acc"] for c in reference["step_curve"] + curve}
-    return {"stop_epoch": stop["epoch"], "epochs_run": stop["step"] / spe, "test_acc": accuracy[stop["step"]],
-            "stopped": True, "message": stop["message"]}
+    kept = stop["restore_step"] if restore and stop.get("restore_step") is not None else stop["step"]
+    return {"stop_epoch": stop["epoch"], "epochs_run": stop["step"] / spe, "test_acc": accuracy[kept],
+            "stopped": True, "message": stop["message"], "restored_step": stop.get("restore_step")}
 
 
 def epoch_end_analyses(reference: dict[str, Any]) -> list[dict[str, Any]]:
@@ -244,33 +102,42 @@ def early_stopping_replay(reference: dict[str, Any], patience: int = 5, min_delt
             "stopped": False}
 
 
-#: Rules compared by ``--study`` (replayed on the reference runs): the 0.1 rule, and variants of the settled rule.
+#: Rules compared by ``--study`` (replayed on the reference runs): 0.1's rule, round 2's settled rule alone, and
+#: variants of the over-fitting signal (``restore_best_weights`` is the callback's option, not a StopCriteria field).
 CANDIDATES: dict[str, dict[str, Any]] = {
     "phase_fraction 0.8 (0.1 default)": {"rule": "phase_fraction", "stop_fraction": 0.8},
-    "phase_fraction 0.5": {"rule": "phase_fraction", "stop_fraction": 0.5},
-    "phase_fraction 0.5, patience 5": {"rule": "phase_fraction", "stop_fraction": 0.5, "patience": 5},
-    "settled (default): alpha 5%, entropy 1%, 7 ep": {},
-    "settled: alpha 5%, entropy 1%, 6 ep (chosen on seeds 0-2)": {"patience": 6},
-    "settled: alpha 3%, entropy 1%, 7 ep": {"alpha_tolerance": 0.03},
-    "settled: alpha 10%, entropy 1%, 7 ep": {"alpha_tolerance": 0.10},
-    "settled: alpha 5%, entropy 0.5%, 7 ep": {"entropy_tolerance": 0.005},
-    "settled: alpha 5%, entropy 2%, 7 ep": {"entropy_tolerance": 0.02},
-    "settled: alpha 5%, entropy 1%, 4 ep": {"patience": 4},
-    "settled: alpha 5%, entropy 1%, 10 ep": {"patience": 10},
-    "settled: entropy only (1%), 7 ep": {"alpha_tolerance": math.inf},
-    "settled: alpha only (5%), 7 ep": {"entropy_tolerance": math.inf},
+    "settled only (round 2 default)": {"overfitting": False},
+    "settled + entropy turn 1 %, half, 1 ep (default)": {},
+    "  + restore the analysis before the turn": {"restore_best_weights": True},
+    "settled + entropy turn 0.2 %, half, 1 ep": {"overfit_tolerance": 0.002},
+    "settled + entropy turn 0.5 %, half, 1 ep": {"overfit_tolerance": 0.005},
+    "  + restore the analysis before the turn ": {"overfit_tolerance": 0.005, "restore_best_weights": True},
+    "settled + entropy turn 2 %, half, 1 ep": {"overfit_tolerance": 0.02},
+    "settled + entropy turn 1 %, any matrix, 1 ep": {"overfit_fraction": 1e-9},
+    "settled + entropy turn 1 %, every matrix, 1 ep": {"overfit_fraction": 1.0},
+    "settled + entropy turn 1 %, half, 0.5 ep": {"overfit_patience": 0.5},
+    "settled + entropy turn 1 %, half, 2 ep": {"overfit_patience": 2.0},
+    "settled patience 6 + entropy turn (default)": {"patience": 6},
+    "settled patience 10 + entropy turn (default)": {"patience": 10},
 }
 
 
 def study(references: Sequence[dict[str, Any]]) -> None:
-    """Replay every candidate rule (epoch and every-1/3-epoch schedules) and the over-trained warning's timing."""
-    print(f"\n{'candidate rule (replayed)':<58} {'schedule':>9} {'within 1pt':>11} {'epochs saved':>13} "
-          f"{'never stopped':>14} {'max loss':>9}")
+    """Replay every candidate rule (epoch-end analyses) per group of seeds and tasks, the candidate signals' timing,
+    and the over-trained warning's timing."""
+    groups = {"tuning seeds": lambda r: r.seed in TUNING_SEEDS, "held-out seeds": lambda r: r.seed not in TUNING_SEEDS,
+              "plateau tasks": lambda r: r.task not in OVERFITTING, "over-fitting": lambda r: r.task in OVERFITTING}
+    print(f"\n{'candidate rule (replayed; within 1 pt / epochs saved / never stopped)':<56} "
+          + " ".join(f"{g:>20}" for g in groups))
     for name, rule in CANDIDATES.items():
-        for schedule in ("epoch", "steps"):
-            s = summary([row(ref, name, replay(ref, rule, schedule)) for ref in references])
-            print(f"{name:<58} {schedule:>9} {s['within_1pt']:>11.0%} {s['epochs_saved']:>13.0%} "
-                  f"{s['never_stopped']:>14.0%} {s['max_loss']:>9.2f}")
+        rows = [row(ref, name, replay(ref, rule)) for ref in references]
+        cells = []
+        for keep in groups.values():
+            chosen = [r for r in rows if keep(r)]
+            s = summary(chosen) if chosen else None
+            cells.append(f"{s['within_1pt']:.0%} / {s['epochs_saved']:.0%} / {s['never_stopped']:.0%}" if s else "-")
+        print(f"{name:<56} " + " ".join(f"{c:>20}" for c in cells))
+    signal_table(references, OVERFITTING, epoch_end_analyses)
     over_trained_study(references)
 
 
@@ -293,8 +160,10 @@ def over_trained_study(references: Sequence[dict[str, Any]]) -> None:
     print(f"\nalpha < 2 (over-trained warning) on a heavy-tailed matrix: {len(events)} matrices in {len(runs)} of "
           f"{len(references)} runs; accuracy still rose by > {WITHIN_POINTS:g} point afterwards for {len(improving)} "
           f"of them ({len({(t, s) for t, s, *_ in improving})} runs).")
-    for task, seed, name, epoch, gain in events:
-        print(f"  {task:<16} seed {seed}  {name:<32} alpha < 2 from epoch {epoch:>3}; later gain {gain:+.1f} points")
+    for task in dict.fromkeys(t for t, *_ in events):
+        mine = [e for e in events if e[0] == task]
+        print(f"  {task:<18} {len(mine):>3} matrices, first from epoch {min(e[3] for e in mine):>3}; accuracy rose "
+              f"by > {WITHIN_POINTS:g} point afterwards for {sum(e[4] > WITHIN_POINTS for e in mine)}")
 
 
 # -------------------------------------------------------------------------------------------- summary
@@ -358,6 +227,27 @@ def print_table(rows: Sequence[Row], methods: Sequence[str]) -> None:
               f" {s['mean_loss']:>10.2f} {s['max_loss']:>9.2f}")
 
 
+#: Seeds the thresholds were chosen on; the others are held out (the figure that counts).
+TUNING_SEEDS: tuple[int, ...] = (0, 1, 2)
+
+
+def print_groups(rows: Sequence[Row], methods: Sequence[str]) -> None:
+    """The summary per group: plateauing vs over-fitting tasks, tuning vs held-out seeds."""
+    groups = {"plateau tasks": lambda r: r.task not in OVERFITTING, "over-fitting tasks": lambda r: r.task in OVERFITTING,
+              f"seeds {', '.join(map(str, TUNING_SEEDS))} (tuning)": lambda r: r.seed in TUNING_SEEDS,
+              "held-out seeds": lambda r: r.seed not in TUNING_SEEDS}
+    print(f"{'group':<22} {'method':<28} {'runs':>5} {'within 1pt':>11} {'epochs saved':>13} {'never stopped':>14}"
+          f" {'mean loss':>10} {'max loss':>9}")
+    for group, keep in groups.items():
+        for m in methods[1:]:
+            chosen = [r for r in rows if r.method == m and keep(r)]
+            if not chosen:
+                continue
+            s = summary(chosen)
+            print(f"{group:<22} {m:<28} {s['runs']:>5} {s['within_1pt']:>11.0%} {s['epochs_saved']:>13.0%} "
+                  f"{s['never_stopped']:>14.0%} {s['mean_loss']:>10.2f} {s['max_loss']:>9.2f}")
+
+
 def plot(references: Sequence[dict[str, Any]], rows: Sequence[Row], path: Path) -> None:
     """Test accuracy of every reference run, one panel per task, with where each method stopped."""
     import matplotlib
@@ -402,22 +292,49 @@ def plot(references: Sequence[dict[str, Any]], rows: Sequence[Row], path: Path) 
 # ---------------------------------------------------------------------------------------------- main
 
 
-def load_or_run_reference(task: Task, seed: int, epochs: int, cache: Path | None,
-                          quick: bool = False) -> dict[str, Any]:
-    path = cache / f"{task.name}-{seed}-{epochs}{'-quick' if quick else ''}.json" if cache else None
-    if path is not None and path.exists():
-        return json.loads(path.read_text())
-    reference = reference_run(task, seed, epochs, quick)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(reference))
-    return reference
+HERE = Path(__file__).resolve().parent
+PACKAGE = HERE.parent / "lightning_htsr"
+#: Files whose code decides a reference run's numbers: the tasks and the runs, and the package's analysis stages.
+#: The stop rule and its plumbing (``stopping.py``, ``best_weights.py``, ``callback.py``, the sinks) do not change the
+#: recorded numbers (a column the replay needs but the history lacks fails loudly); a live run that stops elsewhere
+#: than its replay on the reference (a mismatch, exit code 1) is how a stale reference would show.
+REFERENCE_CODE = ("stopping_tasks.py", "stopping_runs.py")
+REFERENCE_MODULES = ("layers.py", "eigenvalues.py", "powerlaw.py", "marchenko_pastur.py", "metrics.py", "phases.py",
+                     "records.py", "analysis.py", "fingers.py", "distributed.py")
+
+
+def code_key(paths: Sequence[Path]) -> str:
+    """A short hash of the source files (and the torch / Lightning versions) that produced a cached run."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{torch.__version__} {pl.__version__}".encode())
+    for path in sorted(paths):
+        digest.update(path.name.encode() + path.read_bytes())  # a missing file is an error, not a silent miss
+    return digest.hexdigest()[:10]
+
+
+def reference_key() -> str:
+    """The reference runs' code (:data:`REFERENCE_CODE`, :data:`REFERENCE_MODULES`)."""
+    return code_key([HERE / f for f in REFERENCE_CODE] + [PACKAGE / f for f in REFERENCE_MODULES])
+
+
+def live_key() -> str:
+    """A live run's code: everything (the stop rule included)."""
+    return code_key([HERE / f for f in REFERENCE_CODE] + list(PACKAGE.rglob("*.py")))
+
+
+def peer_key() -> str:
+    """The EarlyStopping peer's code: the tasks and this script (it does not run lightning_htsr)."""
+    return code_key([HERE / f for f in REFERENCE_CODE])
 
 
 def rule_key(rule: dict[str, Any]) -> str:
     """A file-name-safe key of every setting of a rule (defaults included: changing a default misses the cache)."""
+    import hashlib
+
     criteria = StopCriteria(**{"stop_on": "heavy_tailed", **rule})
-    return "_".join(f"{f.name}={getattr(criteria, f.name)}" for f in fields(criteria)).replace("/", "_")
+    text = "_".join(f"{f.name}={getattr(criteria, f.name)}" for f in fields(criteria))
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
 def cached(cache: Path | None, key: str, run: Callable[[], dict[str, Any]], quick: bool) -> dict[str, Any]:
@@ -432,6 +349,38 @@ def cached(cache: Path | None, key: str, run: Callable[[], dict[str, Any]], quic
     return result
 
 
+def run_task_seed(name: str, seed: int, rule: dict[str, Any], live: str, cache: Path | None,
+                  quick: bool) -> dict[str, Any]:
+    """The reference run and, per ``live``, the live rule and peer runs of one task x seed (each cached by code)."""
+    quiet()
+    torch.set_num_threads(1)
+    task = TASKS[name]
+    epochs = QUICK_EPOCHS if quick else task.epochs
+    base = f"{name}-{seed}-{epochs}"
+    out = {"reference": cached(cache, f"{base}-reference-{reference_key()}",
+                               lambda: reference_run(task, seed, epochs, quick), quick)}
+    if live == "all":
+        out["rule"] = cached(cache, f"{base}-rule-{rule_key(rule)}-{live_key()}",
+                             lambda: rule_run(task, seed, epochs, rule, quick), quick)
+    if live in ("all", "peer"):
+        out["peer"] = cached(cache, f"{base}-early_stopping-{peer_key()}",
+                             lambda: early_stopping_run(task, seed, epochs, quick), quick)
+    return out
+
+
+def run_all(pairs: Sequence[tuple[str, int]], rule: dict[str, Any], live: str, cache: Path | None, quick: bool,
+            jobs: int) -> list[dict[str, Any]]:
+    """:func:`run_task_seed` for every pair, in ``jobs`` processes (one thread each), in order."""
+    if jobs <= 1:
+        return [run_task_seed(n, s, rule, live, cache, quick) for n, s in pairs]
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(run_task_seed, n, s, rule, live, cache, quick) for n, s in pairs]
+        return [f.result() for f in futures]
+
+
 def quiet() -> None:
     for name in ("lightning", "lightning.pytorch", "pytorch_lightning", "lightning_fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
@@ -444,47 +393,47 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test of the script)")
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--rule", type=json.loads, default={}, help="HTSRCallback stop arguments as JSON")
-    parser.add_argument("--no-live", action="store_true", help="replay the rule and EarlyStopping on the reference "
-                        "runs instead of training stopped runs (same results when training is deterministic)")
-    parser.add_argument("--cache", type=Path, help="directory to keep reference runs in (re-used when present)")
+    parser.add_argument("--live", choices=["all", "peer", "none"], default="all",
+                        help="train the rule and the EarlyStopping peer live (all), only the peer, or replay both on "
+                        "the reference runs (none: same results when training is deterministic)")
+    parser.add_argument("--jobs", type=int, default=1, help="task x seed pairs trained in parallel processes")
+    parser.add_argument("--cache", type=Path, help="directory to keep runs in, keyed by the code that made them")
     parser.add_argument("--json", type=Path, help="write every run and the summary here")
     parser.add_argument("--figure", type=Path, help="write the accuracy curves with the stop points (PNG) here")
-    parser.add_argument("--study", action="store_true", help="also replay the candidate rules and time the "
-                        "over-trained warning on the reference runs")
+    parser.add_argument("--study", action="store_true", help="also replay the candidate rules and signals on the "
+                        "reference runs")
     args = parser.parse_args(argv)
     quiet()
     torch.set_num_threads(1)
+    pairs = [(name, seed) for name in args.tasks for seed in args.seeds]
+    results = run_all(pairs, args.rule, args.live, args.cache, args.quick, args.jobs)
     rows: list[Row] = []
     mismatches, references = [], []
-    for name in args.tasks:
-        task = TASKS[name]
-        epochs = QUICK_EPOCHS if args.quick else task.epochs
-        for seed in args.seeds:
-            reference = load_or_run_reference(task, seed, epochs, args.cache, args.quick)
-            references.append(reference)
-            replayed = replay(reference, args.rule)
-            rows.append(row(reference, "reference (full budget)", {"epochs_run": epochs, "stopped": False,
-                                                                     "test_acc": reference["curve"][-1]["test_acc"]}))
-            rows.append(row(reference, "htsr (every 1/3 epoch)", replay(reference, args.rule, "steps")))
-            if args.no_live:
-                rows.append(row(reference, "htsr stop rule", replayed))
-                rows.append(row(reference, "EarlyStopping(val_loss, 5)", early_stopping_replay(reference)))
-            else:
-                live = cached(args.cache, f"{name}-{seed}-{epochs}-rule-{rule_key(args.rule)}",
-                              lambda: rule_run(task, seed, epochs, args.rule, args.quick), args.quick)
-                if live["epochs_run"] != (replayed["stop_epoch"] + 1 if replayed["stopped"] else epochs):
-                    mismatches.append((name, seed, live["epochs_run"], replayed["stop_epoch"]))
-                rows.append(row(reference, "htsr stop rule", {**live, "replay_stop_epoch": replayed["stop_epoch"]}))
-                peer = cached(args.cache, f"{name}-{seed}-{epochs}-early_stopping",
-                              lambda: early_stopping_run(task, seed, epochs, args.quick), args.quick)
-                rows.append(row(reference, "EarlyStopping(val_loss, 5)", peer))
-            best = max(c["test_acc"] for c in reference["curve"])
-            print(f"{name} seed {seed}: reference {reference['seconds']:.0f} s, best {best:.1f}, rule stops at "
-                  f"{replayed['stop_epoch']}", flush=True)
+    for (name, seed), result in zip(pairs, results):
+        reference = result["reference"]
+        references.append(reference)
+        replayed = replay(reference, args.rule)
+        epochs = reference["epochs"]
+        rows.append(row(reference, "reference (full budget)", {"epochs_run": epochs, "stopped": False,
+                                                                 "test_acc": reference["curve"][-1]["test_acc"]}))
+        rows.append(row(reference, "htsr (every 1/3 epoch)", replay(reference, args.rule, "steps")))
+        if "rule" in result:
+            live = result["rule"]
+            if (live["epochs_run"] != (replayed["stop_epoch"] + 1 if replayed["stopped"] else epochs)
+                    or abs(live["test_acc"] - replayed["test_acc"]) > 1e-6):
+                mismatches.append((name, seed, live["epochs_run"], replayed["stop_epoch"]))
+            rows.append(row(reference, "htsr stop rule", {**live, "replay_stop_epoch": replayed["stop_epoch"]}))
+        else:
+            rows.append(row(reference, "htsr stop rule", replayed))
+        rows.append(row(reference, "EarlyStopping(val_loss, 5)", result.get("peer") or early_stopping_replay(reference)))
+        best = max(c["test_acc"] for c in reference["curve"])
+        print(f"{name} seed {seed}: reference {reference['seconds']:.0f} s, best {best:.1f}, rule stops at "
+              f"{replayed['stop_epoch']}", flush=True)
     methods = ["reference (full budget)", "htsr stop rule", "htsr (every 1/3 epoch)", "EarlyStopping(val_loss, 5)"]
     print_table(rows, methods)
+    print_groups(rows, methods)
     if args.study:
         study(references)
     if args.figure:

@@ -15,6 +15,14 @@ Two rules (``StopCriteria.rule``), both reading the weights only (no labels, los
     epochs of training rather than in analyses makes the rule independent of the analysis schedule. Layers reach
     the heavy-tailed phase in the first epochs while accuracy still climbs; their spectra keep moving until
     learning slows down.
+**Over-fitting** (``StopCriteria.overfitting``, on by default with ``"settled"``)
+    Stop when the spectra turn back toward random: at least ``overfit_fraction`` of the learning matrices have their
+    spectral entropy above its lowest value so far by more than ``overfit_tolerance`` (relative), and have stayed
+    there for ``overfit_patience`` epochs. A network that memorizes noise after learning the signal spreads its
+    weights' spectra again. The rule also names the *best* analysis so far: the latest one at which no learning
+    matrix's entropy was above its lowest value by more than the tolerance (the weights just before the spectra
+    turned; on a run that never turns, the latest analysis). With ``restore_best_weights`` the callback keeps a copy
+    of its weights and, when it stops for over-fitting, hands them back.
 ``"phase_fraction"`` (the rule of version 0.1)
     Stop when at least ``stop_fraction`` of the classified matrices are in ``stop_on`` for ``patience``
     consecutive analyses. Measured on the benchmark it stops while accuracy is still climbing, or never (see the
@@ -35,11 +43,17 @@ from .records import finite_number
 
 __all__ = [
     "Anchor",
+    "BestAnalysis",
+    "EntropyLow",
     "StopCriteria",
     "StopDecision",
     "StopReason",
     "StopState",
     "evaluate_stop",
+    "rising_matrices",
+    "structure_score",
+    "turned_matrices",
+    "update_lows",
     "over_trained",
     "phase_fraction",
     "replay_stop",
@@ -59,6 +73,7 @@ class StopReason(enum.Enum):
     PHASE_FRACTION = 1
     OVER_TRAINED = 2
     SETTLED = 3
+    OVERFITTING = 4
 
 
 @dataclass(frozen=True)
@@ -78,6 +93,11 @@ class StopCriteria:
         min_epochs: Never stop before this epoch (0-based ``current_epoch``).
         stop_on_over_trained: Also stop when a matrix is over-trained: a trusted power-law tail (phase
             ``heavy_tailed``) with ``alpha < 2``, for ``patience`` consecutive analyses.
+        overfitting: ``"settled"`` only: also stop when the learning matrices' spectral entropy turns back up
+            (see the module docstring), and judge the best analysis.
+        overfit_tolerance: Relative rise of a matrix's spectral entropy above its lowest value that counts as turned.
+        overfit_fraction: Share of the learning matrices that must have turned.
+        overfit_patience: Epochs (fractional with step-triggered analyses) a matrix must stay turned.
     """
 
     stop_on: str | None = None
@@ -88,6 +108,10 @@ class StopCriteria:
     entropy_tolerance: float = 0.01
     min_epochs: int = 0
     stop_on_over_trained: bool = False
+    overfitting: bool = True
+    overfit_tolerance: float = 0.01
+    overfit_fraction: float = 0.5
+    overfit_patience: float = 1.0
 
     def __post_init__(self) -> None:
         if self.stop_on is not None:
@@ -100,11 +124,18 @@ class StopCriteria:
             raise ValueError(f"patience must be >= 1, got {self.patience}")
         if self.alpha_tolerance < 0 or self.entropy_tolerance < 0:
             raise ValueError("alpha_tolerance and entropy_tolerance must be >= 0")
+        if self.overfit_tolerance < 0 or self.overfit_patience < 0 or not 0.0 < self.overfit_fraction <= 1.0:
+            raise ValueError("overfit_tolerance and overfit_patience must be >= 0, overfit_fraction in (0, 1]")
 
     @property
     def active(self) -> bool:
         """Whether any criterion is enabled."""
         return self.stop_on is not None or self.stop_on_over_trained
+
+    @property
+    def detects_overfitting(self) -> bool:
+        """Whether the over-fitting signal is read (``"settled"`` rule with a ``stop_on`` phase and ``overfitting``)."""
+        return self.overfitting and self.rule == "settled" and self.stop_on is not None
 
     @property
     def settle_patience(self) -> float:
@@ -128,6 +159,33 @@ class Anchor:
 
 
 @dataclass(frozen=True)
+class EntropyLow:
+    """A matrix's lowest spectral entropy so far, and since when (progress, epochs) it has stayed above it by more than
+    the tolerance (``None`` while it has not)."""
+
+    entropy: float
+    above_since: float | None = None
+
+
+@dataclass(frozen=True)
+class BestAnalysis:
+    """The analysis judged best so far: the latest at which no learning matrix's spectral entropy had risen above its
+    lowest value by more than the tolerance (the weights just before the spectra turned).
+
+    Attributes:
+        analysis: Its index (the history's ``analysis`` column: the callback counts the baseline before training too).
+        step: ``trainer.global_step`` at it.
+        epoch: 0-based epoch at it.
+        score: Its mean spectral entropy of the classified matrices (for the record).
+    """
+
+    analysis: int
+    step: int
+    epoch: int
+    score: float
+
+
+@dataclass(frozen=True)
 class StopState:
     """Everything the rules remember between analyses (plain values: see :meth:`state_dict`).
 
@@ -136,34 +194,50 @@ class StopState:
         progress: Training progress (epochs) at the latest evaluated analysis.
         wait_count: Consecutive analyses that met a criterion (``"phase_fraction"`` and over-training).
         anchors: ``"settled"``: per-matrix :class:`Anchor`; bounded by the number of matrices.
+        lows: Over-fitting: per-matrix :class:`EntropyLow`.
+        best: The analysis judged best so far (:class:`BestAnalysis`), ``None`` before the first.
     """
 
     analyses: int = 0
     wait_count: int = 0
     progress: float = 0.0
     anchors: Mapping[str, Anchor] = field(default_factory=dict)
+    lows: Mapping[str, EntropyLow] = field(default_factory=dict)
+    best: BestAnalysis | None = None
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python values (loads with ``torch.load(weights_only=True)``)."""
         return {"analyses": self.analyses, "wait_count": self.wait_count, "progress": self.progress,
-                "anchors": {name: vars(a).copy() for name, a in self.anchors.items()}}
+                "anchors": {name: vars(a).copy() for name, a in self.anchors.items()},
+                "lows": {name: vars(low).copy() for name, low in self.lows.items()},
+                "best": vars(self.best).copy() if self.best is not None else None}
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> StopState:
-        """Inverse of :meth:`state_dict` (missing keys: a fresh state)."""
+        """Inverse of :meth:`state_dict` (missing keys: a fresh state; older checkpoints have no lows nor best)."""
         anchors = {str(n): Anchor(float(a["progress"]), int(a["epoch"]), float(a["alpha"]), float(a["entropy"]))
                    for n, a in dict(state.get("anchors", {})).items()}
+        lows = {str(n): EntropyLow(float(low["entropy"]), None if low["above_since"] is None
+                                   else float(low["above_since"])) for n, low in dict(state.get("lows", {})).items()}
+        best = state.get("best")
         return cls(int(state.get("analyses", 0)), int(state.get("wait_count", 0)), float(state.get("progress", 0.0)),
-                   anchors)
+                   anchors, lows, BestAnalysis(int(best["analysis"]), int(best["step"]), int(best["epoch"]),
+                                               float(best["score"])) if best else None)
 
 
 @dataclass(frozen=True)
 class StopDecision:
-    """The outcome of one analysis: stop or not, why, and a human-readable message."""
+    """The outcome of one analysis: stop or not, why, and a human-readable message.
+
+    ``new_best``: this analysis is now the best one (the callback keeps a copy of its weights); ``restore_best``: the
+    stop is for over-fitting and the best analysis' weights should be handed back.
+    """
 
     should_stop: bool
     reason: StopReason = StopReason.NOT_STOPPED
     message: str = ""
+    new_best: bool = False
+    restore_best: bool = False
 
 
 def phase_fraction(phases: Mapping[str, str | None], phase: str) -> tuple[float, int]:
@@ -253,6 +327,77 @@ def _settled(criteria: StopCriteria, state: StopState, records: Sequence[Mapping
     return state, StopDecision(True, StopReason.SETTLED, message)
 
 
+def structure_score(records: Iterable[Mapping[str, Any]], smoothed: Mapping[str, str | None]) -> float:
+    """Mean spectral entropy of the classified matrices (NaN without any): lower means more structured weights.
+
+    Example:
+        >>> structure_score([{"name": "a", "entropy": 0.8}, {"name": "b", "entropy": 0.9}, {"name": "c", "entropy": 0.1}],
+        ...                 {"a": "heavy_tailed", "b": "random_like", "c": None})
+        0.85
+    """
+    values = [float(r["entropy"]) for r in records if smoothed.get(r["name"]) and finite_number(r.get("entropy"))]
+    return round(sum(values) / len(values), 12) if values else math.nan
+
+
+def update_lows(lows: Mapping[str, EntropyLow], learning: Iterable[Mapping[str, Any]], tolerance: float, *,
+                progress: float) -> dict[str, EntropyLow]:
+    """Each learning matrix's lowest entropy so far, and since when it has stayed above it by ``tolerance``.
+
+    Example:
+        >>> lows = update_lows({}, [{"name": "fc", "entropy": 0.80}], 0.01, progress=1.0)
+        >>> lows = update_lows(lows, [{"name": "fc", "entropy": 0.82}], 0.01, progress=2.0)
+        >>> lows["fc"]
+        EntropyLow(entropy=0.8, above_since=2.0)
+        >>> update_lows(lows, [{"name": "fc", "entropy": 0.79}], 0.01, progress=3.0)["fc"]
+        EntropyLow(entropy=0.79, above_since=None)
+    """
+    out = dict(lows)
+    for record in learning:
+        entropy, low = float(record["entropy"]), out.get(record["name"])
+        if low is None or entropy <= low.entropy:
+            out[record["name"]] = EntropyLow(entropy)
+        elif entropy > low.entropy * (1.0 + tolerance):
+            out[record["name"]] = replace(low, above_since=low.above_since if low.above_since is not None else progress)
+        else:
+            out[record["name"]] = replace(low, above_since=None)
+    return out
+
+
+def rising_matrices(lows: Mapping[str, EntropyLow], learning: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Learning matrices whose entropy is now above its lowest value by more than the tolerance (not yet for long)."""
+    return [r["name"] for r in learning if (low := lows.get(r["name"])) is not None and low.above_since is not None]
+
+
+def turned_matrices(lows: Mapping[str, EntropyLow], learning: Iterable[Mapping[str, Any]], patience: float,
+                    progress: float) -> list[str]:
+    """Learning matrices whose entropy has stayed above its lowest value for ``patience`` epochs."""
+    return [r["name"] for r in learning if (low := lows.get(r["name"])) is not None
+            and low.above_since is not None and progress - low.above_since >= patience - 1e-9]
+
+
+def _overfitting(criteria: StopCriteria, state: StopState, records: Sequence[Mapping[str, Any]],
+                 smoothed: Mapping[str, str | None], where: tuple[int, int, int],
+                 progress: float) -> tuple[StopState, StopDecision | None, bool]:
+    """The over-fitting signal and the best analysis: the new state, a stop decision if the signal fired, and
+    whether this analysis (``where``: index, step, epoch) is the new best."""
+    learning = learning_matrices(records, smoothed)
+    lows = update_lows(state.lows, learning, criteria.overfit_tolerance, progress=progress)
+    score = structure_score(records, smoothed)
+    new_best = bool(learning) and not rising_matrices(lows, learning)
+    best = BestAnalysis(*where, score) if new_best else state.best
+    state = replace(state, lows=lows, best=best)
+    turned = turned_matrices(lows, learning, criteria.overfit_patience, progress)
+    if not learning or len(turned) < criteria.overfit_fraction * len(learning) or best is None:
+        return state, None, new_best
+    shown = ", ".join(turned[:4]) + (" ..." if len(turned) > 4 else "")
+    since = min(lows[n].above_since or progress for n in turned)
+    message = (f"over-fitting: spectral entropy rising in {len(turned)} of {len(learning)} learning weight matrices "
+               f"(above its lowest value by more than {criteria.overfit_tolerance:.1%} since epoch {since:.3g}: {shown})"
+               f"; the best analysis, the last before the spectra turned, is {best.analysis} (epoch {best.epoch}, "
+               f"step {best.step})")
+    return state, StopDecision(True, StopReason.OVERFITTING, message, new_best, restore_best=not new_best), new_best
+
+
 def _phase_fraction_reason(criteria: StopCriteria, smoothed: Mapping[str, str | None]) -> str | None:
     frac, n = phase_fraction(smoothed, criteria.stop_on or "")
     if n and frac >= criteria.stop_fraction:
@@ -277,6 +422,8 @@ def evaluate_stop(
     *,
     epoch: int,
     progress: float | None = None,
+    step: int | None = None,
+    analysis: int | None = None,
 ) -> tuple[StopDecision, StopState]:
     """Decide whether this analysis stops training.
 
@@ -289,6 +436,8 @@ def evaluate_stop(
         epoch: Current 0-based epoch.
         progress: Training progress in epochs (``epoch + 1`` at the end of an epoch, fractional between); the
             ``"settled"`` rule's patience is measured in it. Default ``epoch + 1``.
+        step: ``trainer.global_step`` (recorded in :class:`BestAnalysis`); default the evaluated analyses' count.
+        analysis: This analysis' index (recorded in :class:`BestAnalysis`); default the evaluated analyses' count.
 
     Returns:
         The decision and the new state.
@@ -304,14 +453,21 @@ def evaluate_stop(
         [False, False, True, True]
     """
     decision: StopDecision | None = None
+    new_best = False
     progress = float(epoch + 1) if progress is None else float(progress)
     state = replace(state, analyses=state.analyses + 1, progress=progress)
+    if criteria.detects_overfitting:
+        index = state.analyses - 1 if analysis is None else int(analysis)
+        step = state.analyses - 1 if step is None else int(step)
+        state, decision, new_best = _overfitting(criteria, state, records, smoothed, (index, step, epoch), progress)
     if criteria.rule == "settled":  # anchors are kept even when observing only: the summary says what settled when
-        state, decision = _settled(criteria, state, records, smoothed, epoch, progress)
+        state, settled = _settled(criteria, state, records, smoothed, epoch, progress)
+        decision = decision or (replace(settled, new_best=new_best) if settled else None)
     if decision is None:
         decision, state = _waited(criteria, state, records, smoothed)
+        decision = replace(decision, new_best=new_best)
     if decision.should_stop and epoch < criteria.min_epochs:
-        return StopDecision(False), state
+        return StopDecision(False, new_best=new_best), state
     return decision, state
 
 
@@ -348,7 +504,9 @@ def replay_stop(analyses: Iterable[Mapping[str, Any]], phase_hysteresis: int = 2
         **criteria: :class:`StopCriteria` fields (``stop_on`` defaults to ``"heavy_tailed"``).
 
     Returns:
-        The analysis that stops (with ``"message"``), or ``None`` if the rule never fires.
+        The analysis that stops (with ``"message"``, ``"reason"`` and ``"restore_step"``: the step of the analysis
+        whose weights the callback hands back, ``None`` when it keeps the last weights), or ``None`` if the rule
+        never fires.
     """
     criteria.setdefault("stop_on", "heavy_tailed")
     crit, state, tracker = StopCriteria(**criteria), StopState(), PhaseTracker(k=phase_hysteresis)
@@ -358,7 +516,9 @@ def replay_stop(analyses: Iterable[Mapping[str, Any]], phase_hysteresis: int = 2
         if analysis.get("trigger") == "train_start":
             continue
         decision, state = evaluate_stop(crit, state, records, smoothed, epoch=int(analysis["epoch"]),
-                                        progress=analysis.get("progress"))
+                                        progress=analysis.get("progress"), step=analysis.get("step"),
+                                        analysis=analysis.get("analysis"))
         if decision.should_stop:
-            return {**analysis, "message": decision.message, "reason": decision.reason.name}
+            restore = state.best.step if decision.restore_best and state.best is not None else None
+            return {**analysis, "message": decision.message, "reason": decision.reason.name, "restore_step": restore}
     return None

@@ -80,3 +80,42 @@ def trainer_kwargs(tmp_path, **overrides):
                   limit_val_batches=0, log_every_n_steps=1)
     kwargs.update(overrides)
     return kwargs
+
+
+class ShiftNet(pl.LightningModule):
+    """One Linear(128 -> 256) layer regressed onto a low-rank map, then (from epoch ``switch``) onto a full-rank random
+    map, with Adam: the spectrum concentrates (entropy falls) while the low-rank map is learned, then spreads again
+    (entropy rises) as the layer fits the new, structureless target. A real, moving-weights stand-in for a network
+    that learns its signal and then memorizes noise; ``switch=None`` keeps learning the low-rank map.
+
+    Args:
+        switch: Epoch from which the target is the full-rank map (``None``: never).
+        lr: Adam learning rate.
+    """
+
+    def __init__(self, switch: int | None = 5, lr: float = 0.01, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.layer = nn.Linear(128, 256, bias=False)
+        g = torch.Generator().manual_seed(seed + 1)
+        self.register_buffer("low_rank", torch.randn(256, 3, generator=g) @ torch.randn(3, 128, generator=g) * 0.27)
+        self.register_buffer("full_rank", torch.randn(256, 128, generator=g) * 0.18)
+        self.register_buffer("inputs", torch.randn(512, 128, generator=g))
+        self.switch, self.lr = switch, lr
+
+    def target(self) -> torch.Tensor:
+        return self.full_rank if self.switch is not None and self.current_epoch >= self.switch else self.low_rank
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        (x,) = batch
+        return nn.functional.mse_loss(self.layer(x), x @ self.target().T)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(torch.utils.data.TensorDataset(self.inputs), batch_size=64)
+
+    def distance_to(self, target: torch.Tensor) -> float:
+        """Relative Frobenius distance of the layer's weight to a map."""
+        return float((self.layer.weight.detach() - target).norm() / target.norm())

@@ -12,7 +12,9 @@ skips the first two modes), and the FSDP2 Trainer reuses that process group. Sha
 start-ups (each imports torch and Lightning) over one process tree per mode.
 
 Every mode trains the same seeded model with lr = 0 (weights never change), so all modes must produce the same
-per-matrix results.
+per-matrix results. Then every mode trains ``conftest.ShiftNet`` (moving weights that over-fit) with
+``restore_best_weights=True``; each rank writes ``OUT_DIR/MODE/restore_rank<r>.json``: the stop, the analysis judged
+best, and whether its weights (this rank's local shard under FSDP2) equal the ones it held at that analysis.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from torch.utils.data import DataLoader
 
 from lightning_htsr import HTSRCallback
 from lightning_htsr.synthetic import pareto
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import ShiftNet  # noqa: E402
 
 MODES = ("single", "ddp_spawn", "ddp", "fsdp2")
 LAUNCHER_ONLY = ("single", "ddp_spawn")  # not run by the ddp launcher's re-executed rank 1
@@ -108,6 +113,57 @@ def run(mode: str, out: str) -> None:
                        "stopped_epoch": stopped_epoch, "metrics": metrics}, handle)
 
 
+class ShardedShiftNet(ShiftNet):
+    """:class:`ShiftNet` whose layer is sharded with FSDP2 under ``ModelParallelStrategy``."""
+
+    def __init__(self, shard: bool) -> None:
+        super().__init__(switch=5)
+        self.shard = shard
+
+    def configure_model(self) -> None:
+        if self.shard:
+            from torch.distributed._composable.fsdp import fully_shard
+
+            fully_shard(self.layer, mesh=self.device_mesh["data_parallel"])
+            fully_shard(self, mesh=self.device_mesh["data_parallel"])
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.to_local() if hasattr(tensor, "to_local") else tensor).detach().clone()
+
+
+class Snapshots(pl.Callback):
+    """This rank's local part of the layer's weight at the end of every epoch."""
+
+    def __init__(self) -> None:
+        self.weights: dict[int, torch.Tensor] = {}
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.weights[trainer.current_epoch] = _local(pl_module.layer.weight)
+
+
+def run_restore(mode: str, out: str) -> None:
+    """An over-fitting run with restore_best_weights: every rank reports what it handed back."""
+    callback = HTSRCallback(history_file=None, spectra_file=None, stop_on="heavy_tailed", restore_best_weights=True,
+                            log_figures_every=None, print_summary=False)
+    snapshots = Snapshots()
+    trainer = pl.Trainer(max_epochs=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[callback, snapshots], **strategy_kwargs(mode))
+    model = ShardedShiftNet(shard=mode == "fsdp2")
+    trainer.fit(model)
+    if mode == "ddp_spawn":  # the workers' modules and callbacks stay in the workers: nothing to compare here
+        return
+    best = callback.best_analysis
+    restored = _local(model.layer.weight)
+    report = {"reason": callback.stopping_reason.name, "stopped_epoch": callback.stopped_epoch,
+              "restored": callback.restored, "best_epoch": best.epoch if best else None,
+              "equal_to_best": bool(best and torch.equal(restored, snapshots.weights[best.epoch])),
+              "differs_from_last": not torch.equal(restored, snapshots.weights[callback.stopped_epoch]),
+              "local_shape": list(restored.shape), "kept_bytes": callback.kept.nbytes}
+    with open(os.path.join(out, f"restore_rank{trainer.global_rank}.json"), "w") as handle:
+        json.dump(report, handle)
+
+
 def main(out: str) -> None:
     torch.set_num_threads(1)
     relaunched = "LOCAL_RANK" in os.environ  # rank 1 of the ddp launcher
@@ -115,6 +171,7 @@ def main(out: str) -> None:
         if relaunched and mode in LAUNCHER_ONLY:
             continue
         run(mode, os.path.join(out, mode))
+        run_restore(mode, os.path.join(out, mode))
         if mode == "ddp_spawn":
             os.environ.pop("MASTER_PORT", None)  # ddp_spawn's launcher left its port here: let ddp pick a fresh one
 

@@ -1,5 +1,6 @@
-"""The stopping benchmark's quick mode, so the script cannot rot: real Trainer runs of three of its tasks (tiny
-budgets), a rule that does stop, and the check that the live stop equals the rule replayed on the reference run."""
+"""The stopping benchmark's quick mode, so the script cannot rot: real Trainer runs of its tasks (tiny budgets), the
+default rule and a rule that does stop, and the check that the live stop (and the accuracy of the model left in
+memory) equals the rule replayed on the reference run."""
 
 from __future__ import annotations
 
@@ -43,14 +44,29 @@ def test_quick_run_stops_live_where_the_replay_says_and_writes_json(bench, tmp_p
     assert "EarlyStopping(val_loss, 5)" in printed and "within 1pt" in printed
 
 
+def test_quick_run_of_the_default_rule_matches_its_replay_on_a_plateau_and_an_over_fitting_task(bench, tmp_path) -> None:
+    out = tmp_path / "bench.json"
+    code = bench.main(["--quick", "--seeds", "0", "--tasks", "mlp_digits", "gru_lm", "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["rule"] == {} and result["mismatches"] == []
+    rows = {(r["task"], r["method"]): r for r in result["rows"]}
+    for task in ("mlp_digits", "gru_lm"):
+        live = rows[(task, "htsr stop rule")]
+        assert live["epochs_run"] == 2 and not live["stopped"]  # 2 epochs: too short for the default rule
+        assert live["test_acc"] == rows[(task, "reference (full budget)")]["test_acc"]  # same weights as the replay
+        assert rows[(task, "EarlyStopping(val_loss, 5)")]["epochs_run"] == 2
+
+
 def test_every_task_builds_and_trains_one_step(bench) -> None:
     import torch
 
     for task in bench.TASKS.values():
         (x, y), _, (xt, yt) = bench.splits(task, 0, quick=True)
         model = task.model(0)
-        logits = model(x[:8])
-        assert logits.shape == (8, 10) and int(y.max()) < 10 and len(xt) == len(yt) > 0
+        logits = model(x[:8])  # classes on dim 1: (8, 10), or (8, vocab, length) for the language model
+        assert logits.shape[:2] == (8, 16 if task.name == "gru_lm" else 10) and logits.shape[2:] == y.shape[1:]
+        assert int(y.max()) < logits.shape[1] and len(xt) == len(yt) > 0
         optimizer, _ = task.optimizer(model.parameters(), task.epochs)
         torch.nn.functional.cross_entropy(logits, y[:8]).backward()
         optimizer.step()

@@ -77,3 +77,20 @@ def test_ranks_agree_on_the_stop(runs: dict[str, Path], mode: str) -> None:
 def test_fsdp2_weights_are_dtensors(runs: dict[str, Path]) -> None:
     assert result(runs["fsdp2"])["dtensor"] is True
     assert result(runs["ddp"])["dtensor"] is False
+
+
+@pytest.mark.parametrize("mode", ["single", "ddp", "fsdp2"])
+def test_every_rank_hands_back_the_best_weights_after_an_over_fitting_stop(runs: dict[str, Path], mode: str) -> None:
+    reports = [json.loads(f.read_text()) for f in sorted(runs[mode].glob("restore_rank*.json"))]
+    assert len(reports) == (1 if mode == "single" else 2)
+    for report in reports:
+        assert report["reason"] == "OVERFITTING" and report["restored"]
+        assert report["best_epoch"] < report["stopped_epoch"]
+        assert report["equal_to_best"] and report["differs_from_last"]
+    assert len({(r["stopped_epoch"], r["best_epoch"]) for r in reports}) == 1  # the ranks agree
+    full = 3 * 256 * 128 * 4 + 512 * 128 * 4  # weight, low_rank, full_rank (float32), inputs: bytes
+    if mode == "fsdp2":  # each rank keeps only its shard of the weight (the buffers are replicated)
+        assert all(r["local_shape"] == [128, 128] for r in reports)
+        assert all(r["kept_bytes"] == full - 128 * 128 * 4 for r in reports)
+    else:
+        assert all(r["kept_bytes"] == full for r in reports)

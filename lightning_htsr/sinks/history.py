@@ -23,10 +23,11 @@ __all__ = [
 ]
 
 #: Columns of the history file: when (analysis index, epoch, step, what triggered it), the record, the smoothed
-#: phase the callback acts on, the rank that computed the row, and the stop reason on the rows of the analysis
-#: that stopped training.
+#: phase the callback acts on, the rank that computed the row, the stop reason on the rows of the analysis
+#: that stopped training, and the analysis the stop rule judged best so far (empty before any).
 HISTORY_COLUMNS: tuple[str, ...] = (
     "analysis", "epoch", "global_step", "trigger", *COLUMNS, "smoothed_phase", "rank", "stopping_reason",
+    "best_analysis",
 )  # fmt: skip
 
 

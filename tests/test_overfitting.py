@@ -1,0 +1,229 @@
+"""The over-fitting signal, the best analysis and handing back its weights: pure functions, the kept copy, and real
+``Trainer`` runs with moving weights where the rule must fire (and restore) and where it must not."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import ShiftNet, trainer_kwargs
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+
+from lightning_htsr import HTSRCallback
+from lightning_htsr.best_weights import KeptWeights
+from lightning_htsr.sinks import read_history
+from lightning_htsr.stopping import (
+    EntropyLow,
+    StopCriteria,
+    StopReason,
+    StopState,
+    evaluate_stop,
+    replay_stop,
+    structure_score,
+    turned_matrices,
+    update_lows,
+)
+
+# ------------------------------------------------------------------------------------------- pure functions
+
+
+def _analysis(entropies: dict[str, float], phase: str = "heavy_tailed") -> tuple[list[dict], dict[str, str]]:
+    records = [{"name": n, "alpha": 3.0, "entropy": e} for n, e in entropies.items()]
+    return records, {n: phase for n in entropies}
+
+
+def test_a_matrix_turns_only_after_staying_above_its_minimum_for_the_patience() -> None:
+    lows: dict[str, EntropyLow] = {}
+    trail = [0.90, 0.80, 0.70, 0.702, 0.71, 0.72, 0.69, 0.75]  # 0.702 is within 0.5 % of 0.70; 0.69 a new low
+    turned = []
+    for progress, e in enumerate(trail, start=1):
+        lows = update_lows(lows, [{"name": "fc", "entropy": e}], 0.005, progress=float(progress))
+        turned.append(bool(turned_matrices(lows, [{"name": "fc"}], 1.0, float(progress))))
+    assert turned == [False, False, False, False, False, True, False, False]
+    assert lows["fc"] == EntropyLow(0.69, above_since=8.0)
+
+
+def test_over_fitting_stops_when_half_the_learning_matrices_turned_and_names_the_best_analysis() -> None:
+    crit = StopCriteria(stop_on="heavy_tailed")
+    trail = {"a": [0.9, 0.8, 0.7, 0.75, 0.78], "b": [0.9, 0.85, 0.82, 0.81, 0.80], "c": [0.9, 0.8, 0.7, 0.74, 0.8]}
+    state, decisions = StopState(), []
+    for i in range(5):
+        records, phases = _analysis({n: v[i] for n, v in trail.items()})
+        decision, state = evaluate_stop(crit, state, records, phases, epoch=i, step=10 * i, analysis=i + 1)
+        decisions.append(decision)
+    # a and c are above their minimum (epoch 2) from epoch 3 on, for 1 epoch at epoch 4: 2 of 3 matrices turned
+    assert [d.should_stop for d in decisions] == [False, False, False, False, True]
+    assert [d.new_best for d in decisions] == [True, True, True, False, False]
+    stop = decisions[-1]
+    assert stop.reason is StopReason.OVERFITTING and stop.restore_best
+    assert state.best.analysis == 3 and state.best.step == 20 and state.best.epoch == 2
+    assert "entropy rising in 2 of 3 learning weight matrices" in stop.message and "epoch 2" in stop.message
+
+
+def test_still_learning_or_random_like_matrices_never_trigger_it() -> None:
+    crit = StopCriteria(stop_on="heavy_tailed")
+    state = StopState()
+    for i, e in enumerate([0.9, 0.8, 0.7, 0.65, 0.62, 0.61]):  # still falling: never turned
+        decision, state = evaluate_stop(crit, state, *_analysis({"a": e}), epoch=i)
+        assert not decision.should_stop and decision.new_best
+    state = StopState()
+    for i, e in enumerate([0.9, 0.8, 0.85, 0.9, 0.95]):  # random-like matrices are not learning matrices
+        decision, state = evaluate_stop(crit, state, *_analysis({"a": e}, "random_like"), epoch=i)
+        assert not decision.should_stop
+    off = StopCriteria(stop_on="heavy_tailed", overfitting=False)
+    state = StopState()
+    for i, e in enumerate([0.9, 0.7, 0.8, 0.9, 0.95]):
+        decision, state = evaluate_stop(off, state, *_analysis({"a": e}), epoch=i)
+        assert not decision.should_stop and state.best is None
+
+
+def test_structure_score_is_the_mean_entropy_of_classified_matrices() -> None:
+    records = [{"name": "a", "entropy": 0.5}, {"name": "b", "entropy": 0.7}, {"name": "c", "entropy": float("nan")}]
+    assert structure_score(records, {"a": "heavy_tailed", "b": "random_like", "c": "heavy_tailed"}) == 0.6
+    assert structure_score(records, {}) != structure_score(records, {})  # NaN: nothing classified
+
+
+def test_replay_says_which_analysis_would_be_restored_and_the_state_round_trips(tmp_path) -> None:
+    baseline = [{"name": "a", "alpha": 3.0, "entropy": 0.95, "phase": "heavy_tailed", "status": "success"}]
+    analyses = [{"epoch": 0, "trigger": "train_start", "step": 0, "analysis": 0, "records": baseline}]
+    for i, e in enumerate([0.8, 0.7, 0.76, 0.78, 0.8]):
+        analyses.append({"epoch": i, "trigger": "epoch_end", "step": 8 * (i + 1), "analysis": i + 1,
+                         "records": [{"name": "a", "alpha": 3.0, "entropy": e, "phase": "heavy_tailed",
+                                      "status": "success"}]})
+    stop = replay_stop(analyses, phase_hysteresis=1)
+    assert stop["reason"] == "OVERFITTING" and stop["epoch"] == 3 and stop["restore_step"] == 16
+    state = StopState(best=None)
+    crit = StopCriteria(stop_on="heavy_tailed")
+    for a in analyses[1:4]:
+        _, state = evaluate_stop(crit, state, a["records"], {"a": "heavy_tailed"}, epoch=a["epoch"], step=a["step"])
+    torch.save({"s": state.state_dict()}, tmp_path / "s.pt")
+    assert StopState.from_state_dict(torch.load(tmp_path / "s.pt", weights_only=True)["s"]) == state
+
+
+def test_criteria_reject_nonsense_over_fitting_thresholds() -> None:
+    for kwargs in ({"overfit_tolerance": -1}, {"overfit_fraction": 0}, {"overfit_patience": -1}):
+        with pytest.raises(ValueError):
+            StopCriteria(stop_on="heavy_tailed", **kwargs)
+
+
+# ------------------------------------------------------------------------------------------- the kept copy
+
+
+def test_kept_weights_copy_back_exactly_and_survive_a_file(tmp_path) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 4))
+    model(torch.randn(32, 8))  # moves the BatchNorm running statistics (buffers are kept too)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kept = KeptWeights()
+    assert kept.empty and not kept.restore(model)
+    kept.take(model, analysis=3)
+    assert kept.nbytes == sum(v.numel() * v.element_size() for v in before.values())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model(torch.randn(32, 8))
+    kept.save(str(tmp_path / "best.pt"))
+    fresh = KeptWeights()
+    fresh.load(str(tmp_path / "best.pt"))
+    assert fresh.analysis == 3 and fresh.restore(model)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert not fresh.restore(torch.nn.Linear(8, 16))  # a different model: nothing written
+
+
+# ------------------------------------------------------------------------------------ real Trainer runs
+
+
+def _fit(tmp_path, model, callback, **kwargs) -> pl.Trainer:
+    trainer = pl.Trainer(callbacks=[callback, *kwargs.pop("callbacks", [])],
+                         **trainer_kwargs(tmp_path, **{"logger": False, "max_epochs": 20, **kwargs}))
+    trainer.fit(model)
+    return trainer
+
+
+class Snapshots(pl.Callback):
+    """The layer's weight at the end of every epoch (to check what was restored)."""
+
+    def __init__(self) -> None:
+        self.weights: dict[int, torch.Tensor] = {}
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.weights[trainer.current_epoch] = pl_module.layer.weight.detach().clone()
+
+
+def test_an_over_fitting_run_stops_at_the_turn_and_restores_the_best_weights(tmp_path, capsys) -> None:
+    logger = TensorBoardLogger(str(tmp_path), name="tb")
+    callback = HTSRCallback(stop_on="heavy_tailed", restore_best_weights=True, log_figures_every=None)
+    snapshots = Snapshots()
+    model = ShiftNet(switch=5)
+    trainer = _fit(tmp_path, model, callback, callbacks=[snapshots], logger=logger)
+    assert callback.stopping_reason is StopReason.OVERFITTING
+    assert 5 <= callback.stopped_epoch <= 9 and trainer.current_epoch == callback.stopped_epoch + 1
+    best = callback.best_analysis
+    assert best is not None and 3 <= best.epoch < callback.stopped_epoch and callback.restored
+    assert torch.equal(model.layer.weight, snapshots.weights[best.epoch])  # exactly the weights of that analysis
+    assert model.distance_to(model.low_rank) < model.distance_to(model.full_rank)  # the structured map, handed back
+    assert f"weights of epoch {best.epoch}" in callback.stopping_reason_message
+    assert "Stopped early: over-fitting: spectral entropy rising" in capsys.readouterr().out
+    history = read_history(callback.history_path)
+    assert history["best_analysis"].iloc[-1] == best.analysis
+    assert float(trainer.callback_metrics["htsr/best_analysis"]) == best.analysis
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(logger.log_dir, size_guidance={"tensors": 0})
+    events.Reload()
+    texts = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("htsr/stopping_reason/text_summary")]
+    assert any("restored the weights of the best analysis" in t for t in texts)
+
+
+def test_without_restore_the_over_fitting_stop_keeps_the_last_weights(tmp_path) -> None:
+    callback = HTSRCallback(stop_on="heavy_tailed", history_file=None, spectra_file=None, print_summary=False)
+    model = ShiftNet(switch=5)
+    _fit(tmp_path, model, callback)
+    assert callback.stopping_reason is StopReason.OVERFITTING and not callback.restored
+    assert callback.kept.empty  # nothing copied when restoring is off
+    assert "Keeping the last weights" in callback.stopping_reason_message
+
+
+def test_a_run_still_learning_is_not_stopped_and_observing_never_stops(tmp_path) -> None:
+    learning = HTSRCallback(stop_on="heavy_tailed", restore_best_weights=True, history_file=None,
+                            spectra_file=None, print_summary=False)
+    trainer = _fit(tmp_path / "a", ShiftNet(switch=None), learning, max_epochs=8)
+    assert learning.stopping_reason is StopReason.NOT_STOPPED and trainer.current_epoch == 8
+    assert not learning.restored and learning.best_analysis.epoch == 7  # the latest weights are the best ones
+    watching = HTSRCallback(history_file=None, spectra_file=None, print_summary=False)  # stop_on=None
+    trainer = _fit(tmp_path / "b", ShiftNet(switch=5), watching, max_epochs=10)
+    assert watching.stopping_reason is StopReason.NOT_STOPPED and trainer.current_epoch == 10
+
+
+def test_a_run_resumed_after_the_best_analysis_still_restores_its_weights(tmp_path) -> None:
+    straight = HTSRCallback(stop_on="heavy_tailed", restore_best_weights=True, print_summary=False)
+    reference = ShiftNet(switch=5)
+    _fit(tmp_path / "a", reference, straight)
+    assert straight.restored
+    best = straight.best_analysis
+
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), save_last=True, every_n_epochs=1)
+    first = HTSRCallback(stop_on="heavy_tailed", restore_best_weights=True, print_summary=False)
+    _fit(tmp_path / "b", ShiftNet(switch=5), first, callbacks=[ckpt], max_epochs=best.epoch + 2,
+         enable_checkpointing=True)
+    assert first.stopping_reason is StopReason.NOT_STOPPED and first.best_analysis == best
+    state = torch.load(ckpt.last_model_path, weights_only=True)["callbacks"][first.state_key]
+    assert os.path.exists(state["best_weights_file"]) and state["stop_state"]["best"]["analysis"] == best.analysis
+
+    resumed = HTSRCallback(stop_on="heavy_tailed", restore_best_weights=True, print_summary=False)
+    model = ShiftNet(switch=5)
+    trainer = pl.Trainer(callbacks=[resumed], **trainer_kwargs(tmp_path / "b", logger=False, max_epochs=20))
+    trainer.fit(model, ckpt_path=ckpt.last_model_path)
+    assert resumed.stopped_epoch == straight.stopped_epoch and resumed.restored
+    assert torch.equal(model.layer.weight, reference.layer.weight)  # the same weights as the uninterrupted run
+
+    os.remove(state["best_weights_file"])  # the kept copy is gone: warn, stop anyway, keep the last weights
+    lost = HTSRCallback(stop_on="heavy_tailed", restore_best_weights=True, print_summary=False)
+    trainer = pl.Trainer(callbacks=[lost], **trainer_kwargs(tmp_path / "b", logger=False, max_epochs=20))
+    with pytest.warns(UserWarning, match="could not read the kept best weights"):
+        trainer.fit(ShiftNet(switch=5), ckpt_path=ckpt.last_model_path)
+    assert lost.stopping_reason is StopReason.OVERFITTING and not lost.restored
+    assert "No kept copy" in lost.stopping_reason_message
