@@ -271,6 +271,8 @@ def plot(references: Sequence[dict[str, Any]], rows: Sequence[Row], path: Path) 
                 r = stops.get((task, ref["seed"], method))
                 if r is not None and r.stopped:
                     ax.plot(r.epochs_run, r.test_acc, marker, color=color, ms=7, mfc="none", mew=1.8)
+                elif r is not None and method == "htsr stop rule":  # never stopped: the model at the budget's end
+                    ax.plot(r.epochs_run, r.test_acc, "x", color=color, ms=7, mew=1.8)
         low = min([c["test_acc"] for r in references if r["task"] == task for c in r["curve"][len(r["curve"]) // 4:]]
                   + [r.test_acc for r in rows if r.task == task and r.method in marks and r.stopped])
         ax.set_ylim(max(0, low - 5), 100.5 if low > 90 else None)
@@ -283,7 +285,8 @@ def plot(references: Sequence[dict[str, Any]], rows: Sequence[Row], path: Path) 
     handles = [plt.Line2D([], [], color="0.55", label="full-budget run (one line per seed)")]
     handles += [plt.Line2D([], [], ls="", marker=m, color=c, mfc="none", mew=1.8, label=label)
                 for m, c, label in marks.values()]
-    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
+    handles.append(plt.Line2D([], [], ls="", marker="x", color="tab:red", mew=1.8, label="HT-SR never stopped"))
+    fig.legend(handles=handles, loc="lower center", ncol=4, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)

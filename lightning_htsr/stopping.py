@@ -390,11 +390,11 @@ def _overfitting(criteria: StopCriteria, state: StopState, records: Sequence[Map
     if not learning or len(turned) < criteria.overfit_fraction * len(learning) or best is None:
         return state, None, new_best
     shown = ", ".join(turned[:4]) + (" ..." if len(turned) > 4 else "")
-    since = min(lows[n].above_since or progress for n in turned)
     message = (f"over-fitting: spectral entropy rising in {len(turned)} of {len(learning)} learning weight matrices "
-               f"(above its lowest value by more than {criteria.overfit_tolerance:.1%} since epoch {since:.3g}: {shown})"
-               f"; the best analysis, the last before the spectra turned, is {best.analysis} (epoch {best.epoch}, "
-               f"step {best.step})")
+               f"(above its lowest value by more than {criteria.overfit_tolerance:.1%} for at least "
+               f"{criteria.overfit_patience:g} epoch{'s' if criteria.overfit_patience != 1 else ''}: {shown}); the best "
+               f"analysis, the last before the spectra turned, is {best.analysis} (epoch {best.epoch}, step "
+               f"{best.step})")
     return state, StopDecision(True, StopReason.OVERFITTING, message, new_best, restore_best=not new_best), new_best
 
 
