@@ -69,8 +69,11 @@ def replay(reference: dict[str, Any], rule: dict[str, Any], schedule: str = "epo
     analyses = reference["analyses"] if schedule == "steps" else epoch_end_analyses(reference)
     spe = reference["steps_per_epoch"]
     rule = dict(rule)
-    restore = rule.pop("restore_best_weights", False)  # the callback's default
-    stop = replay_stop([{**a, "progress": a["step"] / spe} for a in analyses], **rule)
+    restore = rule.pop("restore_best_weights", None)
+    restore = rule.get("monitor") is not None if restore is None else restore  # the callback's default
+    val = {c["step"]: c["val_loss"] for c in reference["curve"]} if rule.get("monitor") == "val_loss" else {}
+    stop = replay_stop([{**a, "progress": a["step"] / spe, "monitored": val.get(a["step"])} for a in analyses],
+                       **rule)
     curve = reference["curve"]
     if stop is None:
         return {"stop_epoch": None, "epochs_run": len(curve), "test_acc": curve[-1]["test_acc"], "stopped": False}

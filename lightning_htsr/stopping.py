@@ -54,6 +54,7 @@ __all__ = [
     "structure_score",
     "turned_matrices",
     "update_lows",
+    "update_monitor",
     "over_trained",
     "phase_fraction",
     "replay_stop",
@@ -74,6 +75,7 @@ class StopReason(enum.Enum):
     OVER_TRAINED = 2
     SETTLED = 3
     OVERFITTING = 4
+    MONITOR = 5
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,15 @@ class StopCriteria:
         overfit_tolerance: Relative rise of a matrix's spectral entropy above its lowest value that counts as turned.
         overfit_fraction: Share of the learning matrices that must have turned.
         overfit_patience: Epochs (fractional with step-triggered analyses) a matrix must stay turned.
+        monitor: Optional logged metric (e.g. ``"val_loss"``) read at the analyses that see a new value of it. With
+            it, the best analysis is the one with the best value, and training also stops when the value has not
+            improved for ``monitor_patience`` such analyses, once it has improved at all (by ``monitor_min_delta`` of
+            its first value): the weights' signals still stop plateaus, the metric catches the over-fitting they
+            cannot see.
+        monitor_mode: ``"min"`` (a loss) or ``"max"`` (an accuracy).
+        monitor_patience: Analyses without improvement of the monitored metric before it stops training.
+        monitor_min_delta: Relative improvement over the first value the metric must have made before it can stop
+            training (a run still at chance is not over-fitting).
     """
 
     stop_on: str | None = None
@@ -112,6 +123,10 @@ class StopCriteria:
     overfit_tolerance: float = 0.01
     overfit_fraction: float = 0.5
     overfit_patience: float = 1.0
+    monitor: str | None = None
+    monitor_mode: Literal["min", "max"] = "min"
+    monitor_patience: int = 6
+    monitor_min_delta: float = 0.01
 
     def __post_init__(self) -> None:
         if self.stop_on is not None:
@@ -126,11 +141,15 @@ class StopCriteria:
             raise ValueError("alpha_tolerance and entropy_tolerance must be >= 0")
         if self.overfit_tolerance < 0 or self.overfit_patience < 0 or not 0.0 < self.overfit_fraction <= 1.0:
             raise ValueError("overfit_tolerance and overfit_patience must be >= 0, overfit_fraction in (0, 1]")
+        if self.monitor_mode not in ("min", "max"):
+            raise ValueError(f"monitor_mode must be 'min' or 'max', got {self.monitor_mode!r}")
+        if self.monitor_patience < 1 or self.monitor_min_delta < 0:
+            raise ValueError("monitor_patience must be >= 1 and monitor_min_delta >= 0")
 
     @property
     def active(self) -> bool:
         """Whether any criterion is enabled."""
-        return self.stop_on is not None or self.stop_on_over_trained
+        return self.stop_on is not None or self.stop_on_over_trained or self.monitor is not None
 
     @property
     def detects_overfitting(self) -> bool:
@@ -170,13 +189,15 @@ class EntropyLow:
 @dataclass(frozen=True)
 class BestAnalysis:
     """The analysis judged best so far: the latest at which no learning matrix's spectral entropy had risen above its
-    lowest value by more than the tolerance (the weights just before the spectra turned).
+    lowest value by more than the tolerance (the weights just before the spectra turned); with
+    ``StopCriteria.monitor``, the one with the best value of the monitored metric.
 
     Attributes:
         analysis: Its index (the history's ``analysis`` column: the callback counts the baseline before training too).
         step: ``trainer.global_step`` at it.
         epoch: 0-based epoch at it.
-        score: Its mean spectral entropy of the classified matrices (for the record).
+        score: Its mean spectral entropy of the classified matrices (for the record); with a monitored metric, the
+            metric's value there.
     """
 
     analysis: int
@@ -196,6 +217,8 @@ class StopState:
         anchors: ``"settled"``: per-matrix :class:`Anchor`; bounded by the number of matrices.
         lows: Over-fitting: per-matrix :class:`EntropyLow`.
         best: The analysis judged best so far (:class:`BestAnalysis`), ``None`` before the first.
+        monitor_first: The monitored metric's first value (``None``: none seen yet).
+        monitor_wait: Monitored values since its best one.
     """
 
     analyses: int = 0
@@ -204,13 +227,16 @@ class StopState:
     anchors: Mapping[str, Anchor] = field(default_factory=dict)
     lows: Mapping[str, EntropyLow] = field(default_factory=dict)
     best: BestAnalysis | None = None
+    monitor_first: float | None = None
+    monitor_wait: int = 0
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python values (loads with ``torch.load(weights_only=True)``)."""
         return {"analyses": self.analyses, "wait_count": self.wait_count, "progress": self.progress,
                 "anchors": {name: vars(a).copy() for name, a in self.anchors.items()},
                 "lows": {name: vars(low).copy() for name, low in self.lows.items()},
-                "best": vars(self.best).copy() if self.best is not None else None}
+                "best": vars(self.best).copy() if self.best is not None else None,
+                "monitor_first": self.monitor_first, "monitor_wait": self.monitor_wait}
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> StopState:
@@ -222,7 +248,9 @@ class StopState:
         best = state.get("best")
         return cls(int(state.get("analyses", 0)), int(state.get("wait_count", 0)), float(state.get("progress", 0.0)),
                    anchors, lows, BestAnalysis(int(best["analysis"]), int(best["step"]), int(best["epoch"]),
-                                               float(best["score"])) if best else None)
+                                               float(best["score"])) if best else None,
+                   None if state.get("monitor_first") is None else float(state["monitor_first"]),
+                   int(state.get("monitor_wait", 0)))
 
 
 @dataclass(frozen=True)
@@ -383,19 +411,49 @@ def _overfitting(criteria: StopCriteria, state: StopState, records: Sequence[Map
     learning = learning_matrices(records, smoothed)
     lows = update_lows(state.lows, learning, criteria.overfit_tolerance, progress=progress)
     score = structure_score(records, smoothed)
-    new_best = bool(learning) and not rising_matrices(lows, learning)
+    new_best = criteria.monitor is None and bool(learning) and not rising_matrices(lows, learning)
     best = BestAnalysis(*where, score) if new_best else state.best
     state = replace(state, lows=lows, best=best)
     turned = turned_matrices(lows, learning, criteria.overfit_patience, progress)
-    if not learning or len(turned) < criteria.overfit_fraction * len(learning) or best is None:
+    if not learning or len(turned) < criteria.overfit_fraction * len(learning):
         return state, None, new_best
     shown = ", ".join(turned[:4]) + (" ..." if len(turned) > 4 else "")
     message = (f"over-fitting: spectral entropy rising in {len(turned)} of {len(learning)} learning weight matrices "
                f"(above its lowest value by more than {criteria.overfit_tolerance:.1%} for at least "
-               f"{criteria.overfit_patience:g} epoch{'s' if criteria.overfit_patience != 1 else ''}: {shown}); the best "
-               f"analysis, the last before the spectra turned, is {best.analysis} (epoch {best.epoch}, step "
-               f"{best.step})")
-    return state, StopDecision(True, StopReason.OVERFITTING, message, new_best, restore_best=not new_best), new_best
+               f"{criteria.overfit_patience:g} epoch{'s' if criteria.overfit_patience != 1 else ''}: {shown})")
+    if best is not None and criteria.monitor is None:
+        message += (f"; the best analysis, the last before the spectra turned, is {best.analysis} (epoch {best.epoch}, "
+                    f"step {best.step})")
+    # with a monitor, only its own stop hands its best back
+    restore = not new_best and best is not None and criteria.monitor is None
+    return state, StopDecision(True, StopReason.OVERFITTING, message, new_best, restore_best=restore), new_best
+
+
+def _improved(criteria: StopCriteria, value: float, reference: float) -> bool:
+    return value < reference if criteria.monitor_mode == "min" else value > reference
+
+
+def update_monitor(criteria: StopCriteria, state: StopState, value: float | None,
+               where: tuple[int, int, int]) -> tuple[StopState, StopDecision | None, bool]:
+    """The monitored metric: the best analysis by its value, and a stop once it has not improved for
+    ``monitor_patience`` values after it improved at all. Returns the new state, a decision if it stops, and whether
+    this analysis is the new best."""
+    if value is None or not math.isfinite(value):
+        return state, None, False
+    first = value if state.monitor_first is None else state.monitor_first
+    new_best = state.best is None or _improved(criteria, value, state.best.score)
+    if new_best:
+        state = replace(state, monitor_first=first, monitor_wait=0, best=BestAnalysis(*where, float(value)))
+        return state, None, True
+    state = replace(state, monitor_first=first, monitor_wait=state.monitor_wait + 1)
+    best = state.best
+    learned = abs(best.score - first) >= criteria.monitor_min_delta * abs(first) and _improved(criteria, best.score,
+                                                                                                first)
+    if state.monitor_wait < criteria.monitor_patience or not learned:
+        return state, None, False
+    message = (f"{criteria.monitor} has not improved for {state.monitor_wait} analyses (best {best.score:.4g} at "
+               f"epoch {best.epoch}, step {best.step}, analysis {best.analysis})")
+    return state, StopDecision(True, StopReason.MONITOR, message, False, restore_best=True), False
 
 
 def _phase_fraction_reason(criteria: StopCriteria, smoothed: Mapping[str, str | None]) -> str | None:
@@ -424,6 +482,7 @@ def evaluate_stop(
     progress: float | None = None,
     step: int | None = None,
     analysis: int | None = None,
+    monitored: float | None = None,
 ) -> tuple[StopDecision, StopState]:
     """Decide whether this analysis stops training.
 
@@ -438,6 +497,8 @@ def evaluate_stop(
             ``"settled"`` rule's patience is measured in it. Default ``epoch + 1``.
         step: ``trainer.global_step`` (recorded in :class:`BestAnalysis`); default the evaluated analyses' count.
         analysis: This analysis' index (recorded in :class:`BestAnalysis`); default the evaluated analyses' count.
+        monitored: The monitored metric's value at this analysis, when ``criteria.monitor`` is set and a new value
+            was logged since the previous analysis (``None`` otherwise: it does not count towards its patience).
 
     Returns:
         The decision and the new state.
@@ -456,16 +517,20 @@ def evaluate_stop(
     new_best = False
     progress = float(epoch + 1) if progress is None else float(progress)
     state = replace(state, analyses=state.analyses + 1, progress=progress)
+    where = (state.analyses - 1 if analysis is None else int(analysis), state.analyses - 1 if step is None else int(step),
+             epoch)
     if criteria.detects_overfitting:
-        index = state.analyses - 1 if analysis is None else int(analysis)
-        step = state.analyses - 1 if step is None else int(step)
-        state, decision, new_best = _overfitting(criteria, state, records, smoothed, (index, step, epoch), progress)
+        state, decision, new_best = _overfitting(criteria, state, records, smoothed, where, progress)
+    by_monitor = None
+    if criteria.monitor is not None:
+        state, by_monitor, new_best = update_monitor(criteria, state, monitored, where)
     if criteria.rule == "settled":  # anchors are kept even when observing only: the summary says what settled when
         state, settled = _settled(criteria, state, records, smoothed, epoch, progress)
-        decision = decision or (replace(settled, new_best=new_best) if settled else None)
+        decision = decision or settled
+    decision = decision or by_monitor  # the weights' own signals first: a plateau keeps its last weights
     if decision is None:
         decision, state = _waited(criteria, state, records, smoothed)
-        decision = replace(decision, new_best=new_best)
+    decision = replace(decision, new_best=new_best)
     if decision.should_stop and epoch < criteria.min_epochs:
         return StopDecision(False, new_best=new_best), state
     return decision, state
@@ -506,7 +571,7 @@ def replay_stop(analyses: Iterable[Mapping[str, Any]], phase_hysteresis: int = 2
     Returns:
         The analysis that stops (with ``"message"``, ``"reason"`` and ``"restore_step"``: the step of the analysis
         whose weights the callback hands back, ``None`` when it keeps the last weights), or ``None`` if the rule
-        never fires.
+        never fires. An analysis' ``"monitored"`` value feeds ``monitor``.
     """
     criteria.setdefault("stop_on", "heavy_tailed")
     crit, state, tracker = StopCriteria(**criteria), StopState(), PhaseTracker(k=phase_hysteresis)
@@ -517,7 +582,7 @@ def replay_stop(analyses: Iterable[Mapping[str, Any]], phase_hysteresis: int = 2
             continue
         decision, state = evaluate_stop(crit, state, records, smoothed, epoch=int(analysis["epoch"]),
                                         progress=analysis.get("progress"), step=analysis.get("step"),
-                                        analysis=analysis.get("analysis"))
+                                        analysis=analysis.get("analysis"), monitored=analysis.get("monitored"))
         if decision.should_stop:
             restore = state.best.step if decision.restore_best and state.best is not None else None
             return {**analysis, "message": decision.message, "reason": decision.reason.name, "restore_step": restore}

@@ -227,3 +227,74 @@ def test_a_run_resumed_after_the_best_analysis_still_restores_its_weights(tmp_pa
         trainer.fit(ShiftNet(switch=5), ckpt_path=ckpt.last_model_path)
     assert lost.stopping_reason is StopReason.OVERFITTING and not lost.restored
     assert "No kept copy" in lost.stopping_reason_message
+
+
+# ------------------------------------------------------------------------------------- a monitored metric
+
+
+def test_a_monitored_metric_judges_the_best_analysis_and_stops_once_it_stalls() -> None:
+    crit = StopCriteria(stop_on="heavy_tailed", monitor="val_loss", monitor_patience=3, overfitting=False)
+    state, decisions = StopState(), []
+    values = [1.0, 0.8, 0.7, None, 0.75, 0.71, 0.9]  # None: no validation since the previous analysis
+    for i, value in enumerate(values):
+        decision, state = evaluate_stop(crit, state, *_analysis({"a": 0.8 - 0.05 * i}), epoch=i, step=i,
+                                        analysis=i + 1, monitored=value)
+        decisions.append(decision)
+    assert [d.should_stop for d in decisions] == [False] * 6 + [True]
+    assert [d.new_best for d in decisions] == [True, True, True, False, False, False, False]
+    stop = decisions[-1]
+    assert stop.reason is StopReason.MONITOR and stop.restore_best and state.best.epoch == 2
+    assert state.best.score == 0.7 and "val_loss has not improved for 3 analyses (best 0.7 at epoch 2" in stop.message
+
+
+def test_a_monitored_metric_that_never_improved_does_not_stop_and_max_mode_works() -> None:
+    crit = StopCriteria(stop_on="heavy_tailed", monitor="val_loss", monitor_patience=2, overfitting=False)
+    state = StopState()
+    for i, value in enumerate([2.302, 2.303, 2.301, 2.304, 2.305, 2.306]):  # at chance: never 1 % better than first
+        decision, state = evaluate_stop(crit, state, *_analysis({"a": 0.9}), epoch=i, monitored=value)
+        assert not decision.should_stop
+    crit = StopCriteria(monitor="val_acc", monitor_mode="max", monitor_patience=2)  # stop_on=None: the metric alone
+    state, stops = StopState(), []
+    for i, value in enumerate([0.1, 0.5, 0.9, 0.8, 0.85]):
+        decision, state = evaluate_stop(crit, state, *_analysis({"a": 0.9}), epoch=i, monitored=value)
+        stops.append(decision.should_stop)
+    assert stops == [False, False, False, False, True] and state.best.score == 0.9
+    with pytest.raises(ValueError):
+        StopCriteria(monitor="x", monitor_mode="up")
+
+
+class ValidatedShiftNet(ShiftNet):
+    """:class:`ShiftNet` with a validation metric: the error of the layer on the low-rank map (what it should keep)."""
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        (x,) = batch
+        self.log("val_err", torch.nn.functional.mse_loss(self.layer(x), x @ self.low_rank.T))
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.inputs[:128] * 1.1), batch_size=64)
+
+
+def test_a_monitored_validation_metric_stops_and_restores_its_best_weights(tmp_path) -> None:
+    callback = HTSRCallback(stop_on="heavy_tailed", monitor="val_err", monitor_patience=2, detect_overfitting=False,
+                            every_n_steps=4, history_file=None, spectra_file=None, print_summary=False)
+    snapshots = Snapshots()
+    model = ValidatedShiftNet(switch=5)
+    trainer = _fit(tmp_path, model, callback, callbacks=[snapshots], limit_val_batches=None)
+    # the metric is best at the end of epoch 5 (the first on the new map still lowers it), worse at 6 and 7: stop
+    # after epoch 7. Every epoch end falls on a step analysis (every_n_steps=4, 8 steps per epoch) made before
+    # validation: the metric is judged at the epoch end, at the weights it validated
+    assert callback.stopping_reason is StopReason.MONITOR and callback.stopped_epoch == 7
+    assert trainer.current_epoch == 8 and callback.restored and callback.restore_best_weights  # on with a monitor
+    assert callback.best_analysis.epoch == 5 and callback.best_analysis.step == 48
+    assert torch.equal(model.layer.weight, snapshots.weights[5])
+    assert "val_err has not improved for 2 analyses" in callback.stopping_reason_message
+
+
+def test_a_monitor_that_is_never_logged_warns_once_and_the_weights_rule_goes_on(tmp_path) -> None:
+    callback = HTSRCallback(stop_on="heavy_tailed", monitor="val_missing", history_file=None, spectra_file=None,
+                            print_summary=False)
+    with pytest.warns(UserWarning, match="monitor='val_missing' is not among the logged metrics") as caught:
+        _fit(tmp_path, ShiftNet(switch=5), callback)
+    assert sum("val_missing" in str(w.message) for w in caught) == 1
+    assert callback.stopping_reason is StopReason.OVERFITTING  # the spectra's own signal still stops it
+    assert not callback.restored  # with a monitor, only the monitor's own stop hands its best back
