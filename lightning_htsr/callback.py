@@ -325,6 +325,10 @@ class _HTSRCallbackImpl(_CallbackHooks):
         if self.print_summary and trainer.is_global_zero and self.latest_records:
             print(fit_summary(self.latest_records, self.latest_smoothed, self.stop_state, self.criteria,
                               self.stopping_reason_message if self.stopped_epoch >= 0 else None))
+            best = self.stop_state.best
+            if self.restored and best is not None:
+                print(f"The model now holds the weights of analysis {best.analysis} (epoch {best.epoch}, step "
+                      f"{best.step}), not the last ones.")
 
     @override
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:

@@ -166,7 +166,9 @@ def test_an_over_fitting_run_stops_at_the_turn_and_restores_the_best_weights(tmp
     assert torch.equal(model.layer.weight, snapshots.weights[best.epoch])  # exactly the weights of that analysis
     assert model.distance_to(model.low_rank) < model.distance_to(model.full_rank)  # the structured map, handed back
     assert f"weights of epoch {best.epoch}" in callback.stopping_reason_message
-    assert "Stopped early: over-fitting: spectral entropy rising" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Stopped early: over-fitting: spectral entropy rising" in out
+    assert f"The model now holds the weights of analysis {best.analysis} (epoch {best.epoch}" in out
     history = read_history(callback.history_path)
     assert history["best_analysis"].iloc[-1] == best.analysis
     assert float(trainer.callback_metrics["htsr/best_analysis"]) == best.analysis
@@ -196,6 +198,19 @@ def test_a_run_still_learning_is_not_stopped_and_observing_never_stops(tmp_path)
     watching = HTSRCallback(history_file=None, spectra_file=None, print_summary=False)  # stop_on=None
     trainer = _fit(tmp_path / "b", ShiftNet(switch=5), watching, max_epochs=10)
     assert watching.stopping_reason is StopReason.NOT_STOPPED and trainer.current_epoch == 10
+
+
+def test_the_settled_rule_stops_a_converging_run_whose_weights_still_move(tmp_path) -> None:
+    callback = HTSRCallback(stop_on="heavy_tailed", history_file=None, spectra_file=None, print_summary=False)
+    snapshots = Snapshots()
+    model = ShiftNet(switch=None)  # learns the low-rank map and converges: no turn, a plateau
+    trainer = _fit(tmp_path, model, callback, callbacks=[snapshots], max_epochs=60)
+    assert callback.stopping_reason is StopReason.SETTLED and 20 <= callback.stopped_epoch < 59
+    assert trainer.current_epoch == callback.stopped_epoch + 1
+    end = callback.stopped_epoch
+    moved = float((snapshots.weights[end] - snapshots.weights[end - 7]).norm() / snapshots.weights[end].norm())
+    assert moved > 1e-3  # not frozen weights: they still move, the spectra no longer do (beyond the tolerances)
+    assert callback.stop_state.anchors["layer"].epoch <= end - 7 + 1
 
 
 def test_a_run_resumed_after_the_best_analysis_still_restores_its_weights(tmp_path) -> None:
