@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from typing_extensions import override
 
-from .best_weights import KeptWeights
 from .analysis import analyze_matrices, matrix_identity, resolve_options, warn_bad_input
+from .best_weights import KeptWeights
 from .distributed import assign_owners, full_weight_access, gather_objects
 from .layers import weight_matrices
 from .phases import Phase, PhaseConfig, PhaseTracker
@@ -30,8 +30,8 @@ from .records import MatrixResult, empty_record
 from .schedule import AnalysisSchedule
 from .sinks.history import HISTORY_FILE, SPECTRA_FILE, HistoryWriter, write_spectra
 from .sinks.scalars import is_model_key, scalar_metrics
-from .sinks.tensorboard import TensorBoardSink, tensorboard_writer
 from .sinks.summary import fit_summary
+from .sinks.tensorboard import TensorBoardSink, tensorboard_writer
 from .stopping import BestAnalysis, StopCriteria, StopDecision, StopReason, StopState, evaluate_stop, update_monitor
 
 if TYPE_CHECKING:  # the same class serves lightning.pytorch and pytorch_lightning; annotations name the former
@@ -141,13 +141,13 @@ class _HTSRCallbackImpl(_CallbackHooks):
         monitor_patience: Epochs (new values) without improvement of ``monitor`` before it stops training.
         restore_best_weights: When training stops for over-fitting, hand back the weights of the analysis judged best
             (the last one before any learning matrix's entropy rose above its lowest value; with ``monitor``, the
-            one with the best value, and only on the monitor's own stop) instead of the last ones. ``None``: on
-            with ``monitor``, off without. The callback then keeps one copy of the parameters and buffers in CPU memory (this rank's local
-            shards under FSDP2; 4 GB for 1B float32 parameters), written next to the history at each checkpoint so
-            that a resumed run can still restore it. Off without ``monitor`` by measurement (README, "Does HT-SR
-            early stopping work?"): on the GRU language model the weights before the turn are the best, but on the
-            noisy GRU classifier test accuracy still climbs for a few epochs after the spectra turn, and restoring
-            loses more there (up to 21 points) than it gains.
+            epoch with the best value, and only on the monitor's own stop) instead of the last ones. ``None``: on
+            with ``monitor``, off without. The callback then keeps one copy of the parameters and buffers in CPU
+            memory (this rank's local shards under FSDP2; 4 GB for 1B float32 parameters), written next to the
+            history at each checkpoint so that a resumed run can still restore it. Off without ``monitor`` by
+            measurement (README, "Does HT-SR early stopping work?"): on the GRU language model the weights before
+            the turn are the best, but on the noisy GRU classifier test accuracy still climbs for a few epochs after
+            the spectra turn, and restoring loses more there (up to 21 points) than it gains.
         print_summary: At the end of ``fit``, print per matrix the phase reached, alpha and since when it settled,
             and whether and why training stopped (rank zero).
         prefix: Namespace of logged keys; two callbacks in one Trainer need different prefixes.
@@ -261,7 +261,7 @@ class _HTSRCallbackImpl(_CallbackHooks):
     @property
     def best_analysis(self) -> BestAnalysis | None:
         """The analysis the stop rule judges best so far (the latest before any learning matrix's spectral entropy
-        turned back up), ``None`` before any."""
+        turned back up; with ``monitor``, the epoch with the best value), ``None`` before any."""
         return self.stop_state.best
 
     @override
@@ -385,9 +385,10 @@ class _HTSRCallbackImpl(_CallbackHooks):
                            "if training stops for over-fitting it keeps its last weights")
             return
         if self.kept.analysis != best.analysis:
+            held = self.kept.analysis
             self.kept.clear()
-            rank_zero_warn(f"HTSRCallback: {path} holds analysis {self.kept.analysis}, not the best one "
-                           f"({best.analysis}); if training stops for over-fitting it keeps its last weights")
+            rank_zero_warn(f"HTSRCallback: {path} holds analysis {held}, not the best one ({best.analysis}); if "
+                           "training stops for over-fitting it keeps its last weights")
 
     # ---------------------------------------------------------------------------------------------- analysis
 
@@ -504,7 +505,7 @@ class _HTSRCallbackImpl(_CallbackHooks):
         return should_stop, self.stopping_reason_message
 
     def _monitored_value(self, trainer: Trainer) -> float | None:
-        """The monitored metric if a new value was logged since the previous analysis (rank zero's, on every rank)."""
+        """The monitored metric if a new value was logged since the previous epoch end (rank zero's, on every rank)."""
         name = self.criteria.monitor
         if name is None:
             return None

@@ -50,17 +50,17 @@ __all__ = [
     "StopReason",
     "StopState",
     "evaluate_stop",
-    "rising_matrices",
-    "structure_score",
-    "turned_matrices",
-    "update_lows",
-    "update_monitor",
+    "has_settled",
     "over_trained",
     "phase_fraction",
     "replay_stop",
-    "has_settled",
+    "rising_matrices",
     "settled_for",
+    "structure_score",
+    "turned_matrices",
     "update_anchors",
+    "update_lows",
+    "update_monitor",
 ]
 
 #: Metrics whose plateau the ``"settled"`` rule watches.
@@ -258,7 +258,8 @@ class StopDecision:
     """The outcome of one analysis: stop or not, why, and a human-readable message.
 
     ``new_best``: this analysis is now the best one (the callback keeps a copy of its weights); ``restore_best``: the
-    stop is for over-fitting and the best analysis' weights should be handed back.
+    stop is for over-fitting (the spectra turned, or the monitored metric stalled) and the best analysis' weights
+    should be handed back.
     """
 
     should_stop: bool
@@ -434,10 +435,28 @@ def _improved(criteria: StopCriteria, value: float, reference: float) -> bool:
 
 
 def update_monitor(criteria: StopCriteria, state: StopState, value: float | None,
-               where: tuple[int, int, int]) -> tuple[StopState, StopDecision | None, bool]:
+                   where: tuple[int, int, int]) -> tuple[StopState, StopDecision | None, bool]:
     """The monitored metric: the best analysis by its value, and a stop once it has not improved for
-    ``monitor_patience`` values after it improved at all. Returns the new state, a decision if it stops, and whether
-    this analysis is the new best."""
+    ``monitor_patience`` values after it improved by ``monitor_min_delta`` at all.
+
+    Args:
+        criteria: The rule (``monitor``, ``monitor_mode``, ``monitor_patience``, ``monitor_min_delta``).
+        state: What earlier analyses left.
+        value: The metric's new value (``None`` or non-finite: nothing changes).
+        where: Index, step and epoch of the analysis (or epoch end) the value belongs to.
+
+    Returns:
+        The new state, a decision if the metric stops training, and whether this is the new best.
+
+    Example:
+        >>> crit = StopCriteria(monitor="val_loss", monitor_patience=2)
+        >>> state, stops = StopState(), []
+        >>> for i, value in enumerate([1.0, 0.5, 0.6, 0.7]):
+        ...     state, decision, _ = update_monitor(crit, state, value, (i, i, i))
+        ...     stops.append(decision is not None)
+        >>> stops, state.best.epoch
+        ([False, False, False, True], 1)
+    """
     if value is None or not math.isfinite(value):
         return state, None, False
     first = value if state.monitor_first is None else state.monitor_first

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import os
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import ShiftNet, trainer_kwargs
-
-import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
