@@ -232,7 +232,7 @@ class _HTSRCallbackImpl(_CallbackHooks):
         self.last_analysis_step = -1
         self.phase_history: list[dict[str, Any]] = []
         self.restored = False  # whether the best analysis' weights were handed back at the end of training
-        self.best_weights_file: str | None = None  # where the kept copy was written at the latest checkpoint
+        self.best_weights_file: str | None = None  # the kept copy's file at the latest checkpoint (-rank<r> per rank)
         # per-run, not checkpointed
         self.kept = KeptWeights()
         self._restore_pending = False
@@ -305,11 +305,11 @@ class _HTSRCallbackImpl(_CallbackHooks):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]) -> None:
         if self.kept.empty:
             return
-        rank = f"-rank{trainer.global_rank}" if trainer.world_size > 1 else ""
-        path = os.path.join(self._root or trainer.default_root_dir, f"htsr_best_weights{self.prefix_tag}{rank}.pt")
+        base = os.path.join(self._root or trainer.default_root_dir, f"htsr_best_weights{self.prefix_tag}.pt")
+        path = rank_file(base, int(trainer.global_rank), int(trainer.world_size))
         try:
             self.kept.save(path)
-            self.best_weights_file = path
+            self.best_weights_file = base  # the same in every rank's state: each rank reads its own file back
         except OSError as err:  # a full disk must not end training; the resumed run then cannot restore
             rank_zero_warn(f"HTSRCallback: could not write the kept best weights to {path} ({err}); a run resumed "
                            "from this checkpoint will keep its last weights instead")
@@ -374,9 +374,12 @@ class _HTSRCallbackImpl(_CallbackHooks):
 
     def _load_kept(self) -> None:
         """Read back the kept copy a checkpoint refers to (a missing or damaged file: warn, keep the last weights)."""
-        best, path = self.stop_state.best, self.best_weights_file
-        if not self.restore_best_weights or best is None or path is None:
+        best, base = self.stop_state.best, self.best_weights_file
+        if not self.restore_best_weights or best is None or base is None:
             return
+        dist = torch.distributed
+        running = dist.is_available() and dist.is_initialized()
+        path = rank_file(base, dist.get_rank() if running else 0, dist.get_world_size() if running else 1)
         try:
             self.kept.load(path)
         except Exception as err:  # noqa: BLE001 - bad input never breaks training
@@ -659,6 +662,17 @@ _FIT_EXAMPLE = """
 
 class HTSRCallback(_HTSRCallbackImpl, _Callback):  # type: ignore[misc,valid-type]
     __doc__ = (_HTSRCallbackImpl.__doc__ or "") + _FIT_EXAMPLE
+
+
+def rank_file(base: str, rank: int, world_size: int) -> str:
+    """This rank's file of a per-rank set (``name-rank<r>.pt``; the base name itself in one process).
+
+    Example:
+        >>> rank_file("logs/htsr_best_weights.pt", 1, 2), rank_file("logs/htsr_best_weights.pt", 0, 1)
+        ('logs/htsr_best_weights-rank1.pt', 'logs/htsr_best_weights.pt')
+    """
+    stem, ext = os.path.splitext(base)
+    return f"{stem}-rank{rank}{ext}" if world_size > 1 else base
 
 
 _PHASE_CHARS = {**{p.value: str(p.code) for p in Phase}, None: "."}

@@ -30,11 +30,9 @@ import lightning.pytorch as pl
 from lightning.pytorch.demos.boring_classes import RandomDataset
 from torch.utils.data import DataLoader
 
+from conftest import ShiftNet  # this script's folder is on sys.path (also in the ddp launcher's re-execution)
 from lightning_htsr import HTSRCallback
 from lightning_htsr.synthetic import pareto
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import ShiftNet  # noqa: E402
 
 MODES = ("single", "ddp_spawn", "ddp", "fsdp2")
 LAUNCHER_ONLY = ("single", "ddp_spawn")  # not run by the ddp launcher's re-executed rank 1
@@ -142,15 +140,23 @@ class Snapshots(pl.Callback):
         self.weights[trainer.current_epoch] = _local(pl_module.layer.weight)
 
 
-def run_restore(mode: str, out: str) -> None:
-    """An over-fitting run with restore_best_weights: every rank reports what it handed back."""
+def _restoring_fit(mode: str, root: str, max_epochs: int, callbacks: list, ckpt_path: str | None = None):
     callback = HTSRCallback(history_file=None, spectra_file=None, stop_on="heavy_tailed", restore_best_weights=True,
                             log_figures_every=None, print_summary=False)
-    snapshots = Snapshots()
-    trainer = pl.Trainer(max_epochs=20, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[callback, snapshots], **strategy_kwargs(mode))
+    trainer = pl.Trainer(max_epochs=max_epochs, logger=False, enable_checkpointing=any(
+                             isinstance(c, pl.callbacks.ModelCheckpoint) for c in callbacks),
+                         enable_progress_bar=False, enable_model_summary=False, default_root_dir=root,
+                         callbacks=[callback, *callbacks], **strategy_kwargs(mode))
     model = ShardedShiftNet(shard=mode == "fsdp2")
-    trainer.fit(model)
+    trainer.fit(model, ckpt_path=ckpt_path)
+    return callback, trainer, model
+
+
+def run_restore(mode: str, out: str) -> None:
+    """An over-fitting run with restore_best_weights: every rank reports what it handed back. Then the same run
+    interrupted after its best analysis and resumed from its checkpoint must hand back the same weights."""
+    snapshots = Snapshots()
+    callback, trainer, model = _restoring_fit(mode, os.path.join(out, "straight"), 20, [snapshots])
     if mode == "ddp_spawn":  # the workers' modules and callbacks stay in the workers: nothing to compare here
         return
     best = callback.best_analysis
@@ -160,6 +166,14 @@ def run_restore(mode: str, out: str) -> None:
               "equal_to_best": bool(best and torch.equal(restored, snapshots.weights[best.epoch])),
               "differs_from_last": not torch.equal(restored, snapshots.weights[callback.stopped_epoch]),
               "local_shape": list(restored.shape), "kept_bytes": callback.kept.nbytes}
+    # interrupted after the best analysis (the last checkpoint holds it and its kept copy), then resumed
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=os.path.join(out, "ckpt"), save_last=True, every_n_epochs=1)
+    _restoring_fit(mode, os.path.join(out, "first"), callback.stopped_epoch, [ckpt])
+    resumed, _, resumed_model = _restoring_fit(mode, os.path.join(out, "first"), 20, [],
+                                               ckpt_path=os.path.join(out, "ckpt", "last.ckpt"))
+    report.update(resumed_stopped_epoch=resumed.stopped_epoch, resumed_restored=resumed.restored,
+                  resumed_equal=torch.equal(_local(resumed_model.layer.weight), restored),
+                  kept_file=os.path.basename(str(resumed.best_weights_file)))
     with open(os.path.join(out, f"restore_rank{trainer.global_rank}.json"), "w") as handle:
         json.dump(report, handle)
 

@@ -80,13 +80,21 @@ def test_fsdp2_weights_are_dtensors(runs: dict[str, Path]) -> None:
 
 
 @pytest.mark.parametrize("mode", ["single", "ddp", "fsdp2"])
-def test_every_rank_hands_back_the_best_weights_after_an_over_fitting_stop(runs: dict[str, Path], mode: str) -> None:
+def test_every_rank_hands_back_the_best_weights_after_an_over_fitting_stop_also_after_a_resume(
+        runs: dict[str, Path], mode: str) -> None:
     reports = [json.loads(f.read_text()) for f in sorted(runs[mode].glob("restore_rank*.json"))]
     assert len(reports) == (1 if mode == "single" else 2)
     for report in reports:
         assert report["reason"] == "OVERFITTING" and report["restored"]
         assert report["best_epoch"] < report["stopped_epoch"]
         assert report["equal_to_best"] and report["differs_from_last"]
+        # interrupted after its best analysis and resumed: the same stop, the same weights handed back (each rank
+        # read its own kept file: under FSDP2 the shards differ)
+        assert report["resumed_stopped_epoch"] == report["stopped_epoch"] and report["resumed_restored"]
+        assert report["resumed_equal"] and report["kept_file"] == "htsr_best_weights.pt"
+    if mode != "single":
+        assert {f.name for f in (runs[mode] / "first").glob("htsr_best_weights*.pt")} == {
+            "htsr_best_weights-rank0.pt", "htsr_best_weights-rank1.pt"}
     assert len({(r["stopped_epoch"], r["best_epoch"]) for r in reports}) == 1  # the ranks agree
     full = 3 * 256 * 128 * 4 + 512 * 128 * 4  # weight, low_rank, full_rank (float32), inputs: bytes
     if mode == "fsdp2":  # each rank keeps only its shard of the weight (the buffers are replicated)
