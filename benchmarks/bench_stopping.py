@@ -53,6 +53,15 @@ from lightning_htsr.phases import PhaseTracker  # noqa: E402
 from lightning_htsr.stopping import StopCriteria, over_trained, replay_stop  # noqa: E402
 
 WITHIN_POINTS = 1.0
+#: Seeds the thresholds were chosen on; the others are held out (the figure that counts).
+TUNING_SEEDS: tuple[int, ...] = (0, 1, 2)
+#: The groups every summary is split by: which tasks, which seeds.
+GROUPS: dict[str, Callable[[Any], bool]] = {
+    "plateau tasks": lambda r: r.task not in OVERFITTING,
+    "over-fitting tasks": lambda r: r.task in OVERFITTING,
+    "tuning seeds": lambda r: r.seed in TUNING_SEEDS,
+    "held-out seeds": lambda r: r.seed not in TUNING_SEEDS,
+}
 
 
 # -------------------------------------------------------------------------------------------- replays
@@ -128,8 +137,7 @@ CANDIDATES: dict[str, dict[str, Any]] = {
 def study(references: Sequence[dict[str, Any]]) -> None:
     """Replay every candidate rule (epoch-end analyses) per group of seeds and tasks, the candidate signals' timing,
     and the over-trained warning's timing."""
-    groups = {"tuning seeds": lambda r: r.seed in TUNING_SEEDS, "held-out seeds": lambda r: r.seed not in TUNING_SEEDS,
-              "plateau tasks": lambda r: r.task not in OVERFITTING, "over-fitting": lambda r: r.task in OVERFITTING}
+    groups = {name: GROUPS[name] for name in ("tuning seeds", "held-out seeds", "plateau tasks", "over-fitting tasks")}
     print(f"\n{'candidate rule (replayed; within 1 pt / epochs saved / never stopped)':<56} "
           + " ".join(f"{g:>20}" for g in groups))
     for name, rule in CANDIDATES.items():
@@ -230,18 +238,11 @@ def print_table(rows: Sequence[Row], methods: Sequence[str]) -> None:
               f" {s['mean_loss']:>10.2f} {s['max_loss']:>9.2f}")
 
 
-#: Seeds the thresholds were chosen on; the others are held out (the figure that counts).
-TUNING_SEEDS: tuple[int, ...] = (0, 1, 2)
-
-
 def print_groups(rows: Sequence[Row], methods: Sequence[str]) -> None:
     """The summary per group: plateauing vs over-fitting tasks, tuning vs held-out seeds."""
-    groups = {"plateau tasks": lambda r: r.task not in OVERFITTING, "over-fitting tasks": lambda r: r.task in OVERFITTING,
-              f"seeds {', '.join(map(str, TUNING_SEEDS))} (tuning)": lambda r: r.seed in TUNING_SEEDS,
-              "held-out seeds": lambda r: r.seed not in TUNING_SEEDS}
     print(f"{'group':<22} {'method':<28} {'runs':>5} {'within 1pt':>11} {'epochs saved':>13} {'never stopped':>14}"
           f" {'mean loss':>10} {'max loss':>9}")
-    for group, keep in groups.items():
+    for group, keep in GROUPS.items():
         for m in methods[1:]:
             chosen = [r for r in rows if r.method == m and keep(r)]
             if not chosen:

@@ -2,7 +2,8 @@
 
 :class:`KeptWeights` copies a module's parameters and buffers into CPU memory (into buffers allocated once and reused,
 so a new best analysis costs one device-to-host copy and no allocation), writes them to a file for a checkpoint and
-reads them back on resume, and copies them back into the module. It works on this rank's *local* tensors:
+reads them back on resume (one file per rank in a multi-process run, :func:`rank_file`), and copies them back into the
+module. It works on this rank's *local* tensors:
 
 * one process, DDP: the full tensors (every DDP rank keeps its own copy, so a node holds ``world_size`` copies);
 * FSDP2 / tensor parallel (``DTensor``): the local shard (``to_local()``), so nothing is gathered and each rank keeps
@@ -33,7 +34,18 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
-__all__ = ["KeptWeights"]
+__all__ = ["KeptWeights", "rank_file"]
+
+
+def rank_file(base: str, rank: int, world_size: int) -> str:
+    """This rank's file of a per-rank set (``name-rank<r>.pt``; the base name itself in one process).
+
+    Example:
+        >>> rank_file("logs/htsr_best_weights.pt", 1, 2), rank_file("logs/htsr_best_weights.pt", 0, 1)
+        ('logs/htsr_best_weights-rank1.pt', 'logs/htsr_best_weights.pt')
+    """
+    stem, ext = os.path.splitext(base)
+    return f"{stem}-rank{rank}{ext}" if world_size > 1 else base
 
 
 def _local(tensor: Tensor) -> Tensor:

@@ -22,7 +22,7 @@ import torch
 from typing_extensions import override
 
 from .analysis import analyze_matrices, matrix_identity, resolve_options, warn_bad_input
-from .best_weights import KeptWeights
+from .best_weights import KeptWeights, rank_file
 from .distributed import assign_owners, full_weight_access, gather_objects
 from .layers import weight_matrices
 from .phases import Phase, PhaseConfig, PhaseTracker
@@ -662,17 +662,6 @@ _FIT_EXAMPLE = """
 
 class HTSRCallback(_HTSRCallbackImpl, _Callback):  # type: ignore[misc,valid-type]
     __doc__ = (_HTSRCallbackImpl.__doc__ or "") + _FIT_EXAMPLE
-
-
-def rank_file(base: str, rank: int, world_size: int) -> str:
-    """This rank's file of a per-rank set (``name-rank<r>.pt``; the base name itself in one process).
-
-    Example:
-        >>> rank_file("logs/htsr_best_weights.pt", 1, 2), rank_file("logs/htsr_best_weights.pt", 0, 1)
-        ('logs/htsr_best_weights-rank1.pt', 'logs/htsr_best_weights.pt')
-    """
-    stem, ext = os.path.splitext(base)
-    return f"{stem}-rank{rank}{ext}" if world_size > 1 else base
 
 
 _PHASE_CHARS = {**{p.value: str(p.code) for p in Phase}, None: "."}
