@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 # so a module-scoped fixture (the DDP/FSDP2 runs, the phase calibration) runs once.
 PYTEST_ARGS ?= -n 2 --dist loadfile
 
-.PHONY: demo test clean
+.PHONY: demo test docs clean
 
 $(VENV)/.installed-%: pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,5 +23,9 @@ demo: $(VENV)/.installed-examples
 test: $(VENV)/.installed-test
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+# The documentation site (Sphinx + MyST) into docs/_build/html; warnings are errors.
+docs: $(VENV)/.installed-test
+	$(VENV)/bin/sphinx-build -W --keep-going -q -b html docs docs/_build/html
+
 clean:
-	rm -rf $(VENV) lightning_logs htsr_runs
+	rm -rf $(VENV) lightning_logs htsr_runs docs/_build

@@ -452,8 +452,8 @@ def resolve_options(options: AnalysisOptions | None = None, *, ww_compat: bool =
         fit: Power-law search, ``"fast"`` (default) or ``"exact"``.
         min_tail: Smallest power-law tail (default 10; 2 under ``ww_compat``).
         precision: ``"auto"`` (float32 where accurate enough, float64 where not), ``"float32"`` or ``"float64"``.
-        backend: ``"torch"`` or ``"cupy"`` (CUDA only; ``pip install lightning-htsr[cupy]``).
-        min_evals: The one minimum spectrum size: matrices with fewer pooled eigenvalues get no phase and stay out
+        backend: ``"torch"`` or ``"cupy"`` (CUDA only; ``pip install -e ".[cupy]"``).
+        min_evals: The one minimum spectrum size: matrices with fewer non-zero eigenvalues get no phase and stay out
             of the model-level means (it sets ``phase_config.min_evals``, default 50). Below the power-law fit's
             own floor (:attr:`AnalysisOptions.min_evals`: 10 eigenvalues, or ``min_evals`` if smaller) a matrix
             is skipped. Under ``ww_compat`` also weightwatcher's ``min_evals`` (layers below it skipped; default 8).

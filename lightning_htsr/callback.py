@@ -72,8 +72,8 @@ class _HTSRCallbackImpl(_CallbackHooks):
     ``entropy_tolerance`` (relative) for ``patience`` epochs, and at least one matrix is heavy-tailed (phases
     smoothed with ``phase_hysteresis``); or once the spectra *turn*: half of the learning matrices' entropy has risen
     above its lowest value (``detect_overfitting``), as when a network memorizes noise. The rule reads the weights
-    only; it was measured on 11 tasks x 5 seeds, 4 of them over-fitting (``benchmarks/bench_stopping.py``; README,
-    "Does HT-SR early stopping work?"): on the held-out seeds 59 % of the runs ended within 1 accuracy point of
+    only; it was measured on 11 tasks x 5 seeds, 4 of them over-fitting (``benchmarks/bench_stopping.py``;
+    ``docs/guide/early-stopping.md``): on the held-out seeds 59 % of the runs ended within 1 accuracy point of
     their best (94 % of the runs on tasks that do not over-fit), and it does not see an MLP over-fitting label
     noise. With a validation metric (``monitor="val_loss"``) it also stops when that metric stalls and hands back
     the best weights (68 % held out). ``stop_rule="phase_fraction"`` is the rule of version 0.1 (stop when
@@ -92,7 +92,7 @@ class _HTSRCallbackImpl(_CallbackHooks):
         exclude: Regex (or list) of matrix names to skip.
         layer_types: Restrict to these layer types (``"linear"``, ``"conv2d"``, ``"embedding"``,
             ``"attention_in_proj"``, ``"lstm"``, ... or class names).
-        backend: ``"torch"`` (``torch.linalg``) or ``"cupy"`` (CUDA; ``pip install lightning-htsr[cupy]``).
+        backend: ``"torch"`` (``torch.linalg``) or ``"cupy"`` (CUDA; ``pip install -e ".[cupy]"``).
         fit: Power-law search, ``"fast"`` or ``"exact"``.
         precision: ``"auto"`` (float32 where accurate enough), ``"float32"`` or ``"float64"``.
         min_evals: The minimum spectrum size: matrices with fewer pooled eigenvalues are not classified (phase
@@ -145,9 +145,9 @@ class _HTSRCallbackImpl(_CallbackHooks):
             with ``monitor``, off without. The callback then keeps one copy of the parameters and buffers in CPU
             memory (this rank's local shards under FSDP2; 4 GB for 1B float32 parameters), written next to the
             history at each checkpoint so that a resumed run can still restore it. Off without ``monitor`` by
-            measurement (README, "Does HT-SR early stopping work?"): on the GRU language model the weights before
-            the turn are the best, but on the noisy GRU classifier test accuracy still climbs for a few epochs after
-            the spectra turn, and restoring loses more there (up to 21 points) than it gains.
+            measurement (``docs/guide/early-stopping.md``): on the GRU language model the weights before the turn
+            are the best, but on the noisy GRU classifier test accuracy still climbs for a few epochs after the
+            spectra turn, and restoring loses more there (up to 21 points) than it gains.
         print_summary: At the end of ``fit``, print per matrix the phase reached, alpha and since when it settled,
             and whether and why training stopped (rank zero).
         prefix: Namespace of logged keys; two callbacks in one Trainer need different prefixes.

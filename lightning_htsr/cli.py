@@ -55,7 +55,7 @@ DEFAULT_TABLE_COLUMNS: tuple[str, ...] = (
 )  # fmt: skip
 
 _CHECKPOINT_KINDS = ("checkpoint files (Lightning .ckpt, torch.save'd state_dict .pt/.pth/.bin, TorchScript, "
-                     ".safetensors), *.index.json files or Hugging Face model directories")
+                     ".safetensors), .index.json files or Hugging Face model directories")
 
 
 class CLIError(Exception):
@@ -353,7 +353,7 @@ def _add_analyze_parser(sub: Any) -> None:
                     "matrix and one model summary. Under torchrun (e.g. torchrun --nproc-per-node 2 -m "
                     "lightning_htsr analyze DIR) each process analyzes a cost-balanced share and rank 0 prints.")
     analyze.add_argument("paths", metavar="PATH", nargs="+",
-                         help="checkpoint file, *.index.json or model directory (several: one checkpoint)")
+                         help="checkpoint file, .index.json file or model directory (several: one checkpoint)")
     analyze.add_argument("--csv", metavar="FILE", help="write the full table (all columns) as CSV")
     analyze.add_argument("--json", metavar="FILE", help="write the full table (all columns) as JSON records")
     analyze.add_argument("--plots", metavar="DIR", help="write one ESD figure per analyzed matrix and index.html")

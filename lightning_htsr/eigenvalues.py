@@ -270,7 +270,7 @@ def _import_cupy():  # noqa: ANN202 - returns the cupy module
         import cupy  # type: ignore[import-not-found]
     except ImportError as err:
         raise BackendUnavailableError(
-            "backend='cupy' needs CuPy: install the extra with `pip install lightning-htsr[cupy]` "
+            "backend='cupy' needs CuPy: install the extra with `pip install -e '.[cupy]'` from a checkout "
             "(CuPy for CUDA 12), or use backend='torch'."
         ) from err
     try:

@@ -1,12 +1,12 @@
 """Random-matrix reference laws: Marchenko-Pastur bulk, Tracy-Widom edge, and the MP fit of an ESD.
 
 For ``W`` (``N x M``, ``N >= M``, ``Q = N / M``) with i.i.d. entries of variance ``sigma^2``, the eigenvalues of
-``X = W^T W / N`` follow the Marchenko-Pastur law (Martin & Mahoney, JMLR 22(165), 2021, eq. 7; MP 1967)
+``X = W^T W / N`` follow the Marchenko-Pastur law (Martin & Mahoney, JMLR 22(165), 2021, eq. 7; MP 1967)::
 
     rho(x) = Q / (2 pi sigma^2 x) * sqrt((lambda_+ - x)(x - lambda_-)),   lambda_+- = sigma^2 (1 +- 1/sqrt(Q))^2,
 
 and the largest eigenvalue fluctuates around ``lambda_+`` on the Tracy-Widom scale (Johnstone, Ann. Stat. 29(2),
-2001, rewritten for ``X``)
+2001, rewritten for ``X``)::
 
     s_TW = sigma^2 N^(-2/3) (1 + Q^(-1/2)) (1 + Q^(1/2))^(1/3),   (lambda_max - lambda_+) / s_TW -> TW_1.
 

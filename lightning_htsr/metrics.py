@@ -1,23 +1,23 @@
 """Stage 4 of the pipeline: eigenvalues (+ fits) -> per-matrix HT-SR metrics.
 
-Column names follow weightwatcher 0.7.7 wherever the quantity is the same (``WW_DOSSIER.md`` section 4). With
+Column names follow weightwatcher 0.7.7 wherever the quantity is the same. With
 eigenvalues ``lambda_i`` of the ESD (whatever scale convention the caller chose) and ``p_i = lambda_i / sum lambda``:
 
-==================== ==========================================================================================
-``norm``             ``sum lambda`` (``||W||_F^2``, divided by ``N`` in the default ``W^T W / N`` convention)
-``log_norm``         ``log10 norm``
-``spectral_norm``    ``lambda_max`` (``||W||_2^2``, same convention)
-``log_spectral_norm````log10 lambda_max``
-``stable_rank``      ``sum lambda / lambda_max`` (scale-free)
-``alpha_weighted``   ``alpha * log10 lambda_max`` (Martin & Mahoney's alpha-hat)
-``log_alpha_norm``   ``log10 sum lambda^alpha`` (log of the Schatten-alpha norm of ``X`` to the power alpha)
-``entropy``          ``-sum p ln p / ln R`` over non-zero ``p``, ``R`` the numerical rank; in [0, 1]. No epsilon is
-                     added (weightwatcher adds one whose size depends on whether CUDA is present).
-``matrix_rank``      ``#{lambda > zero_tol}``
-``rank_loss``        ``num_evals - matrix_rank``
-``warning``          ``"very heavy-tailed"`` if alpha < 2 (weightwatcher's label, ``"over-trained"``, under
-                     ``ww_compat``), ``"under-trained"`` if alpha > 6, else ``""``
-==================== ==========================================================================================
+====================== ==========================================================================================
+``norm``               ``sum lambda`` (``||W||_F^2``, divided by ``N`` in the default ``W^T W / N`` convention)
+``log_norm``           ``log10 norm``
+``spectral_norm``      ``lambda_max`` (``||W||_2^2``, same convention)
+``log_spectral_norm``    ``log10 lambda_max``
+``stable_rank``        ``sum lambda / lambda_max`` (scale-free)
+``alpha_weighted``     ``alpha * log10 lambda_max`` (Martin & Mahoney's alpha-hat)
+``log_alpha_norm``     ``log10 sum lambda^alpha`` (log of the Schatten-alpha norm of ``X`` to the power alpha)
+``entropy``            ``-sum p ln p / ln R`` over non-zero ``p``, ``R`` the numerical rank; in [0, 1]. No epsilon is
+                       added (weightwatcher adds one whose size depends on whether CUDA is present).
+``matrix_rank``        ``#{lambda > zero_tol}``
+``rank_loss``          ``num_evals - matrix_rank``
+``warning``            ``"very heavy-tailed"`` if alpha < 2 (weightwatcher's label, ``"over-trained"``, under
+                       ``ww_compat``), ``"under-trained"`` if alpha > 6, else ``""``
+====================== ==========================================================================================
 """
 
 from __future__ import annotations

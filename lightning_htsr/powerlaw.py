@@ -2,7 +2,7 @@
 
 The fit is the continuous maximum-likelihood estimator of Clauset, Shalizi & Newman (SIAM Review 51(4), 2009,
 eq. 3.1) with ``xmin`` chosen by minimising the Kolmogorov-Smirnov distance ``D`` between the tail and the fitted
-power law (their section 3.3):
+power law (their section 3.3)::
 
     alpha(xmin) = 1 + n / sum_{x_i >= xmin} ln(x_i / xmin)
     D(xmin)     = max_{x_i >= xmin} |S(x_i) - P(x_i)|,   P(x) = 1 - (x / xmin)^(1 - alpha)

@@ -5,23 +5,23 @@ every correlation and keeps the entry distribution, so the shuffled ESD is March
 unusually large entries ("correlation traps") make spikes of their own. With ``lambda`` the ESD and ``r`` the
 shuffled ESD (computed by the same eigenvalue routine on the same device):
 
-=================== ==================================================================================
-``max_rand_eval``   ``max r`` over the first draw (5 shuffles pooled when ``num_evals < 100``, else 1)
-``rand_distance``   Jensen-Shannon distance (natural log) between the sorted vectors ``lambda`` and ``r``
-                    of a second, single draw, each normalized to sum 1 (``scipy.stats.entropy``'s use)
-``ww_softrank``     ``max r / max lambda`` (second draw)
-``ww_maxdist``      ``max lambda - max r`` (second draw)
-``rand_W_scale``    ``sqrt(n / sum r)`` (first draw): the first draw is rescaled to mean 1 before its MP fit
-``rand_sigma_mp``   sigma of weightwatcher's MP fit to the rescaled first draw: a grid over ``[0.05, 2) s``
-                    (step ``0.01 s``, ``s = sqrt(max / (1 + 1/sqrt(Q))^2)``) minimizing the squared
-                    difference between the MP density and a linear-kernel density estimate (bandwidth 0.1);
-                    for ``Q = 1`` the quarter-circle law on singular values
-``rand_bulk_max``   ``(sigma (1 + 1/sqrt(Q)))^2 / rand_W_scale^2`` (the MP edge in the ESD's units);
-                    ``rand_bulk_min`` likewise with ``1 - 1/sqrt(Q)``
-``rand_num_spikes`` rescaled shuffled eigenvalues above ``b + sqrt(TW)``, ``b = (sigma (1 + 1/sqrt(Q)))^2``
-                    the rescaled edge, ``TW = b^(2/3) M^(-2/3) / sqrt(Q)``; ``num_traps`` is the same number
-``rand_mp_softrank````b / max`` of the rescaled first draw (= ``rand_bulk_max / max_rand_eval``)
-=================== ==================================================================================
+===================== ==================================================================================
+``max_rand_eval``     ``max r`` over the first draw (5 shuffles pooled when ``num_evals < 100``, else 1)
+``rand_distance``     Jensen-Shannon distance (natural log) between the sorted vectors ``lambda`` and ``r``
+                      of a second, single draw, each normalized to sum 1 (``scipy.stats.entropy``'s use)
+``ww_softrank``       ``max r / max lambda`` (second draw)
+``ww_maxdist``        ``max lambda - max r`` (second draw)
+``rand_W_scale``      ``sqrt(n / sum r)`` (first draw): the first draw is rescaled to mean 1 before its MP fit
+``rand_sigma_mp``     sigma of weightwatcher's MP fit to the rescaled first draw: a grid over ``[0.05, 2) s``
+                      (step ``0.01 s``, ``s = sqrt(max / (1 + 1/sqrt(Q))^2)``) minimizing the squared
+                      difference between the MP density and a linear-kernel density estimate (bandwidth 0.1);
+                      for ``Q = 1`` the quarter-circle law on singular values
+``rand_bulk_max``     ``(sigma (1 + 1/sqrt(Q)))^2 / rand_W_scale^2`` (the MP edge in the ESD's units);
+                      ``rand_bulk_min`` likewise with ``1 - 1/sqrt(Q)``
+``rand_num_spikes``   rescaled shuffled eigenvalues above ``b + sqrt(TW)``, ``b = (sigma (1 + 1/sqrt(Q)))^2``
+                      the rescaled edge, ``TW = b^(2/3) M^(-2/3) / sqrt(Q)``; ``num_traps`` is the same number
+``rand_mp_softrank``    ``b / max`` of the rescaled first draw (= ``rand_bulk_max / max_rand_eval``)
+===================== ==================================================================================
 
 The grid minimum is polished with Nelder-Mead as ``scipy.optimize.brute`` does (reimplemented: no SciPy
 dependency). Differences from weightwatcher: its MP fit uses its own ``Q = N / M``, which for some

@@ -23,10 +23,10 @@ Two rules (``StopCriteria.rule``), both reading the weights only (no labels, los
     matrix's entropy was above its lowest value by more than the tolerance (the weights just before the spectra
     turned; on a run that never turns, the latest analysis). With ``restore_best_weights`` the callback keeps a copy
     of its weights and, when it stops for over-fitting, hands them back.
-``"phase_fraction"`` (the rule of version 0.1)
+``"phase_fraction"`` (the package's first rule)
     Stop when at least ``stop_fraction`` of the classified matrices are in ``stop_on`` for ``patience``
-    consecutive analyses. Measured on the benchmark it stops while accuracy is still climbing, or never (see the
-    README, "Does HT-SR early stopping work?"); kept as an explicit option.
+    consecutive analyses. Measured on the benchmark it stops while accuracy is still climbing, or never (see
+    ``docs/guide/early-stopping.md``); kept as an explicit option.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Reference values of weightwatcher 0.7.7's ``randomize=True`` columns for ``tests/test_ww_issue11.py``.
+"""Reference values of weightwatcher 0.7.7's ``randomize=True`` columns for
+``tests/test_ww_selection_fingers_randomize.py``.
 
 Run ``OMP_NUM_THREADS=1 python scripts/ww_randomize_reference.py`` (about a minute on one core): it prints, for each
 test model, the mean over NumPy seeds 0-4 of every column per layer from weightwatcher and from
@@ -13,7 +14,7 @@ import sys
 import numpy as np
 
 sys.path[:0] = [".", "tests"]
-from test_ww_issue11 import trap_model as model  # noqa: E402  (one definition of the test models)
+from test_ww_selection_fingers_randomize import trap_model as model  # noqa: E402  (one definition of the test models)
 
 from lightning_htsr import analyze  # noqa: E402
 from lightning_htsr.randomize import RANDOMIZE_COLUMNS  # noqa: E402

@@ -183,7 +183,7 @@ def test_rank_one_and_constant_are_rank_collapse(kind: str) -> None:
     df, _ = run(nn.ModuleDict({"r1": linear_with(w)}))
     row = df.loc["r1"]
     assert row["status"] == "degenerate"
-    assert row["phase"] == "rank_collapse"  # README rule 1: >= 10 % zero, and 100 >= 50 eigenvalues
+    assert row["phase"] == "rank_collapse"  # docs/concepts/phases.md, rule 1: >= 10 % zero, and 100 >= 50 eigenvalues
     assert row["frac_zero"] == pytest.approx(0.99)
 
 

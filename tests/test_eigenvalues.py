@@ -161,7 +161,7 @@ def test_cupy_backend_explains_what_is_missing() -> None:
     with pytest.raises(BackendUnavailableError, match="cupy"):
         compute_spectra([torch.randn(1, 20, 10)], backend="cupy")  # CPU tensors: never valid for CuPy
     if not have_cupy:
-        with pytest.raises(BackendUnavailableError, match=r"lightning-htsr\[cupy\]"):
+        with pytest.raises(BackendUnavailableError, match=r"pip install -e '\.\[cupy\]'"):
             compute_spectra([torch.randn(1, 20, 10)], backend="cupy")
 
 

@@ -10,7 +10,7 @@ from ..records import finite_number, records_to_frame, summarize
 
 __all__ = ["MATRIX_SCALARS", "MODEL_SCALARS", "is_model_key", "phase_legend", "scalar_metrics"]
 
-#: Per-matrix scalars, logged as ``<prefix>/<matrix name>/<metric>`` (plus ``/phase``, the smoothed phase code).
+#: Per-matrix scalars, logged as ``<prefix>/<matrix name>/<metric>`` (plus ``/phase``, the raw phase code of the analysis, and ``/smoothed_phase``, the smoothed one).
 MATRIX_SCALARS: tuple[str, ...] = ("alpha", "entropy", "alpha_weighted", "stable_rank", "mp_softrank", "num_spikes")
 
 #: Model-level scalars: ``<prefix>/alpha_mean`` etc., from :func:`~lightning_htsr.records.summarize` (means over

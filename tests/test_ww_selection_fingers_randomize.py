@@ -1,4 +1,4 @@
-"""weightwatcher 0.7.7 parity for issue 11: layer selection under ``ww_compat``, ``fix_fingers`` and ``randomize``."""
+"""weightwatcher 0.7.7 parity: layer selection under ``ww_compat``, ``fix_fingers`` and ``randomize``."""
 
 from __future__ import annotations
 
