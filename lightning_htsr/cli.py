@@ -174,6 +174,20 @@ def _device(text: str | None) -> Any:
     return device
 
 
+def _check_backend(backend: str, device: Any) -> None:
+    """Refuse ``--backend cupy`` up front, in one line, where it cannot run (no ``--device cuda``, no CuPy, no GPU)."""
+    if backend != "cupy":
+        return
+    if device is None or device.type != "cuda":
+        raise CLIError("--backend cupy: needs --device cuda (CuPy works on CUDA tensors only)")
+    from .eigenvalues import BackendUnavailableError, _import_cupy
+
+    try:
+        _import_cupy()
+    except BackendUnavailableError as err:
+        raise CLIError(f"--backend cupy: {err}") from None
+
+
 @contextlib.contextmanager
 def _process_group(device: Any) -> Iterator[int]:
     """Join the ``torchrun`` process group when launched by it (gloo on CPU, NCCL on CUDA); yields the rank."""
@@ -202,6 +216,7 @@ def _run_analyze(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> in
     columns = _parse_columns(args.columns)
     options = _analysis_options(args)
     device = _device(args.device)
+    _check_backend(options.backend, device)
     checkpoint = open_checkpoint(args.paths, trust_pickle=args.trust_pickle)
     if not checkpoint_plan(checkpoint, options, include=include, exclude=exclude):
         _no_matrices(checkpoint, options, include or exclude)
