@@ -441,8 +441,8 @@ def fit_scan(
         small_n_cutoff: See :func:`fit_power_law`.
         drop_top: Leave out the ``drop_top`` largest eigenvalues first (what the analysis' ``xmax`` or
             ``fix_fingers="clip_xmax"`` left out of the kept fit).
-        at_xmin: Mark this ``xmin`` instead of the fit's choice (the largest candidate ``<=`` it; for a recorded
-            fit whose settings are not known). The returned ``fit`` is then the fit at that candidate.
+        at_xmin: Mark this ``xmin`` instead of the fit's choice (the nearest candidate; for a recorded fit whose
+            settings are not known). The returned ``fit`` is then the fit at that candidate.
         max_points: At most this many candidates are scored (evenly spaced in index, the chosen one always
             included); the KS work is ``O(max_points * n)``.
 
@@ -469,8 +469,7 @@ def fit_scan(
     n = prep.x.numel()
     two_sided = ks == "two_sided"
     if at_xmin is not None and math.isfinite(at_xmin):
-        best = max(0, min(n - 2, int(torch.searchsorted(prep.x, torch.tensor(at_xmin, dtype=torch.float64),
-                                                        right=True)) - 1))
+        best = int(torch.argmin((prep.x[: n - 1] - at_xmin).abs()))  # first of the nearest candidates
         fit = _fit_at(prep.x, prep.logx, prep.alpha, best, two_sided)
     hi = n - max(min_tail, 2, WW_SMALL_N_MIN_TAIL if prep.small_n else 0)
     hi = max(hi, best, 0)

@@ -18,7 +18,8 @@ from lightning_htsr.fit_plots import plot_fit_diagnostics
 from lightning_htsr.layers import weight_matrices
 from lightning_htsr.plotting import figure_to_png
 from lightning_htsr.powerlaw import fit_power_law, fit_scan
-from lightning_htsr.report import write_report
+from lightning_htsr.report import recorded_scan, write_report
+from lightning_htsr.sinks.history import read_history, read_spectra
 
 EventAccumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator").EventAccumulator
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -162,3 +163,12 @@ def test_report_has_a_fit_diagnostic_per_matrix(tmp_path) -> None:
     assert all((tmp_path / "report" / "fit" / f).read_bytes().startswith(PNG) for f in fits)
     text = index.read_text()
     assert all(f'src="fit/{f}"' in text for f in fits)
+    # the marked values are the recorded fit's, to the float32 precision of the stored spectra
+    history = read_history(logger.log_dir + "/htsr_history.csv")
+    spectra, _, _ = read_spectra(logger.log_dir + "/htsr_spectra.npz")
+    last = history[history["analysis"] == history["analysis"].max()].set_index("name")
+    for name in ("net.0", "net.2", "net.4"):
+        scan = recorded_scan(spectra[name], last.loc[name])
+        assert scan.xmins[scan.chosen] == pytest.approx(last.loc[name, "xmin"], rel=1e-6)
+        assert scan.alphas[scan.chosen] == pytest.approx(last.loc[name, "alpha"], rel=1e-4)
+        assert scan.Ds[scan.chosen] == pytest.approx(last.loc[name, "D"], rel=1e-3)
