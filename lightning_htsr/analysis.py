@@ -139,7 +139,7 @@ class AnalysisOptions:
     xmax: int | float | None = None
     max_fingers: int = 10
     finger_thresh: float = 1.0
-    max_N: int | None = None  # noqa: N815 - weightwatcher's name
+    max_N: int | None = None
 
     def __post_init__(self) -> None:
         """The one check of the shared options (a ``ValueError`` naming the allowed values)."""
@@ -398,7 +398,7 @@ def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: Analysi
     return MatrixAnalysis(record, ev, powerlaw, phase.mp, phase, settings)
 
 
-def _xmax_drop(ev: Tensor, xmax: int | float | None) -> int | str:
+def _xmax_drop(ev: Tensor, xmax: int | float | None) -> int | str:  # noqa: PYI041
     """How many of the largest (sorted) eigenvalues ``xmax`` leaves out of the fit, or why the fit fails."""
     if xmax is None:
         return 0
@@ -410,7 +410,7 @@ def _xmax_drop(ev: Tensor, xmax: int | float | None) -> int | str:
     return int(torch.count_nonzero(ev > xmax))
 
 
-def _count_capped(fit: PowerLawFit, ev: Tensor, xmax: int | float | None) -> PowerLawFit:
+def _count_capped(fit: PowerLawFit, ev: Tensor, xmax: int | float | None) -> PowerLawFit:  # noqa: PYI041
     """Under a tail cap (``float`` ``xmax``) ``num_pl_spikes`` counts every eigenvalue ``>= xmin``, those above the
     cap included, as weightwatcher counts a capped fit (its ``evals[evals >= fit.xmin]``)."""
     if not isinstance(xmax, float) or not fit.ok:
@@ -463,10 +463,10 @@ def analyze(
     fix_fingers: str | None = None,
     randomize: bool = False,
     seed: int | None = None,
-    xmax: int | float | None = None,
+    xmax: int | float | None = None,  # noqa: PYI041 - an int and a float mean different things
     max_fingers: int | None = None,
     finger_thresh: float | None = None,
-    max_N: int | None = None,  # noqa: N803 - weightwatcher's name
+    max_N: int | None = None,
 ) -> pd.DataFrame:
     """Analyze every weight matrix of a model: one row per matrix with alpha, entropy, phase and the rest.
 
@@ -628,7 +628,7 @@ def analyze_state_dict(
     fix_fingers: str | None = None,
     randomize: bool = False,
     seed: int | None = None,
-    xmax: int | float | None = None,
+    xmax: int | float | None = None,  # noqa: PYI041 - an int and a float mean different things
     max_fingers: int | None = None,
     finger_thresh: float | None = None,
 ) -> pd.DataFrame:

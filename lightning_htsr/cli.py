@@ -342,9 +342,9 @@ def _write_plot_index(plots_dir: Path, sources: Sequence[Path], plotted: Sequenc
             esd_grid((str(r["name"]), str(r["file"]), str(r["name"])) for r in plotted)]
     fits = [r for r in plotted if r.get("fit_file")]
     if fits:
-        body += ["<h2>Power-law fit diagnostics</h2><p>Per matrix: the ESD on log-log, lin-lin and log-lin axes with "
-                 "the Marchenko-Pastur bulk, and the KS distance D and alpha over the candidate xmin, the chosen "
-                 "xmin marked.</p>",
+        body += [("<h2>Power-law fit diagnostics</h2><p>Per matrix: the ESD on log-log, lin-lin and log-lin axes "
+                  "with the Marchenko-Pastur bulk, and the KS distance D and alpha over the candidate xmin, the "
+                  "chosen xmin marked.</p>"),
                  esd_grid((str(r["name"]), str(r["fit_file"]), f"{r['name']}: fit diagnostics") for r in fits)]
     index = plots_dir / "index.html"
     title = sources[0].name if len(sources) == 1 else f"{sources[0].parent.name or sources[0].name}"

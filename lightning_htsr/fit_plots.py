@@ -44,7 +44,7 @@ def plot_fit_diagnostics(
     mp: MarchenkoPasturFit | None = None,
     phase: Phase | PhaseResult | str | None = None,
     title: str | None = None,
-    Q: float | None = None,  # noqa: N803 - the paper's name
+    Q: float | None = None,
 ) -> Figure:
     """One figure of five panels checking a matrix's power-law fit (see the module docstring).
 

@@ -205,7 +205,7 @@ def analyze_checkpoint(
     fix_fingers: str | None = None,
     randomize: bool = False,
     seed: int | None = None,
-    xmax: int | float | None = None,
+    xmax: int | float | None = None,  # noqa: PYI041 - an int and a float mean different things
     max_fingers: int | None = None,
     finger_thresh: float | None = None,
 ) -> pd.DataFrame:

@@ -132,7 +132,7 @@ def esd_figure(name: str, eigenvalues: Any, *, powerlaw: PowerLawFit | None, mp:
 
 
 def fit_figure(name: str, eigenvalues: Any, scan: FitScan, *, mp: MarchenkoPasturFit | None, phase: Any,
-               Q: float | None = None) -> Figure:  # noqa: N803 - the paper's name
+               Q: float | None = None) -> Figure:
     """:func:`~lightning_htsr.fit_plots.plot_fit_diagnostics` titled with the matrix name and its phase.
 
     Args:

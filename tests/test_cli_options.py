@@ -42,13 +42,13 @@ def test_backend_cupy_without_cupy_or_cuda_is_one_line_and_exit_2(extra, checkpo
 
 @pytest.mark.skipif(HAS_CUPY or not torch.cuda.is_available(), reason="needs CUDA without CuPy")
 def test_backend_cupy_on_cuda_without_cupy_names_the_extra(checkpoint, capsys) -> None:
-    code, out, err = run(capsys, "analyze", checkpoint, "--backend", "cupy", "--device", "cuda")
+    code, _, err = run(capsys, "analyze", checkpoint, "--backend", "cupy", "--device", "cuda")
     assert code == 2 and "lightning-htsr[cupy]" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present")
 def test_device_cuda_without_gpu_is_one_line_and_exit_2(checkpoint, capsys) -> None:
-    code, out, err = run(capsys, "analyze", checkpoint, "--device", "cuda", "--backend", "cupy")
+    code, _, err = run(capsys, "analyze", checkpoint, "--device", "cuda", "--backend", "cupy")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "no CUDA device" in err
 
 
@@ -64,7 +64,7 @@ def test_weightwatcher_options_reach_the_analysis(argv, kwargs, checkpoint, tmp_
 
     from lightning_htsr import analyze_state_dict
 
-    code, out, err = run(capsys, "analyze", checkpoint, *argv, "--csv", tmp_path / "t.csv")
+    code, _, err = run(capsys, "analyze", checkpoint, *argv, "--csv", tmp_path / "t.csv")
     assert code == 0, err
     table = pd.read_csv(tmp_path / "t.csv")
     expected = analyze_state_dict(torch.load(checkpoint), **kwargs)
@@ -82,7 +82,7 @@ def test_weightwatcher_options_reach_the_analysis(argv, kwargs, checkpoint, tmp_
     (["--fix-fingers", "clip"], "invalid choice"),
 ])
 def test_bad_weightwatcher_options_exit_2_in_one_line(argv, message, checkpoint, capsys) -> None:
-    code, out, err = run(capsys, "analyze", checkpoint, *argv)
+    code, _, err = run(capsys, "analyze", checkpoint, *argv)
     assert code == 2 and message in err and "Traceback" not in err
 
 
@@ -91,7 +91,7 @@ def test_plots_with_a_truncated_fit_write_esds_without_fit_diagnostics(tmp_path,
     torch.manual_seed(0)
     path = tmp_path / "small.pt"
     torch.save({"fc.weight": torch.randn(40, 20)}, path)
-    code, out, err = run(capsys, "analyze", path, "--fit", "TPL", "--plots", tmp_path / "p", "--csv", tmp_path / "t.csv")
+    code, _, err = run(capsys, "analyze", path, "--fit", "TPL", "--plots", tmp_path / "p", "--csv", tmp_path / "t.csv")
     assert code == 0, err
     assert sorted(p.name for p in (tmp_path / "p").glob("*.png")) == ["esd_fc.png"]
-    assert "Lambda" in open(tmp_path / "t.csv").readline()
+    assert "Lambda" in (tmp_path / "t.csv").read_text().splitlines()[0]

@@ -3,14 +3,13 @@ and its three outlets: ``analyze --plots``, ``report`` and the callback's Tensor
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
 from conftest import TinyNet, trainer_kwargs
-from torch import nn
-
-import lightning.pytorch as pl
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch import nn
 
 from lightning_htsr import HTSRCallback
 from lightning_htsr.analysis import AnalysisOptions, analyze_matrices
