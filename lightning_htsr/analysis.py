@@ -15,7 +15,6 @@ import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -24,7 +23,6 @@ import torch
 from torch import Tensor, nn
 
 from .eigenvalues import Backend, Precision, Route, Spectrum, check_choice, compute_spectra
-from .fingers import FIX_FINGERS, fit_fix_fingers, removed_by_clip
 from .layers import LOW_PRECISION, SkipKind, WeightMatrix, iter_state_dict_matrices, weight_matrices
 from .marchenko_pastur import MarchenkoPasturFit
 from .metrics import (
@@ -38,10 +36,11 @@ from .metrics import (
     rank_metrics,
 )
 from .phases import PhaseConfig, PhaseResult, classify_phase
-from .powerlaw import FitMethod, FitScan, KSConvention, PowerLawFit, fit_power_law, fit_scan
+from .powerlaw import FitMethod, FitScan, KSConvention, PowerLawFit, fit_scan
 from .randomize import random_columns
 from .records import empty_record, records_to_frame
-from .tpl import TPL_FITS, fit_truncated_power_law, require_powerlaw
+from .tail_fit import check_fit_options, fit_tail
+from .tpl import TPL_FITS
 from .ww_select import LayerFilter, select_layers, ww_select
 
 __all__ = [
@@ -148,7 +147,7 @@ class AnalysisOptions:
         check_choice("precision", self.precision, Precision)
         check_choice("route", self.route, Route)
         check_choice("ks", self.ks, KSConvention)
-        _check_fit_options(self)
+        check_fit_options(self)
 
     @classmethod
     def weightwatcher(cls, **overrides: Any) -> AnalysisOptions:
@@ -171,30 +170,6 @@ class AnalysisOptions:
             warn_unclassified=True,
         )
         return replace(base, **overrides)
-
-
-def _check_fit_options(options: AnalysisOptions) -> None:
-    """``xmax``, ``fix_fingers``, the finger thresholds and ``TPL`` as weightwatcher 0.7.7 accepts them."""
-    if options.fix_fingers is not None:
-        check_choice("fix_fingers", options.fix_fingers, (*FIX_FINGERS, None))
-    xmax = options.xmax
-    if xmax is not None:
-        if isinstance(xmax, bool) or not isinstance(xmax, (int, float)):
-            raise ValueError(f"xmax must be an int (top eigenvalues to leave out), a float (tail cap) or None, "
-                             f"got {xmax!r}")
-        if isinstance(xmax, int) and xmax == 0:
-            raise ValueError("xmax can not be 0 (weightwatcher: None for the whole spectrum)")
-        if isinstance(xmax, float) and not (math.isfinite(xmax) and xmax > 0):
-            raise ValueError(f"xmax as a tail cap must be a positive number, got {xmax!r}")
-        if isinstance(xmax, int) and options.fix_fingers is not None:
-            raise ValueError(f"fix_fingers={options.fix_fingers!r} can not be combined with xmax={xmax} "
-                             "(weightwatcher 0.7.7 refuses it too)")
-    if options.max_fingers is not None and options.max_fingers < 1:
-        raise ValueError(f"max_fingers must be >= 1, got {options.max_fingers}")
-    if options.fit == "E_TPL" and options.fix_fingers == "clip_xmax":
-        raise ValueError("fit='E_TPL' and fix_fingers='clip_xmax' can not both be set (weightwatcher 0.7.7)")
-    if options.fit in TPL_FITS:
-        require_powerlaw(options.fit)
 
 
 @dataclass
@@ -363,7 +338,7 @@ def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: Analysi
     if lam_max <= 0.0:
         return MatrixAnalysis(_skipped(ident, "all-zero weights", SkipKind.ALL_ZERO), ev)
     ranks = rank_metrics(ev, spectrum.zero_tol)
-    powerlaw, extra, settings = _fit_spectrum(ev, options, spectrum.floor)
+    powerlaw, extra, settings = fit_tail(ev, options, spectrum.floor)
     norms = norm_metrics(ev, powerlaw.alpha)
     entropy = matrix_entropy(ev, ranks["matrix_rank"], epsilon=options.entropy_epsilon)
     phase = classify_phase(ev, matrix.N, matrix.M, num_slices=matrix.num_slices, zero_tol=spectrum.floor,
@@ -396,52 +371,6 @@ def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: Analysi
     )
     record.update(extra, **_extra_columns(matrix, spectrum, options))  # optional columns, as in weightwatcher
     return MatrixAnalysis(record, ev, powerlaw, phase.mp, phase, settings)
-
-
-def _xmax_drop(ev: Tensor, xmax: int | float | None) -> int | str:  # noqa: PYI041
-    """How many of the largest (sorted) eigenvalues ``xmax`` leaves out of the fit, or why the fit fails."""
-    if xmax is None:
-        return 0
-    if isinstance(xmax, int):
-        k = abs(xmax)
-        if k > ev.numel() / 2:  # weightwatcher: "xmax is too large, stopping"
-            return f"xmax={xmax} leaves out more than half of the {ev.numel()} eigenvalues"
-        return k
-    return int(torch.count_nonzero(ev > xmax))
-
-
-def _count_capped(fit: PowerLawFit, ev: Tensor, xmax: int | float | None) -> PowerLawFit:  # noqa: PYI041
-    """Under a tail cap (``float`` ``xmax``) ``num_pl_spikes`` counts every eigenvalue ``>= xmin``, those above the
-    cap included, as weightwatcher counts a capped fit (its ``evals[evals >= fit.xmin]``)."""
-    if not isinstance(xmax, float) or not fit.ok:
-        return fit
-    return replace(fit, num_pl_spikes=int(torch.count_nonzero(ev >= fit.xmin)))
-
-
-def _fit_spectrum(ev: Tensor, options: AnalysisOptions,
-                  floor: float) -> tuple[PowerLawFit, dict[str, Any], dict[str, Any] | None]:
-    """The tail fit of a sorted spectrum under the options: ``xmax``, then the power-law search (with
-    ``fix_fingers``) or a truncated power law. Returns the fit, its extra columns and the
-    :meth:`MatrixAnalysis.fit_scan` settings that reproduce it (``None`` when there is no power-law search)."""
-    fit_tol = options.fit_zero_tol if options.fit_zero_tol is not None else floor
-    drop = _xmax_drop(ev, options.xmax)
-    if isinstance(drop, str):
-        lam = {"Lambda": math.nan} if options.fit in TPL_FITS else {}
-        return PowerLawFit.failed(drop, int(ev.numel()), float(ev[-1])), lam, None
-    kept = ev[: ev.numel() - drop]
-    if options.fit in TPL_FITS:
-        fit, extra = fit_truncated_power_law(kept, extended=options.fit == "E_TPL", zero_tol=fit_tol)
-        return fit, extra, None
-    settings: dict[str, Any] = {"method": options.fit, "min_tail": options.min_tail, "ks": options.ks,
-                                "zero_tol": fit_tol}
-    fit = partial(fit_power_law, **settings)
-    if not options.fix_fingers:
-        return _count_capped(fit(kept), ev, options.xmax), {}, {**settings, "drop_top": drop}
-    powerlaw, extra = fit_fix_fingers(kept, fit, options.fix_fingers, max_fingers=options.max_fingers,
-                                      finger_thresh=options.finger_thresh)
-    if options.fix_fingers != "clip_xmax":
-        return powerlaw, extra, None
-    return powerlaw, extra, {**settings, "drop_top": drop + removed_by_clip(int(extra.get("num_fingers", 0)))}
 
 
 def analyze(
