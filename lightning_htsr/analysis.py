@@ -36,7 +36,7 @@ from .metrics import (
     rank_metrics,
 )
 from .phases import PhaseConfig, PhaseResult, classify_phase
-from .powerlaw import FitMethod, FitScan, KSConvention, PowerLawFit, fit_scan
+from .powerlaw import FitScan, KSConvention, PowerLawFit, fit_scan
 from .randomize import random_columns
 from .records import empty_record, records_to_frame
 from .tail_fit import check_fit_options, fit_tail
@@ -118,7 +118,7 @@ class AnalysisOptions:
 
     normalize: bool = True
     ww_conv_scaling: bool = False
-    fit: FitMethod = "fast"
+    fit: FitKind = "fast"
     min_tail: int = 10
     ks: KSConvention = "two_sided"
     fit_zero_tol: float | None = None
