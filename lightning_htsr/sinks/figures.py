@@ -68,6 +68,7 @@ def _fit_figure(**kwargs: Any) -> Any:
 
     fig = plot_fit_diagnostics(**kwargs)
     fast_layout(fig)
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.07, top=0.91, wspace=1.1, hspace=0.33)  # 2 x 6 grid
     return fig
 
 
