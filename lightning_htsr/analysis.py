@@ -483,7 +483,11 @@ def records_table(records: list[dict[str, Any]], *, stacklevel: int = 4) -> pd.D
 def resolve_options(options: AnalysisOptions | None = None, *, ww_compat: bool = False, fit: FitKind = "fast",
                     min_tail: int | None = None, precision: Precision = "auto", backend: Backend = "torch",
                     min_evals: int | None = None, max_evals: int | None = None,
-                    phase_config: PhaseConfig | None = None, **ww_options: Any) -> AnalysisOptions:
+                    phase_config: PhaseConfig | None = None, fix_fingers: str | None = None,
+                    randomize: bool = False, seed: int | None = None,
+                    xmax: int | float | None = None,  # noqa: PYI041 - an int and a float mean different things
+                    max_fingers: int | None = None, finger_thresh: float | None = None,
+                    max_N: int | None = None) -> AnalysisOptions:
     """The :class:`AnalysisOptions` of the conventions every front door takes (:func:`analyze`,
     :func:`analyze_state_dict`, :func:`~lightning_htsr.analyze_checkpoint`, the CLI and
     :class:`~lightning_htsr.HTSRCallback`); the options are checked once, in :class:`AnalysisOptions`.
@@ -503,9 +507,9 @@ def resolve_options(options: AnalysisOptions | None = None, *, ww_compat: bool =
             is skipped. Under ``ww_compat`` also weightwatcher's ``min_evals`` (layers below it skipped; default 8).
         max_evals: Skip matrices with more pooled eigenvalues (default: no limit; 15000 under ``ww_compat``).
         phase_config: Phase-classifier thresholds.
-        ww_options: weightwatcher's options, the :class:`AnalysisOptions` fields of the same names:
-            ``fix_fingers``, ``randomize``, ``seed``, ``xmax``, ``max_fingers``, ``finger_thresh``, ``max_N``.
-            Those given (not ``None``; ``randomize`` when true) are applied over ``options`` too.
+        fix_fingers: weightwatcher's options from here on, the :class:`AnalysisOptions` fields of the same names
+            (also ``randomize``, ``seed``, ``xmax``, ``max_fingers``, ``finger_thresh``, ``max_N``). Those given
+            (not ``None``; ``randomize`` when true) are applied over ``options`` too.
 
     Example:
         >>> o = resolve_options(min_evals=20)
@@ -514,9 +518,8 @@ def resolve_options(options: AnalysisOptions | None = None, *, ww_compat: bool =
         >>> resolve_options(ww_compat=True, xmax=-2, max_N=4096).xmax
         -2
     """
-    unknown = set(ww_options) - set(WW_OPTIONS)
-    if unknown:
-        raise TypeError(f"unknown option(s) {sorted(unknown)}; weightwatcher's options here: {', '.join(WW_OPTIONS)}")
+    ww_options = {"fix_fingers": fix_fingers, "randomize": randomize, "seed": seed, "xmax": xmax,
+                  "max_fingers": max_fingers, "finger_thresh": finger_thresh, "max_N": max_N}
     given = {k: v for k, v in ww_options.items() if v is not None and v is not False}
     if options is not None:
         return replace(options, **given) if given else options
@@ -535,9 +538,6 @@ def resolve_options(options: AnalysisOptions | None = None, *, ww_compat: bool =
             changes[key] = value
     return replace(base, **changes, **given)
 
-
-#: The weightwatcher options every front door passes to :func:`resolve_options` by name.
-WW_OPTIONS = ("fix_fingers", "randomize", "seed", "xmax", "max_fingers", "finger_thresh", "max_N")
 
 
 def analyze_state_dict(
