@@ -15,8 +15,7 @@ import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -24,7 +23,6 @@ import torch
 from torch import Tensor, nn
 
 from .eigenvalues import Backend, Precision, Route, Spectrum, check_choice, compute_spectra
-from .fingers import fit_fix_fingers
 from .layers import LOW_PRECISION, SkipKind, WeightMatrix, iter_state_dict_matrices, weight_matrices
 from .marchenko_pastur import MarchenkoPasturFit
 from .metrics import (
@@ -38,14 +36,17 @@ from .metrics import (
     rank_metrics,
 )
 from .phases import PhaseConfig, PhaseResult, classify_phase
-from .powerlaw import FitMethod, KSConvention, PowerLawFit, fit_power_law
+from .powerlaw import FitScan, KSConvention, PowerLawFit, fit_scan
 from .randomize import random_columns
 from .records import empty_record, records_to_frame
-from .ww_select import ww_select
+from .tail_fit import check_fit_options, fit_tail
+from .tpl import TPL_FITS
+from .ww_select import LayerFilter, select_layers, ww_select
 
 __all__ = [
     "BATCH_BYTES",
     "AnalysisOptions",
+    "FitKind",
     "MatrixAnalysis",
     "analyze",
     "analyze_matrices",
@@ -64,6 +65,10 @@ BATCH_BYTES = 64 * 2**20
 #: weightwatcher's near-zero filter before the power-law fit (``constants.EVALS_THRESH``, CPU value).
 WW_EVALS_THRESH = 1e-5
 
+#: The ``fit=`` choices: the power-law search (``"fast"``, ``"exact"``) or weightwatcher's truncated power laws
+#: (``"TPL"``, ``"E_TPL"``; :mod:`~lightning_htsr.tpl`, needs the ``powerlaw`` package).
+FitKind = Literal["fast", "exact", "TPL", "E_TPL"]
+
 
 @dataclass(frozen=True)
 class AnalysisOptions:
@@ -74,7 +79,8 @@ class AnalysisOptions:
         normalize: Eigenvalues of ``X = W^T W / N`` (True, the random-matrix convention) or of ``W^T W``.
         ww_conv_scaling: Multiply convolution weights by ``sqrt(1/2)`` (eigenvalues by 1/2) as weightwatcher's
             pooled ``conv2d_norm`` does.
-        fit: Power-law search, ``"fast"`` or ``"exact"``.
+        fit: Power-law search, ``"fast"`` or ``"exact"``; or weightwatcher's truncated power law ``"TPL"`` /
+            ``"E_TPL"`` (:mod:`~lightning_htsr.tpl`; adds the ``Lambda`` column).
         min_tail: Smallest tail the power-law fit may choose.
         ks: KS convention of the fit, ``"two_sided"`` or ``"lower"``.
         fit_zero_tol: Absolute threshold below which eigenvalues are dropped before the fit; ``None`` uses each
@@ -99,11 +105,20 @@ class AnalysisOptions:
         randomize: Add the correlation-trap columns of the element-shuffled matrix
             (:mod:`~lightning_htsr.randomize`).
         seed: Seed of the shuffles (``None``: fresh entropy).
+        xmax: weightwatcher's ``xmax``: an ``int`` ``k`` leaves the ``|k|`` largest eigenvalues out of the fit
+            (``-1`` as ``1``; more than half the eigenvalues: the fit fails, as in weightwatcher); a ``float``
+            caps the tail (eigenvalues above it are left out). ``None``: the whole spectrum. Cannot be combined with
+            ``fix_fingers`` as an ``int`` (weightwatcher refuses that too).
+        max_fingers: ``fix_fingers="clip_xmax"``: at most ``max_fingers - 1`` largest eigenvalues are tried off
+            (weightwatcher 0.7.7's rule: only values of at least half the number of eigenvalues change the
+            default 10; see :func:`~lightning_htsr.fingers.fit_fix_fingers`).
+        finger_thresh: ``fix_fingers="clip_xmax"``: drop of alpha that identifies fingers (default 1.0).
+        max_N: ``ww_compat`` layer selection: skip layers with ``N`` above it (``None``: weightwatcher's 50000).
     """
 
     normalize: bool = True
     ww_conv_scaling: bool = False
-    fit: FitMethod = "fast"
+    fit: FitKind = "fast"
     min_tail: int = 10
     ks: KSConvention = "two_sided"
     fit_zero_tol: float | None = None
@@ -120,14 +135,19 @@ class AnalysisOptions:
     fix_fingers: str | None = None
     randomize: bool = False
     seed: int | None = None
+    xmax: int | float | None = None
+    max_fingers: int = 10
+    finger_thresh: float = 1.0
+    max_N: int | None = None
 
     def __post_init__(self) -> None:
         """The one check of the shared options (a ``ValueError`` naming the allowed values)."""
         check_choice("backend", self.backend, Backend)
-        check_choice("fit", self.fit, FitMethod)
+        check_choice("fit", self.fit, FitKind)
         check_choice("precision", self.precision, Precision)
         check_choice("route", self.route, Route)
         check_choice("ks", self.ks, KSConvention)
+        check_fit_options(self)
 
     @classmethod
     def weightwatcher(cls, **overrides: Any) -> AnalysisOptions:
@@ -162,6 +182,8 @@ class MatrixAnalysis:
         powerlaw: Power-law fit, or ``None``.
         mp: Marchenko-Pastur fit, or ``None``.
         phase: Phase result, or ``None``.
+        fit_settings: The :func:`~lightning_htsr.powerlaw.fit_scan` arguments that reproduce ``powerlaw`` from
+            ``eigenvalues`` (``None`` where it is not a power-law search: truncated fits, ``xmin_peak``).
     """
 
     record: dict[str, Any]
@@ -169,6 +191,14 @@ class MatrixAnalysis:
     powerlaw: PowerLawFit | None = None
     mp: MarchenkoPasturFit | None = None
     phase: PhaseResult | None = None
+    fit_settings: dict[str, Any] | None = None
+
+    def fit_scan(self, max_points: int = 1024) -> FitScan | None:
+        """``D(xmin)`` and ``alpha(xmin)`` of this matrix's power-law fit (same fit, same numbers at its ``xmin``),
+        for :func:`~lightning_htsr.fit_plots.plot_fit_diagnostics`; ``None`` without a power-law search."""
+        if self.eigenvalues is None or self.fit_settings is None:
+            return None
+        return fit_scan(self.eigenvalues, **self.fit_settings, max_points=max_points)
 
 
 def matrix_identity(matrix: WeightMatrix) -> dict[str, Any]:
@@ -308,9 +338,7 @@ def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: Analysi
     if lam_max <= 0.0:
         return MatrixAnalysis(_skipped(ident, "all-zero weights", SkipKind.ALL_ZERO), ev)
     ranks = rank_metrics(ev, spectrum.zero_tol)
-    fit_tol = options.fit_zero_tol if options.fit_zero_tol is not None else spectrum.floor
-    fit = partial(fit_power_law, method=options.fit, min_tail=options.min_tail, ks=options.ks, zero_tol=fit_tol)
-    powerlaw, extra = fit_fix_fingers(ev, fit, options.fix_fingers) if options.fix_fingers else (fit(ev), {})
+    powerlaw, extra, settings = fit_tail(ev, options, spectrum.floor)
     norms = norm_metrics(ev, powerlaw.alpha)
     entropy = matrix_entropy(ev, ranks["matrix_rank"], epsilon=options.entropy_epsilon)
     phase = classify_phase(ev, matrix.N, matrix.M, num_slices=matrix.num_slices, zero_tol=spectrum.floor,
@@ -342,7 +370,7 @@ def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: Analysi
         **phase.diagnostics(),
     )
     record.update(extra, **_extra_columns(matrix, spectrum, options))  # optional columns, as in weightwatcher
-    return MatrixAnalysis(record, ev, powerlaw, phase.mp, phase)
+    return MatrixAnalysis(record, ev, powerlaw, phase.mp, phase, settings)
 
 
 def analyze(
@@ -351,7 +379,8 @@ def analyze(
     include: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
     layer_types: Sequence[str | type] | None = None,
-    fit: FitMethod = "fast",
+    layers: LayerFilter | None = None,
+    fit: FitKind = "fast",
     min_tail: int | None = None,
     precision: Precision = "auto",
     backend: Backend = "torch",
@@ -363,6 +392,10 @@ def analyze(
     fix_fingers: str | None = None,
     randomize: bool = False,
     seed: int | None = None,
+    xmax: int | float | None = None,  # noqa: PYI041 - an int and a float mean different things
+    max_fingers: int | None = None,
+    finger_thresh: float | None = None,
+    max_N: int | None = None,
 ) -> pd.DataFrame:
     """Analyze every weight matrix of a model: one row per matrix with alpha, entropy, phase and the rest.
 
@@ -378,9 +411,17 @@ def analyze(
         exclude: Regex(es) of matrix names to leave out.
         layer_types: Restrict to these layer types (:data:`~lightning_htsr.layers.LAYER_TYPES`), class names or
             classes.
+        layers: weightwatcher's ``layers=`` filter (:func:`~lightning_htsr.ww_select.select_layers`): integer
+            layer ids (a module's position in ``model.named_modules()``, root 0) to keep, or negative ids to leave
+            out; matrix names to keep, or ``"-name"`` to leave out.
         fix_fingers: weightwatcher's ``"clip_xmax"`` or ``"xmin_peak"`` (:mod:`~lightning_htsr.fingers`).
         randomize: Add weightwatcher's correlation-trap columns (:mod:`~lightning_htsr.randomize`).
         seed: Seed of the ``randomize`` shuffles.
+        xmax: Leave the ``|xmax|`` largest eigenvalues out of the fit (``int``) or cap the tail (``float``); see
+            :class:`AnalysisOptions`.
+        max_fingers: ``clip_xmax``'s finger limit (:class:`AnalysisOptions`).
+        finger_thresh: ``clip_xmax``'s alpha drop (default 1.0).
+        max_N: ``ww_compat`` only: skip layers with ``N`` above it (default 50000).
 
     Returns:
         A ``pandas.DataFrame`` with the columns of :data:`~lightning_htsr.records.COLUMNS`, one row per matrix
@@ -398,11 +439,13 @@ def analyze(
            2 512  10 success         NaN
     """
     options = resolve_options(options, ww_compat=ww_compat, fit=fit, min_tail=min_tail, precision=precision,
-                               backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config)
-    if fix_fingers is not None or randomize:
-        options = replace(options, fix_fingers=fix_fingers, randomize=randomize, seed=seed)
+                               backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config,
+                               fix_fingers=fix_fingers, randomize=randomize, seed=seed, xmax=xmax,
+                               max_fingers=max_fingers, finger_thresh=finger_thresh, max_N=max_N)
     matrices = _model_matrices(model, options, include=include, exclude=exclude, layer_types=layer_types,
                                ww_compat=ww_compat)
+    if layers is not None:
+        matrices = select_layers(model, matrices, layers)
     return records_table([r.record for r in analyze_stream(matrices, options)])
 
 
@@ -418,7 +461,8 @@ def _model_matrices(model: nn.Module, options: AnalysisOptions, *, include: Sequ
                                    min_evals=0 if ww_compat else options.min_evals,
                                    max_evals=None if ww_compat else options.max_evals)
         if ww_compat:
-            matrices = ww_select(model, matrices, min_evals=options.min_evals, max_evals=options.max_evals)
+            matrices = ww_select(model, matrices, min_evals=options.min_evals, max_evals=options.max_evals,
+                                 max_n=options.max_N)
     return matrices
 
 
@@ -436,10 +480,14 @@ def records_table(records: list[dict[str, Any]], *, stacklevel: int = 4) -> pd.D
     return records_to_frame(records)
 
 
-def resolve_options(options: AnalysisOptions | None = None, *, ww_compat: bool = False, fit: FitMethod = "fast",
+def resolve_options(options: AnalysisOptions | None = None, *, ww_compat: bool = False, fit: FitKind = "fast",
                     min_tail: int | None = None, precision: Precision = "auto", backend: Backend = "torch",
                     min_evals: int | None = None, max_evals: int | None = None,
-                    phase_config: PhaseConfig | None = None) -> AnalysisOptions:
+                    phase_config: PhaseConfig | None = None, fix_fingers: str | None = None,
+                    randomize: bool = False, seed: int | None = None,
+                    xmax: int | float | None = None,  # noqa: PYI041 - an int and a float mean different things
+                    max_fingers: int | None = None, finger_thresh: float | None = None,
+                    max_N: int | None = None) -> AnalysisOptions:
     """The :class:`AnalysisOptions` of the conventions every front door takes (:func:`analyze`,
     :func:`analyze_state_dict`, :func:`~lightning_htsr.analyze_checkpoint`, the CLI and
     :class:`~lightning_htsr.HTSRCallback`); the options are checked once, in :class:`AnalysisOptions`.
@@ -459,17 +507,25 @@ def resolve_options(options: AnalysisOptions | None = None, *, ww_compat: bool =
             is skipped. Under ``ww_compat`` also weightwatcher's ``min_evals`` (layers below it skipped; default 8).
         max_evals: Skip matrices with more pooled eigenvalues (default: no limit; 15000 under ``ww_compat``).
         phase_config: Phase-classifier thresholds.
+        fix_fingers: weightwatcher's options from here on, the :class:`AnalysisOptions` fields of the same names
+            (also ``randomize``, ``seed``, ``xmax``, ``max_fingers``, ``finger_thresh``, ``max_N``). Those given
+            (not ``None``; ``randomize`` when true) are applied over ``options`` too.
 
     Example:
         >>> o = resolve_options(min_evals=20)
         >>> o.phase_config.min_evals, o.min_evals
         (20, 10)
+        >>> resolve_options(ww_compat=True, xmax=-2, max_N=4096).xmax
+        -2
     """
+    ww_options = {"fix_fingers": fix_fingers, "randomize": randomize, "seed": seed, "xmax": xmax,
+                  "max_fingers": max_fingers, "finger_thresh": finger_thresh, "max_N": max_N}
+    given = {k: v for k, v in ww_options.items() if v is not None and v is not False}
     if options is not None:
-        return options
+        return replace(options, **given) if given else options
     base = AnalysisOptions.weightwatcher() if ww_compat else AnalysisOptions()
     changes: dict[str, Any] = {"precision": precision if not ww_compat else base.precision, "backend": backend}
-    if not ww_compat:
+    if not ww_compat or fit in TPL_FITS:
         changes["fit"] = fit
     config = phase_config if phase_config is not None else base.phase_config
     if min_evals is not None:
@@ -480,7 +536,8 @@ def resolve_options(options: AnalysisOptions | None = None, *, ww_compat: bool =
     for key, value in (("min_tail", min_tail), ("max_evals", max_evals)):
         if value is not None:
             changes[key] = value
-    return replace(base, **changes)
+    return replace(base, **changes, **given)
+
 
 
 def analyze_state_dict(
@@ -488,7 +545,7 @@ def analyze_state_dict(
     *,
     include: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
-    fit: FitMethod = "fast",
+    fit: FitKind = "fast",
     min_tail: int | None = None,
     precision: Precision = "auto",
     backend: Backend = "torch",
@@ -497,11 +554,18 @@ def analyze_state_dict(
     ww_compat: bool = False,
     phase_config: PhaseConfig | None = None,
     options: AnalysisOptions | None = None,
+    fix_fingers: str | None = None,
+    randomize: bool = False,
+    seed: int | None = None,
+    xmax: int | float | None = None,  # noqa: PYI041 - an int and a float mean different things
+    max_fingers: int | None = None,
+    finger_thresh: float | None = None,
 ) -> pd.DataFrame:
     """:func:`analyze` for a bare ``state_dict`` (weights by name and shape; no model class needed).
 
     See :func:`~lightning_htsr.layers.state_dict_matrices` for how tensors become matrices; the other arguments are
-    :func:`analyze`'s (``ww_compat`` scales every 4-D weight as weightwatcher scales ``Conv2d``). Streams: each
+    :func:`analyze`'s (``ww_compat`` scales every 4-D weight as weightwatcher scales ``Conv2d``; ``layers`` and
+    ``max_N`` need the model's modules and are :func:`analyze`'s only). Streams: each
     matrix is upcast only when its batch (:data:`BATCH_BYTES`) is analyzed, so the extra memory is a few matrices,
     not a float32 copy of the model. For checkpoint files, :func:`~lightning_htsr.analyze_checkpoint` also reads
     the tensors one at a time.
@@ -513,7 +577,9 @@ def analyze_state_dict(
         [['fc', 'random_like']]
     """
     options = resolve_options(options, ww_compat=ww_compat, fit=fit, min_tail=min_tail, precision=precision,
-                               backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config)
+                               backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config,
+                               fix_fingers=fix_fingers, randomize=randomize, seed=seed, xmax=xmax,
+                               max_fingers=max_fingers, finger_thresh=finger_thresh)
     shapes = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     matrices = iter_state_dict_matrices(state_dict.items(), shapes=shapes, include=include, exclude=exclude,
                                         min_evals=options.min_evals, max_evals=options.max_evals)

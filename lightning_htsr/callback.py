@@ -103,6 +103,10 @@ class _HTSRCallbackImpl(_CallbackHooks):
         phase_hysteresis: A matrix's reported phase changes after this many consecutive agreeing analyses.
         log_histograms: TensorBoard histogram of log10 eigenvalues per matrix at every analysis.
         log_figures_every: TensorBoard ESD figures every this many analyses (``None`` or 0: never).
+        log_fit_diagnostics: With each ESD figure, also the power-law fit's diagnostics
+            (``<prefix>/<matrix>/fit_diagnostics``: D and alpha over the candidate xmin, lin-lin and log-lin ESD
+            with the MP bulk; :func:`~lightning_htsr.fit_plots.plot_fit_diagnostics`). Off by default: the
+            curves cost one extra pass over each spectrum (``O(1024 n)``) on those analyses.
         background_figures: Draw the TensorBoard figures (ESD, phase map) in a child process, so that training
             does not wait for them; they are written with their analysis' step, and all of them by the end of
             ``fit`` (also when it ends with an exception). ``False`` draws them in the training thread.
@@ -174,6 +178,7 @@ class _HTSRCallbackImpl(_CallbackHooks):
         phase_hysteresis: int = 2,
         log_histograms: bool = True,
         log_figures_every: int | None = 5,
+        log_fit_diagnostics: bool = False,
         background_figures: bool = True,
         history_file: str | None = HISTORY_FILE,
         spectra_file: str | None = SPECTRA_FILE,
@@ -217,7 +222,8 @@ class _HTSRCallbackImpl(_CallbackHooks):
         self.prefix = prefix
         self.verbose = verbose
         self.extra_scalars = tuple(extra_scalars or ())
-        self.tensorboard = TensorBoardSink(prefix, log_histograms, log_figures_every, background_figures)
+        self.tensorboard = TensorBoardSink(prefix, log_histograms, log_figures_every, background_figures,
+                                           log_fit_diagnostics)
         self._init_state(phase_hysteresis)
 
     def _init_state(self, phase_hysteresis: int) -> None:
@@ -450,9 +456,11 @@ class _HTSRCallbackImpl(_CallbackHooks):
             select = (lambda source: owners[source] == rank) if owners is not None else None
             try:
                 mats = weight_matrices(pl_module, access=access, select=select, **selection)
+                scans = self.tensorboard.fit_diagnostics_due(self.analysis_count)
                 for res in analyze_matrices(mats, self.options):
                     ev = res.eigenvalues.numpy().astype(np.float32) if res.eigenvalues is not None else None
-                    local.append(MatrixResult({**res.record, "rank": rank}, ev, res.powerlaw, res.mp))
+                    local.append(MatrixResult({**res.record, "rank": rank}, ev, res.powerlaw, res.mp,
+                                              res.fit_scan() if scans else None))
             except Exception as err:  # noqa: BLE001 - a bug here must not end anybody's training run
                 warnings.warn(f"lightning-htsr: analysis failed on rank {rank} ({type(err).__name__}: {err}); "
                               "these matrices are recorded as skipped", UserWarning, stacklevel=2)

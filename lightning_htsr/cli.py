@@ -155,9 +155,25 @@ def _analysis_options(args: argparse.Namespace) -> Any:
         raise CLIError(f"--min-evals must be >= 0, got {args.min_evals}")
     if args.threads is not None and args.threads < 0:
         raise CLIError(f"--threads must be >= 0, got {args.threads}")
-    return resolve_options(None, ww_compat=args.ww_compat, fit=args.fit, min_tail=None, precision=args.precision,
-                           backend=args.backend, min_evals=args.min_evals, max_evals=args.max_evals,
-                           phase_config=None)
+    try:
+        return resolve_options(None, ww_compat=args.ww_compat, fit=args.fit, min_tail=None, precision=args.precision,
+                               backend=args.backend, min_evals=args.min_evals, max_evals=args.max_evals,
+                               phase_config=None, fix_fingers=args.fix_fingers, randomize=args.randomize,
+                               seed=args.seed, xmax=args.xmax, max_fingers=args.max_fingers,
+                               finger_thresh=args.finger_thresh)
+    except (ValueError, ImportError) as err:  # options weightwatcher refuses too, or the [tpl] extra missing
+        raise CLIError(str(err)) from None
+
+
+def _xmax(text: str) -> int | float:
+    """``--xmax``: an integer (top eigenvalues left out) or a number with a point or exponent (tail cap)."""
+    try:
+        return int(text)
+    except ValueError:
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
 
 
 def _device(text: str | None) -> Any:
@@ -172,6 +188,20 @@ def _device(text: str | None) -> Any:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CLIError(f"--device {text}: no CUDA device is available here")
     return device
+
+
+def _check_backend(backend: str, device: Any) -> None:
+    """Refuse ``--backend cupy`` up front, in one line, where it cannot run (no ``--device cuda``, no CuPy, no GPU)."""
+    if backend != "cupy":
+        return
+    if device is None or device.type != "cuda":
+        raise CLIError("--backend cupy: needs --device cuda (CuPy works on CUDA tensors only)")
+    from .eigenvalues import BackendUnavailableError, _import_cupy
+
+    try:
+        _import_cupy()
+    except BackendUnavailableError as err:
+        raise CLIError(f"--backend cupy: {err}") from None
 
 
 @contextlib.contextmanager
@@ -202,6 +232,7 @@ def _run_analyze(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> in
     columns = _parse_columns(args.columns)
     options = _analysis_options(args)
     device = _device(args.device)
+    _check_backend(options.backend, device)
     checkpoint = open_checkpoint(args.paths, trust_pickle=args.trust_pickle)
     if not checkpoint_plan(checkpoint, options, include=include, exclude=exclude):
         _no_matrices(checkpoint, options, include or exclude)
@@ -262,7 +293,8 @@ def _report_analysis(args: argparse.Namespace, records: list[dict[str, Any]], co
     if args.plots:
         index = _write_plot_index(Path(args.plots), sources, plotted)
         if not args.quiet:
-            stderr.write(f"{PROG}: wrote {len(plotted)} ESD figures and {index}\n")
+            fits = sum(1 for r in plotted if r.get("fit_file"))
+            stderr.write(f"{PROG}: wrote {len(plotted)} ESD figures, {fits} fit diagnostics and {index}\n")
 
 
 class _EsdPlotter:
@@ -278,17 +310,22 @@ class _EsdPlotter:
         self._taken: set[str] = set()
 
     def __call__(self, result: Any) -> None:
-        from .views import esd_figure, safe_filename, save_png
+        from .views import esd_figure, fit_figure, safe_filename, save_png
 
         if result.eigenvalues is None or result.eigenvalues.numel() == 0:
             return
         record = result.record
+        phase = result.phase if result.phase is not None else record.get("phase")
         fig = esd_figure(record["name"], result.eigenvalues, powerlaw=result.powerlaw, mp=result.mp,
-                         phase=result.phase if result.phase is not None else record.get("phase"),
-                         Q=float(record["Q"]))
+                         phase=phase, Q=float(record["Q"]))
         file = safe_filename(str(record["name"]), self._taken)
         save_png(fig, self.plots_dir / file)
-        self.plotted.append({**record, "file": file})
+        scan, fit_file = result.fit_scan(), ""
+        if scan is not None:  # the power-law fit's diagnostics (none for TPL fits and xmin_peak)
+            fit_file = safe_filename(str(record["name"]), self._taken, prefix="fit_")
+            save_png(fit_figure(str(record["name"]), result.eigenvalues, scan, mp=result.mp, phase=phase,
+                                Q=float(record["Q"])), self.plots_dir / fit_file)
+        self.plotted.append({**record, "file": file, "fit_file": fit_file})
 
 
 def _write_plot_index(plots_dir: Path, sources: Sequence[Path], plotted: Sequence[Mapping[str, Any]]) -> Path:
@@ -303,6 +340,12 @@ def _write_plot_index(plots_dir: Path, sources: Sequence[Path], plotted: Sequenc
             html_table(plotted, ["name", "N", "M", "alpha", "D", "entropy", "num_spikes", "phase", "warning",
                                  "status"], links=links),
             esd_grid((str(r["name"]), str(r["file"]), str(r["name"])) for r in plotted)]
+    fits = [r for r in plotted if r.get("fit_file")]
+    if fits:
+        body += [("<h2>Power-law fit diagnostics</h2><p>Per matrix: the ESD on log-log, lin-lin and log-lin axes "
+                  "with the Marchenko-Pastur bulk, and the KS distance D and alpha over the candidate xmin, the "
+                  "chosen xmin marked.</p>"),
+                 esd_grid((str(r["name"]), str(r["fit_file"]), f"{r['name']}: fit diagnostics") for r in fits)]
     index = plots_dir / "index.html"
     title = sources[0].name if len(sources) == 1 else f"{sources[0].parent.name or sources[0].name}"
     index.write_text(html_page(f"ESDs of {title}", "\n".join(body)), encoding="utf-8")
@@ -356,7 +399,9 @@ def _add_analyze_parser(sub: Any) -> None:
                          help="checkpoint file, .index.json file or model directory (several: one checkpoint)")
     analyze.add_argument("--csv", metavar="FILE", help="write the full table (all columns) as CSV")
     analyze.add_argument("--json", metavar="FILE", help="write the full table (all columns) as JSON records")
-    analyze.add_argument("--plots", metavar="DIR", help="write one ESD figure per analyzed matrix and index.html")
+    analyze.add_argument("--plots", metavar="DIR",
+                         help="write one ESD figure and one power-law fit diagnostic figure (D and alpha over "
+                              "xmin, lin-lin and log-lin ESD) per analyzed matrix, and index.html")
     _add_selection_options(analyze)
     _add_numerics_options(analyze)
     analyze.add_argument("--columns", metavar="A,B,C",
@@ -383,12 +428,28 @@ def _add_selection_options(analyze: argparse.ArgumentParser) -> None:
 
 
 def _add_numerics_options(analyze: argparse.ArgumentParser) -> None:
-    """How ``analyze`` computes: ``--precision/--fit/--ww-compat``."""
+    """How ``analyze`` computes: ``--precision/--fit/--ww-compat`` and weightwatcher's fit options."""
     analyze.add_argument("--precision", choices=("auto", "float32", "float64"), default="auto",
                          help="eigenvalue precision (default auto: float32 where accurate enough)")
-    analyze.add_argument("--fit", choices=("fast", "exact"), default="fast", help="power-law search (default fast)")
+    analyze.add_argument("--fit", choices=("fast", "exact", "TPL", "E_TPL"), default="fast",
+                         help="power-law search (default fast), or weightwatcher's truncated power law TPL/E_TPL "
+                              "(needs pip install -e '.[tpl]'; slow: seconds per matrix)")
     analyze.add_argument("--ww-compat", action="store_true",
-                         help="weightwatcher 0.7.7's conventions (exact fit, float64; overrides --fit/--precision)")
+                         help="weightwatcher 0.7.7's conventions (exact fit, float64; overrides --fit fast/exact "
+                              "and --precision)")
+    ww = analyze.add_argument_group("weightwatcher's options")
+    ww.add_argument("--fix-fingers", choices=("clip_xmax", "xmin_peak"), default=None,
+                    help="weightwatcher's fix_fingers (adds num_fingers and raw_alpha with clip_xmax)")
+    ww.add_argument("--max-fingers", metavar="K", type=int, default=None,
+                    help="clip_xmax: finger limit (as weightwatcher: only values >= half the eigenvalues count)")
+    ww.add_argument("--finger-thresh", metavar="X", type=float, default=None,
+                    help="clip_xmax: drop of alpha that marks fingers (default 1.0)")
+    ww.add_argument("--xmax", metavar="K|X", type=_xmax, default=None,
+                    help="integer K: leave the abs(K) largest eigenvalues out of the fit; number X (with a point): "
+                         "leave out eigenvalues above X")
+    ww.add_argument("--randomize", action="store_true",
+                    help="add the correlation-trap columns of the element-shuffled matrices (rand_*)")
+    ww.add_argument("--seed", metavar="N", type=int, default=None, help="seed of --randomize's shuffles")
 
 
 def _add_execution_options(analyze: argparse.ArgumentParser) -> None:

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from .powerlaw import PowerLawFit
 
-__all__ = ["fit_fix_fingers"]
+__all__ = ["fit_fix_fingers", "removed_by_clip"]
 
 #: Accepted ``fix_fingers`` values.
 FIX_FINGERS = ("clip_xmax", "xmin_peak")
@@ -35,14 +35,19 @@ XMIN_PEAK_REASON = "weightwatcher 0.7.7: only powerlaw supports fix_fingers (xmi
 MAX_FINGERS, FINGER_THRESH, MIN_ALPHA = 10, 1.0, 2.0
 
 
-def fit_fix_fingers(eigenvalues: Tensor, fit: Callable[[Tensor], PowerLawFit],
-                    fix_fingers: str) -> tuple[PowerLawFit, dict[str, float | int]]:
+def fit_fix_fingers(eigenvalues: Tensor, fit: Callable[[Tensor], PowerLawFit], fix_fingers: str, *,
+                    max_fingers: int | None = MAX_FINGERS,
+                    finger_thresh: float = FINGER_THRESH) -> tuple[PowerLawFit, dict[str, float | int]]:
     """A power-law fit with weightwatcher's ``fix_fingers`` treatment.
 
     Args:
         eigenvalues: The ESD, sorted ascending.
         fit: The power-law fit to use (the analysis's :func:`~lightning_htsr.powerlaw.fit_power_law` settings).
         fix_fingers: ``"clip_xmax"`` or ``"xmin_peak"``.
+        max_fingers: ``clip_xmax`` tries removing ``2 .. max_fingers - 1`` eigenvalues. As in weightwatcher 0.7.7
+            (``fit_powerlaw``), a value below half the number of eigenvalues (or ``None``, or negative) is replaced
+            by its default 10: only a large ``max_fingers`` changes anything.
+        finger_thresh: How far below the first fit's alpha a clipped fit must drop to be kept.
 
     Returns:
         The kept fit and the extra columns (``{"num_fingers", "raw_alpha"}`` for ``"clip_xmax"``, none for
@@ -62,14 +67,16 @@ def fit_fix_fingers(eigenvalues: Tensor, fit: Callable[[Tensor], PowerLawFit],
     first = fit(eigenvalues)
     if not first.ok:
         return first, {"num_fingers": 0, "raw_alpha": first.alpha}
+    if max_fingers is None or max_fingers < 0.5 * eigenvalues.numel():  # weightwatcher's reset, negatives included
+        max_fingers = MAX_FINGERS
     best, num_fingers = first, 0
-    for idx in range(2, MAX_FINGERS):
+    for idx in range(2, max_fingers):
         if idx >= eigenvalues.numel():
             break
         clipped = fit(eigenvalues[:-idx])
         if not clipped.ok:
             break
-        if clipped.alpha + FINGER_THRESH < first.alpha:
+        if clipped.alpha + finger_thresh < first.alpha:
             best, num_fingers = clipped, idx - 1
             break
         if clipped.alpha <= MIN_ALPHA:
@@ -78,3 +85,14 @@ def fit_fix_fingers(eigenvalues: Tensor, fit: Callable[[Tensor], PowerLawFit],
         tail = int(torch.count_nonzero(eigenvalues >= best.xmin))
         best = replace(best, num_pl_spikes=tail, num_evals=first.num_evals)
     return best, {"num_fingers": num_fingers, "raw_alpha": float(np.float64(first.alpha))}
+
+
+def removed_by_clip(num_fingers: int) -> int:
+    """How many of the largest eigenvalues the kept ``clip_xmax`` fit left out: ``num_fingers + 1`` (weightwatcher
+    counts one less than it removes), 0 when the first fit was kept.
+
+    Example:
+        >>> removed_by_clip(0), removed_by_clip(3)
+        (0, 4)
+    """
+    return num_fingers + 1 if num_fingers > 0 else 0

@@ -24,13 +24,12 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .analysis import AnalysisOptions, MatrixAnalysis, analyze_stream, records_table, resolve_options
+from .analysis import AnalysisOptions, FitKind, MatrixAnalysis, analyze_stream, records_table, resolve_options
 from .checkpoints import Checkpoint, CheckpointError, TensorInfo, open_checkpoint
 from .distributed import assign_owners, gather_objects
 from .eigenvalues import Backend, Precision
 from .layers import ShapeAccess, WeightMatrix, is_weight_entry, iter_state_dict_matrices, state_dict_source
 from .phases import PhaseConfig
-from .powerlaw import FitMethod
 
 __all__ = ["DEFAULT_THREADS", "analyze_checkpoint", "checkpoint_plan", "checkpoint_records"]
 
@@ -190,7 +189,7 @@ def analyze_checkpoint(
     *,
     include: Sequence[str] | str | None = None,
     exclude: Sequence[str] | str | None = None,
-    fit: FitMethod = "fast",
+    fit: FitKind = "fast",
     min_tail: int | None = None,
     precision: Precision = "auto",
     backend: Backend = "torch",
@@ -203,6 +202,12 @@ def analyze_checkpoint(
     threads: int | None = None,
     progress: bool = False,
     trust_pickle: bool = False,
+    fix_fingers: str | None = None,
+    randomize: bool = False,
+    seed: int | None = None,
+    xmax: int | float | None = None,  # noqa: PYI041 - an int and a float mean different things
+    max_fingers: int | None = None,
+    finger_thresh: float | None = None,
 ) -> pd.DataFrame:
     """Analyze checkpoint files without the model's class, streaming: one table for the whole checkpoint.
 
@@ -211,7 +216,8 @@ def analyze_checkpoint(
     read one at a time, upcast per matrix and dropped once analyzed, so memory stays at a few of the largest
     matrices. Under an initialized ``torch.distributed`` process group (``torchrun``), each rank analyzes a
     cost-balanced share and every rank returns the whole table. ``include``, ``exclude`` and the conventions
-    (``fit`` ... ``options``) are :func:`~lightning_htsr.analyze_state_dict`'s.
+    (``fit`` ... ``options``) and weightwatcher's options (``fix_fingers`` ... ``finger_thresh``) are
+    :func:`~lightning_htsr.analyze_state_dict`'s.
 
     Args:
         paths: What to read.
@@ -236,7 +242,9 @@ def analyze_checkpoint(
         [['fc', 'random_like']]
     """
     options = resolve_options(options, ww_compat=ww_compat, fit=fit, min_tail=min_tail, precision=precision,
-                              backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config)
+                              backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config,
+                              fix_fingers=fix_fingers, randomize=randomize, seed=seed, xmax=xmax,
+                              max_fingers=max_fingers, finger_thresh=finger_thresh)
     checkpoint = open_checkpoint(paths, trust_pickle=trust_pickle)
     with threads_limit(threads):
         records = checkpoint_records(checkpoint, options, include=include, exclude=exclude, device=device,

@@ -35,9 +35,11 @@ from .eigenvalues import check_choice, default_zero_tol, sorted_float64
 
 __all__ = [
     "FitMethod",
+    "FitScan",
     "KSConvention",
     "PowerLawFit",
     "fit_power_law",
+    "fit_scan",
     "ks_distances",
     "likelihood_ratio_exponential",
 ]
@@ -356,21 +358,131 @@ def fit_power_law(
         >>> fit.status, round(fit.alpha, 1)
         ('success', 2.5)
     """
+    return _fit(eigenvalues, method=method, min_tail=min_tail, ks=ks, zero_tol=zero_tol,
+                small_n_cutoff=small_n_cutoff)[0]
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """The quantities every candidate ``xmin`` shares: sorted positive ``x``, ``ln x``, ``alpha`` and validity."""
+
+    x: Tensor
+    logx: Tensor
+    alpha: Tensor
+    valid: Tensor
+    small_n: bool
+
+
+def _fit(eigenvalues: Tensor | np.ndarray, *, method: FitMethod, min_tail: int, ks: KSConvention,
+         zero_tol: float | None, small_n_cutoff: int) -> tuple[PowerLawFit, _Prepared | None, int]:
+    """:func:`fit_power_law` plus what it computed on the way: the prepared candidates and the chosen index."""
     check_choice("method", method, FitMethod)
     check_choice("ks", ks, KSConvention)
     x = _positive(eigenvalues, zero_tol)
     if isinstance(x, PowerLawFit):
-        return x
+        return x, None, -1
     n = x.numel()
     small_n = 0 < n < small_n_cutoff
     logx = torch.log(x)
     alpha, s = _alphas(logx, small_n)
-    valid = (alpha > 1.0) & (s > 0) & torch.isfinite(alpha)
+    prep = _Prepared(x, logx, alpha, (alpha > 1.0) & (s > 0) & torch.isfinite(alpha), small_n)
     two_sided = ks == "two_sided"
-    best = _best_start(logx, alpha, valid, method=method, min_tail=min_tail, small_n=small_n, two_sided=two_sided)
+    best = _best_start(logx, alpha, prep.valid, method=method, min_tail=min_tail, small_n=small_n,
+                       two_sided=two_sided)
     if isinstance(best, str):
-        return PowerLawFit.failed(best, n, float(x[-1]))
-    return _fit_at(x, logx, alpha, best, two_sided)
+        return PowerLawFit.failed(best, n, float(x[-1])), prep, -1
+    return _fit_at(x, logx, alpha, best, two_sided), prep, best
+
+
+@dataclass(frozen=True)
+class FitScan:
+    """The fit's objective over its candidates: ``D(xmin)`` and ``alpha(xmin)``, with the fit it chose.
+
+    Attributes:
+        xmins: Candidate ``xmin`` values, ascending (every admissible one, or an even subsample plus the chosen).
+        alphas: The MLE exponent of the tail starting at each candidate (as the fit computes it).
+        Ds: The exact KS distance of each candidate under the fit's convention (NaN where ``alpha <= 1``).
+        fit: The fit, whose ``xmin`` is one of ``xmins`` (failed: the arrays may be empty).
+        chosen: Index of ``fit.xmin`` in ``xmins`` (-1 when the fit failed).
+    """
+
+    xmins: np.ndarray
+    alphas: np.ndarray
+    Ds: np.ndarray
+    fit: PowerLawFit
+    chosen: int
+
+
+def fit_scan(
+    eigenvalues: Tensor | np.ndarray,
+    *,
+    method: FitMethod = "fast",
+    min_tail: int = 10,
+    ks: KSConvention = "two_sided",
+    zero_tol: float | None = None,
+    small_n_cutoff: int = WW_SMALL_N_CUTOFF,
+    drop_top: int = 0,
+    at_xmin: float | None = None,
+    max_points: int = 1024,
+) -> FitScan:
+    """:func:`fit_power_law` with its objective exposed: ``D`` and ``alpha`` at every admissible ``xmin``.
+
+    The fit runs exactly as :func:`fit_power_law` with the same arguments (same result); the curves are then the
+    fit's own per-candidate quantities (the exponent array it selects from, the exact KS distance it ranks with)
+    over the admissible candidates (tails of at least ``min_tail``). With ``method="exact"`` the chosen ``xmin``
+    is the curve's first minimum; ``"fast"`` lands on it or on a near-degenerate neighbour.
+
+    Args:
+        eigenvalues: The ESD (any order).
+        method: See :func:`fit_power_law`.
+        min_tail: See :func:`fit_power_law`.
+        ks: See :func:`fit_power_law`.
+        zero_tol: See :func:`fit_power_law`.
+        small_n_cutoff: See :func:`fit_power_law`.
+        drop_top: Leave out the ``drop_top`` largest eigenvalues first (what the analysis' ``xmax`` or
+            ``fix_fingers="clip_xmax"`` left out of the kept fit).
+        at_xmin: Mark this ``xmin`` instead of the fit's choice (the nearest candidate; for a recorded fit whose
+            settings are not known). The returned ``fit`` is then the fit at that candidate.
+        max_points: At most this many candidates are scored (evenly spaced in index, the chosen one always
+            included); the KS work is ``O(max_points * n)``.
+
+    Returns:
+        A :class:`FitScan`.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> x = (1.0 - torch.rand(2000, generator=g, dtype=torch.float64)) ** (-1.0 / 1.5)
+        >>> scan = fit_scan(x, method="exact")
+        >>> bool(scan.Ds[scan.chosen] == scan.fit.D), bool(scan.alphas[scan.chosen] == scan.fit.alpha)
+        (True, True)
+    """
+    if drop_top > 0:  # keep the input dtype: the default zero tolerance depends on it
+        kept = sorted_float64(eigenvalues)[:-drop_top]
+        eigenvalues = kept.to(eigenvalues.dtype) if isinstance(eigenvalues, Tensor) else \
+            kept.numpy().astype(np.asarray(eigenvalues).dtype)
+    fit, prep, best = _fit(eigenvalues, method=method, min_tail=min_tail, ks=ks, zero_tol=zero_tol,
+                           small_n_cutoff=small_n_cutoff)
+    empty = np.empty(0)
+    if prep is None:
+        return FitScan(empty, empty, empty, fit, -1)
+    n = prep.x.numel()
+    two_sided = ks == "two_sided"
+    if at_xmin is not None and math.isfinite(at_xmin):
+        best = int(torch.argmin((prep.x[: n - 1] - at_xmin).abs()))  # first of the nearest candidates
+        fit = _fit_at(prep.x, prep.logx, prep.alpha, best, two_sided)
+    hi = n - max(min_tail, 2, WW_SMALL_N_MIN_TAIL if prep.small_n else 0)
+    hi = max(hi, best, 0)
+    idx = torch.arange(hi + 1)
+    if idx.numel() > max_points:
+        idx = torch.linspace(0, hi, max_points).round().long()
+    if best >= 0:
+        idx = torch.cat([idx, torch.tensor([best])])
+    idx = torch.unique(idx).to(prep.x.device)
+    ds = _ks_many(prep.logx, idx, prep.alpha, two_sided, None)
+    ds = torch.where(prep.valid[idx], ds, torch.full_like(ds, math.nan))
+    chosen = int((idx == best).nonzero()[0]) if best >= 0 else -1
+    return FitScan(prep.x[idx].cpu().numpy(), prep.alpha[idx].cpu().numpy(), ds.cpu().numpy(), fit, chosen)
 
 
 def _fit_at(x: Tensor, logx: Tensor, alpha: Tensor, best: int, two_sided: bool) -> PowerLawFit:
@@ -461,7 +573,7 @@ def likelihood_ratio_exponential(eigenvalues: Tensor | np.ndarray, fit: PowerLaw
         >>> likelihood_ratio_exponential(x, fit_power_law(x)) > 2
         True
     """
-    if not fit.ok:
+    if not fit.ok or not fit.alpha > 1.0 or not fit.xmin > 0.0:  # e.g. a truncated power law's alpha <= 1
         return math.nan
     x = sorted_float64(eigenvalues)
     tail = x[x >= fit.xmin]

@@ -69,12 +69,15 @@ class MatrixResult:
         eigenvalues: Sorted eigenvalues as float32 (``None`` for skipped matrices).
         powerlaw: The power-law fit (for ESD figures), or ``None``.
         mp: The Marchenko-Pastur fit (for ESD figures), or ``None``.
+        scan: The power-law fit's ``D(xmin)``/``alpha(xmin)`` (:class:`~lightning_htsr.powerlaw.FitScan`, for the
+            fit-diagnostics figures), or ``None``.
     """
 
     record: Mapping[str, Any]
     eigenvalues: np.ndarray | None = None
     powerlaw: Any = None
     mp: Any = None
+    scan: Any = None
 
     @property
     def name(self) -> str:

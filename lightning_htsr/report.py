@@ -8,6 +8,8 @@ analysis) into the logger's log dir. :func:`write_report` turns them into:
 * ``phase_map.png``: the smoothed phase of every matrix at every analysis;
 * ``esd/esd_<matrix>.png``: the final ESD of every matrix with its power-law and Marchenko-Pastur fits, rebuilt
   from the history columns of the analysis the spectra belong to (when ``htsr_spectra.npz`` is present);
+* ``fit/fit_<matrix>.png``: the power-law fit's diagnostics of the same spectra (:func:`recorded_scan`,
+  :func:`~lightning_htsr.fit_plots.plot_fit_diagnostics`);
 * ``index.html``: relative links to the figures, the table of the final analysis, the list of analyses, and a
   "Stopped" section saying where and why the callback stopped training (or that it did not).
 
@@ -25,7 +27,7 @@ import json
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +35,19 @@ import numpy as np
 import pandas as pd
 
 from .marchenko_pastur import MarchenkoPasturFit
-from .powerlaw import PowerLawFit
+from .powerlaw import FitScan, PowerLawFit, fit_scan
 from .sinks.history import HISTORY_COLUMNS, SPECTRA_FILE, read_history, read_spectra
-from .views import esd_figure, esd_grid, format_value, html_page, html_table, phase_counts, safe_filename, save_png
+from .views import (
+    esd_figure,
+    esd_grid,
+    fit_figure,
+    format_value,
+    html_page,
+    html_table,
+    phase_counts,
+    safe_filename,
+    save_png,
+)
 
 # esd_figure, format_value, html_page, html_table, phase_counts, safe_filename and save_png lived here before
 # lightning_htsr.views; importing them from lightning_htsr.report still works.
@@ -47,6 +59,7 @@ __all__ = [
     "SPECTRA_FILE",
     "find_history",
     "fits_from_row",
+    "recorded_scan",
     "is_history_file",
     "load_history",
     "write_report",
@@ -358,6 +371,7 @@ class _EsdFigures:
     items: list[tuple[str, str, str]]  #: ``(matrix name, file, caption)`` for :func:`~lightning_htsr.views.esd_grid`
     links: dict[str, str]  #: matrix name -> file
     note: str  #: why there are none, or that the spectra are not in the history; ``""`` when all is well
+    fits: list[tuple[str, str, str]] = field(default_factory=list)  #: the fit diagnostics, as ``items``
 
 
 def _esd_figures(run: _RunHistory, spectra_file: Path, out: Path) -> _EsdFigures:
@@ -380,14 +394,33 @@ def _esd_figures(run: _RunHistory, spectra_file: Path, out: Path) -> _EsdFigures
     else:
         note = (f"{spectra_file.name} holds the spectra of step {step} (epoch {epoch}), which is not in the history; "
                 "the fits drawn are those of the last analysis.")
-    items = _draw_esds(run.rows_of[esd_id].to_dict("records"), spectra, out)
-    return _EsdFigures(esd_id, items, {name: file for name, file, _ in items}, note)
+    items, fits = _draw_esds(run.rows_of[esd_id].to_dict("records"), spectra, out)
+    return _EsdFigures(esd_id, items, {name: file for name, file, _ in items}, note, fits)
 
 
-def _draw_esds(rows: list[dict[str, Any]], spectra: Mapping[str, Any], out: Path) -> list[tuple[str, str, str]]:
-    """One ESD figure per history row with a non-empty spectrum; ``(matrix name, file, caption)`` of each."""
+def recorded_scan(eigenvalues: Any, row: Mapping[str, Any]) -> FitScan | None:
+    """``D(xmin)`` and ``alpha(xmin)`` of a stored spectrum around a history row's fit.
+
+    The history keeps the fit, not its settings: every candidate is scored (tails of 2 or more), the recorded
+    ``xmin`` is marked, and the KS convention is the one whose ``D`` there is closest to the recorded ``D``. The
+    callback stores float32 spectra, so the marked values agree with the row to float32 precision.
+
+    Returns:
+        The scan, or ``None`` when the row has no power-law fit.
+    """
+    xmin, d = _number(row, "xmin"), _number(row, "D")
+    if not (math.isfinite(xmin) and math.isfinite(d)):
+        return None
+    scans = [fit_scan(eigenvalues, ks=ks, min_tail=2, at_xmin=xmin) for ks in ("two_sided", "lower")]
+    return min(scans, key=lambda s: abs(s.fit.D - d) if s.fit.ok else math.inf)
+
+
+def _draw_esds(rows: list[dict[str, Any]], spectra: Mapping[str, Any],
+               out: Path) -> tuple[list[tuple[str, str, str]], list[tuple[str, str, str]]]:
+    """One ESD figure and one fit-diagnostics figure per history row with a non-empty spectrum; the
+    ``(matrix name, file, caption)`` of each kind."""
     taken: set[str] = set()
-    items = []
+    items, fits = [], []
     for row in rows:
         name = str(row["name"])
         ev = spectra.get(name)
@@ -400,7 +433,12 @@ def _draw_esds(rows: list[dict[str, Any]], spectra: Mapping[str, Any], out: Path
         save_png(fig, out / file)
         caption = f"{name}: {row.get('phase') or 'unclassified'}, alpha {format_value(_number(row, 'alpha'))}"
         items.append((name, file, caption))
-    return items
+        scan = recorded_scan(ev, row)
+        if scan is not None:
+            fit_file = "fit/" + safe_filename(name, taken, prefix="fit_")
+            save_png(fit_figure(name, ev, scan, mp=mp, phase=phase, Q=_number(row, "Q")), out / fit_file)
+            fits.append((name, fit_file, f"{name}: D and alpha over xmin (xmin {format_value(_number(row, 'xmin'))})"))
+    return items, fits
 
 
 # ------------------------------------------------------------------------------------------------ index.html
@@ -476,6 +514,12 @@ def _esd_html(run: _RunHistory, esd: _EsdFigures) -> list[str]:
         parts.append("<p>Histogram of the eigenvalues of W<sup>T</sup>W/N (log-log) with the power-law fit (dashed, "
                      "from xmin), the Marchenko-Pastur bulk and its edge, and the Tracy-Widom spike threshold.</p>")
         parts.append(esd_grid(esd.items))
+    if esd.fits:
+        parts.append('<h2 id="fit">Power-law fit diagnostics</h2><p>Per matrix: the ESD on log-log, lin-lin and '
+                     "log-lin axes with the Marchenko-Pastur bulk, and the KS distance D and alpha over the candidate "
+                     "xmin, the recorded xmin marked: one clear minimum of D with a flat alpha around it is a power "
+                     "law; an alpha that jumps near the largest candidates points at a few outliers (fingers).</p>")
+        parts.append(esd_grid(esd.fits))
     return parts
 
 

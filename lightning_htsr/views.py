@@ -29,11 +29,12 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from .marchenko_pastur import MarchenkoPasturFit
-    from .powerlaw import PowerLawFit
+    from .powerlaw import FitScan, PowerLawFit
 
 __all__ = [
     "esd_figure",
     "esd_grid",
+    "fit_figure",
     "format_value",
     "html_page",
     "html_table",
@@ -128,6 +129,28 @@ def esd_figure(name: str, eigenvalues: Any, *, powerlaw: PowerLawFit | None, mp:
         title += f"  (α={powerlaw.alpha:.2f}, D={powerlaw.D:.3f})"
     q = Q if Q is not None and math.isfinite(Q) and Q >= 1 else None
     return plot_esd(eigenvalues, powerlaw=powerlaw, mp=mp, phase=phase, title=title, Q=q)
+
+
+def fit_figure(name: str, eigenvalues: Any, scan: FitScan, *, mp: MarchenkoPasturFit | None, phase: Any,
+               Q: float | None = None) -> Figure:
+    """:func:`~lightning_htsr.fit_plots.plot_fit_diagnostics` titled with the matrix name and its phase.
+
+    Args:
+        name: Matrix name (for the title).
+        eigenvalues: The ESD.
+        scan: The fit's :class:`~lightning_htsr.powerlaw.FitScan`.
+        mp: Marchenko-Pastur fit, or ``None``.
+        phase: Phase (name, :class:`~lightning_htsr.Phase` or ``PhaseResult``), or ``None``.
+        Q: Aspect ratio ``N / M`` (default: from the fitted bulk edges).
+
+    Returns:
+        The figure.
+    """
+    from .fit_plots import plot_fit_diagnostics
+    from .plotting import phase_label
+
+    q = Q if Q is not None and math.isfinite(Q) and Q >= 1 else None
+    return plot_fit_diagnostics(eigenvalues, scan, mp=mp, phase=phase, title=f"{name}: {phase_label(phase)}", Q=q)
 
 
 def save_png(fig: Figure, path: Path) -> None:

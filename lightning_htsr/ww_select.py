@@ -22,6 +22,7 @@ by default, are analyzed when weightwatcher analyzes them.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -29,7 +30,10 @@ from torch import Tensor, nn
 
 from .layers import SkipKind, WeightMatrix, clean_name, conv_slices, tall
 
-__all__ = ["ww_layer_shape", "ww_select", "ww_skip_reason"]
+__all__ = ["LayerFilter", "select_layers", "ww_layer_ids", "ww_layer_shape", "ww_select", "ww_skip_reason"]
+
+#: weightwatcher's ``layers=`` filter: integer layer ids and/or matrix names (one, or a list).
+LayerFilter = int | str | Sequence[int | str]
 
 #: weightwatcher 0.7.7's ``DEFAULT_MAX_EVALS``.
 WW_MAX_EVALS = 15000
@@ -88,7 +92,7 @@ def ww_skip_reason(n: int, m: int, rf: int, *, min_evals: int = 8, max_evals: in
 
 
 def ww_select(model: nn.Module, matrices: Sequence[WeightMatrix], *, min_evals: int = 8,
-              max_evals: int | None = None) -> list[WeightMatrix]:
+              max_evals: int | None = None, max_n: int | None = None) -> list[WeightMatrix]:
     """weightwatcher's layer selection applied to already extracted matrices.
 
     Matrices weightwatcher skips get a ``skip_reason`` (and no slices); single-column ``Conv2d`` matrices it
@@ -99,6 +103,7 @@ def ww_select(model: nn.Module, matrices: Sequence[WeightMatrix], *, min_evals: 
         matrices: Output of :func:`~lightning_htsr.layers.weight_matrices`.
         min_evals: weightwatcher's ``min_evals``.
         max_evals: weightwatcher's ``max_evals`` (``None``: its default 15000).
+        max_n: weightwatcher's ``max_N`` (``None``: its default 50000).
 
     Returns:
         The matrices, in order, with weightwatcher's decisions.
@@ -119,7 +124,7 @@ def ww_select(model: nn.Module, matrices: Sequence[WeightMatrix], *, min_evals: 
                                skip_kind=SkipKind.NOT_SELECTED))
             continue
         reason = ww_skip_reason(*ww_layer_shape(kind, tuple(weight.shape)), min_evals=min_evals,
-                                max_evals=max_evals or WW_MAX_EVALS)
+                                max_evals=max_evals or WW_MAX_EVALS, max_n=max_n or WW_MAX_N)
         if reason is not None:
             out.append(replace(matrix, slices=None, skip_reason=reason, skip_kind=SkipKind.NOT_SELECTED))
         elif matrix.skip_reason is not None and kind == "conv2d" and weight.dim() == 4:
@@ -129,3 +134,72 @@ def ww_select(model: nn.Module, matrices: Sequence[WeightMatrix], *, min_evals: 
         else:
             out.append(matrix)
     return out
+
+
+def ww_layer_ids(model: nn.Module) -> dict[str, int]:
+    """weightwatcher's ``layer_id`` of every module: its position in ``model.named_modules()``, the root 0
+    (``PyTorchLayer.get_layer_iterator`` with ``start_id=0``), keyed by the module name matrices carry as
+    ``source`` (the root under ``"weight"``, as a bare layer's matrix is named).
+
+    Example:
+        >>> ids = ww_layer_ids(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 2))))
+        >>> ids["0"], ids["2"], ids["2.0"]
+        (1, 3, 4)
+    """
+    ids = {clean_name(name): i for i, (name, _) in enumerate(model.named_modules())}
+    ids.setdefault("weight", 0)
+    return ids
+
+
+def _split_filter(layers: LayerFilter) -> tuple[list[int], list[str]]:
+    items = [layers] if isinstance(layers, (int, str)) else list(layers)
+    ids = [int(x) for x in items if isinstance(x, numbers.Integral) and not isinstance(x, bool)]
+    names = [x for x in items if isinstance(x, str)]
+    other = [x for x in items if x not in ids and x not in names]
+    if other:
+        raise TypeError(f"layers= takes integer layer ids and names, got {other!r}")
+    if names and any(n.startswith("-") for n in names) and not all(n.startswith("-") for n in names):
+        raise ValueError("layers=: names either all keep or all leave out ('-name'), as in weightwatcher")
+    return ids, names
+
+
+def select_layers(model: nn.Module, matrices: Sequence[WeightMatrix], layers: LayerFilter) -> list[WeightMatrix]:
+    """The matrices weightwatcher's ``layers=`` filter keeps, in order (the others are left out, as
+    ``include``/``exclude`` leave them out).
+
+    As ``WWLayerIterator.apply_filters``: with only non-negative ids, the modules with those ids
+    (:func:`ww_layer_ids`) are kept; with any negative id, the modules whose id is ``-id`` are left out. Names are
+    matrix names (this package's, e.g. ``"features.0"``): kept, or left out when written ``"-name"``. Ids and
+    names together: a matrix must pass both.
+
+    Args:
+        model: The module the matrices come from.
+        matrices: Its matrices.
+        layers: One id or name, or a list of them.
+
+    Returns:
+        The kept matrices.
+
+    Example:
+        >>> from lightning_htsr.layers import weight_matrices
+        >>> m = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+        >>> [x.name for x in select_layers(m, weight_matrices(m, min_evals=0), [-1])]
+        ['2']
+    """
+    ids, names = _split_filter(layers)
+    layer_id = ww_layer_ids(model)
+
+    def keep(matrix: WeightMatrix) -> bool:
+        if ids:
+            i = layer_id.get(matrix.source)
+            if min(ids) >= 0 and i not in ids:
+                return False
+            if min(ids) < 0 and i is not None and -i in ids:
+                return False
+        if names:
+            if names[0].startswith("-"):
+                return f"-{matrix.name}" not in names
+            return matrix.name in names
+        return True
+
+    return [m for m in matrices if keep(m)]

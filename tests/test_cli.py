@@ -183,7 +183,8 @@ def test_plots_write_one_esd_png_per_analyzed_matrix_and_an_index(tmp_path, caps
     code, out, err = run(capsys, "analyze", path, "--plots", tmp_path / "plots")
     assert code == 0, err
     pngs = sorted(p.name for p in (tmp_path / "plots").glob("*.png"))
-    assert pngs == ["esd_conv.png", "esd_emb.png", "esd_fc.png"]  # head (2 eigenvalues) is skipped: no spectrum
+    # head (2 eigenvalues) is skipped: no spectrum; each ESD comes with its fit diagnostics
+    assert pngs == ["esd_conv.png", "esd_emb.png", "esd_fc.png", "fit_conv.png", "fit_emb.png", "fit_fc.png"]
     assert all((tmp_path / "plots" / p).read_bytes().startswith(PNG) for p in pngs)
     index = (tmp_path / "plots" / "index.html").read_text()
     assert sorted(set(re.findall(r'src="([^"]+)"', index))) == pngs

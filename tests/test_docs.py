@@ -185,7 +185,7 @@ NOT_DEFAULTS = {
     "background_figures=False", "ww_compat=True", "randomize=True", "progress=True", "detect_overfitting=False",
     "precision=\"float64\"", "fit=\"exact\"", "stop_on=None", "device=\"cuda\"", "backend=\"cupy\"",
     "stop_rule=\"phase_fraction\"", "monitor=\"val_loss\"", "fix_fingers=\"clip_xmax\"", "fix_fingers=\"xmin_peak\"",
-    "trust_pickle=True", "stop_on=\"heavy_tailed\"",
+    "trust_pickle=True", "stop_on=\"heavy_tailed\"", "log_fit_diagnostics=True", "fit=\"TPL\"",
 }
 SPAN = re.compile(r"`(\w+)=([^`,()]+)`")
 

@@ -41,7 +41,8 @@ class FigureJob:
     Attributes:
         tag: TensorBoard tag (``htsr/<matrix>/esd``, ``htsr/phase_map``).
         step: Global step of the analysis the figure belongs to.
-        kind: ``"esd"`` (:func:`~lightning_htsr.plotting.plot_esd`) or ``"phase_map"``
+        kind: ``"esd"`` (:func:`~lightning_htsr.plotting.plot_esd`), ``"fit_diagnostics"``
+            (:func:`~lightning_htsr.fit_plots.plot_fit_diagnostics`) or ``"phase_map"``
             (:func:`~lightning_htsr.plotting.plot_phase_map`).
         kwargs: The plotting function's arguments (plain values, NumPy arrays and the frozen fits: picklable).
         walltime: When the analysis ran (TensorBoard's wall time of the image).
@@ -62,13 +63,23 @@ def _esd_figure(**kwargs: Any) -> Any:
     return fig
 
 
+def _fit_figure(**kwargs: Any) -> Any:
+    from ..fit_plots import plot_fit_diagnostics
+
+    fig = plot_fit_diagnostics(**kwargs)
+    fast_layout(fig)
+    fig.subplots_adjust(left=0.05, right=0.99, bottom=0.07, top=0.91, wspace=1.1, hspace=0.33)  # 2 x 6 grid
+    return fig
+
+
 def _phase_map_figure(**kwargs: Any) -> Any:
     from ..plotting import plot_phase_map
 
     return plot_phase_map(**kwargs)
 
 
-_FIGURES: dict[str, Callable[..., Any]] = {"esd": _esd_figure, "phase_map": _phase_map_figure}
+_FIGURES: dict[str, Callable[..., Any]] = {"esd": _esd_figure, "fit_diagnostics": _fit_figure,
+                                           "phase_map": _phase_map_figure}
 
 
 def draw(job: FigureJob) -> Any:

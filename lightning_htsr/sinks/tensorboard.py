@@ -80,6 +80,11 @@ def results_table(records: Sequence[Mapping[str, Any]], smoothed: Mapping[str, s
     return "\n".join(lines)
 
 
+def _aspect(q: Any) -> float | None:
+    """``Q`` for the MP density, or ``None`` (derived from the fitted edges) when it is not a usable number."""
+    return float(q) if isinstance(q, (int, float)) and math.isfinite(q) and q >= 1 else None
+
+
 class TensorBoardSink:
     """Writes the TensorBoard-only views of each analysis (rank 0 only; scalars go through the loggers).
 
@@ -93,19 +98,26 @@ class TensorBoardSink:
         log_figures_every: ESD log-log figures with the fitted power law every this many analyses (and at the
             first); ``None`` or 0 disables them. The phase map is drawn at every analysis.
         background_figures: Draw the figures in a child process (``False``: in the training thread).
+        log_fit_diagnostics: With the ESD figures, also the power-law fit's diagnostics
+            (``<prefix>/<matrix>/fit_diagnostics``) of the results that carry a ``scan``.
     """
 
     def __init__(self, prefix: str = "htsr", log_histograms: bool = True, log_figures_every: int | None = 5,
-                 background_figures: bool = True) -> None:
+                 background_figures: bool = True, log_fit_diagnostics: bool = False) -> None:
         self.prefix = prefix
         self.log_histograms = log_histograms
         self.log_figures_every = log_figures_every
+        self.log_fit_diagnostics = log_fit_diagnostics
         self.renderer = FigureRenderer(background=background_figures)
         self._initialized: set[int] = set()
 
     def figures_due(self, analysis_index: int) -> bool:
         """Whether analysis number ``analysis_index`` (0-based) draws the ESD figures."""
         return bool(self.log_figures_every) and analysis_index % self.log_figures_every == 0  # type: ignore[operator]
+
+    def fit_diagnostics_due(self, analysis_index: int) -> bool:
+        """Whether analysis number ``analysis_index`` draws the fit diagnostics (so its results need a scan)."""
+        return self.log_fit_diagnostics and self.figures_due(analysis_index)
 
     def write(
         self,
@@ -158,6 +170,11 @@ class TensorBoardSink:
                     jobs.append(FigureJob(f"{self.prefix}/{result.name}/esd", step, "esd", {
                         "eigenvalues": result.eigenvalues, "powerlaw": result.powerlaw, "mp": result.mp,
                         "phase": phase, "Q": result.record.get("Q"), "title": f"{result.name} (step {step})"}, now))
+                    if self.log_fit_diagnostics and result.scan is not None:
+                        jobs.append(FigureJob(f"{self.prefix}/{result.name}/fit_diagnostics", step,
+                                              "fit_diagnostics", {
+                            "eigenvalues": result.eigenvalues, "scan": result.scan, "mp": result.mp, "phase": phase,
+                            "Q": _aspect(result.record.get("Q")), "title": f"{result.name} (step {step})"}, now))
         if phase_history:
             names = [r.name for r in analyses]
             grid = [[h["phases"].get(n) for h in phase_history] for n in names]
