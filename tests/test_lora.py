@@ -138,3 +138,78 @@ def test_import_does_not_load_peft_or_transformers() -> None:
     code = "import sys, lightning_htsr; print(sorted(m for m in ('peft', 'transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A base Llama, a LoRA adapter (q/v projections and the embedding) and the merged model, saved by HF."""
+    root = tmp_path_factory.mktemp("lora")
+    base = tiny_llama()
+    base.save_pretrained(root / "base")
+    model = lora_model(base, ["q_proj", "v_proj", "embed_tokens"])
+    model.save_pretrained(root / "adapter")
+    merged_copy(model).save_pretrained(root / "merged")
+    return root
+
+
+def test_adapter_on_disk_equals_the_merged_model(saved) -> None:
+    assert (saved / "base" / "model.safetensors").is_file()
+    merged = htsr.analyze_checkpoint(saved / "merged")
+    assert_same_rows(htsr.analyze_checkpoint(saved / "base", adapter=saved / "adapter"), merged)
+    assert_same_rows(htsr.analyze_checkpoint(saved / "base", adapter=saved / "adapter", lora="base"),
+                     htsr.analyze_checkpoint(saved / "base"))
+    delta = htsr.analyze_checkpoint(saved / "base", adapter=saved / "adapter", lora="delta", min_evals=4)
+    assert delta["name"].tolist() == ["model.embed_tokens"] + [f"model.layers.{i}.self_attn.{p}" for i in range(2)
+                                                               for p in ("q_proj", "v_proj")]
+    assert (delta["matrix_rank"] == 4).all()
+
+
+def test_adapter_on_disk_through_the_cli(saved, tmp_path, capsys) -> None:
+    out = tmp_path / "rows.csv"
+    assert main(["analyze", str(saved / "base"), "--adapter", str(saved / "adapter"), "--csv", str(out), "-q"]) == 0
+    assert_same_rows(pd.read_csv(out), htsr.analyze_checkpoint(saved / "merged"))
+
+
+def _broken_adapter(saved, tmp_path, how: str):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    bad = tmp_path / how
+    shutil.copytree(saved / "adapter", bad)
+    config = json.loads((bad / "adapter_config.json").read_text())
+    tensors = load_file(bad / "adapter_model.safetensors")
+    if how == "unknown_key":
+        config["lora_magic"] = 3
+    elif how == "no_weights":
+        (bad / "adapter_model.safetensors").unlink()
+    elif how == "wrong_shape":
+        key = next(k for k in tensors if "q_proj.lora_A" in k)
+        tensors[key] = torch.zeros(4, 48)
+    elif how == "missing_base":
+        tensors = {k.replace("layers.1.", "layers.7."): v for k, v in tensors.items()}
+    elif how == "wrong_rank":
+        config["r"] = 8
+    elif how == "dora":
+        config["use_dora"] = True
+    (bad / "adapter_config.json").write_text(json.dumps(config))
+    if (bad / "adapter_model.safetensors").exists():
+        save_file(tensors, bad / "adapter_model.safetensors")
+    return bad
+
+
+@pytest.mark.parametrize("how, words", [("unknown_key", "unknown adapter config key(s) lora_magic"),
+                                        ("no_weights", "no adapter_model.safetensors"),
+                                        ("wrong_shape", "do not fit its base shape"),
+                                        ("missing_base", "which the base checkpoint does not have"),
+                                        ("wrong_rank", "the config says r=8"),
+                                        ("dora", "use_dora=True is not supported")])
+def test_mismatched_adapter_is_one_line_and_exit_2(saved, tmp_path, capsys, how, words) -> None:
+    bad = _broken_adapter(saved, tmp_path, how)
+    with pytest.raises(CheckpointError, match=words.replace("(", r"\(").replace(")", r"\)")):
+        htsr.analyze_checkpoint(saved / "base", adapter=bad)
+    assert main(["analyze", str(saved / "base"), "--adapter", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1
+    assert main(["analyze", str(saved / "base"), "--adapter", str(tmp_path / "nowhere")]) == 2
+    assert "no such adapter directory" in capsys.readouterr().err
