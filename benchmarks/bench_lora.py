@@ -105,7 +105,7 @@ def run_once(arm: str, args: argparse.Namespace, workdir: str) -> dict:
     callback = HTSRCallback(log_figures_every=None, log_histograms=False, print_summary=False,
                             reuse_unchanged=arm != "lora-noreuse")
     profiler = SimpleProfiler(dirpath=workdir, filename=f"profile-{arm}")
-    cpu: list[float] = []  # process CPU time of HTSRCallback's analysis hooks (the wall time includes waiting for a core)
+    cpu: list[float] = []  # process CPU time of HTSRCallback's analysis hooks (wall time includes waiting for a core)
     start = [0.0]
 
     class Start(pl.Callback):

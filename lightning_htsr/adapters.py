@@ -229,7 +229,8 @@ class LoraView:
 
     Args:
         model: Any module; without LoRA layers the view changes nothing.
-        mode: ``lora=`` (:data:`LORA_MODES`). ``"delta"`` lists the adapted matrices only.
+        mode: ``lora=`` (:data:`LORA_MODES`). ``"delta"`` lists the adapted matrices only (none without LoRA
+            layers).
     """
 
     def __init__(self, model: nn.Module, mode: str = "merged") -> None:
@@ -266,7 +267,7 @@ class LoraView:
             return base_layer(module)
         if any(path.startswith(layer + ".") for layer in self._layers) if self._layers else False:
             return None
-        return None if self.mode == "delta" and self.active else module
+        return None if self.mode == "delta" else module
 
     def adapt(self, path: str, module: nn.Module, entries: list[Any]) -> list[Any]:
         """The entries of a LoRA layer with the merge attached (``adapt``, ``note``, ``extra`` fields); others
@@ -390,6 +391,11 @@ class AdapterFiles:
                         f"{self.source}: the LoRA factors of {name!r} (A {tuple(f.A.shape)}, B {tuple(f.B.shape)}) "
                         f"do not fit its base shape {tuple(shapes[name])} (a different base model?)") from None
 
+    def note(self, name: str, mode: str) -> str:
+        """The ``note`` of the matrix read from base tensor ``name`` (empty when not adapted)."""
+        factors = self.factors.get(name)
+        return lora_note(factors, mode) if factors else ""
+
     def keeps(self, name: str, mode: str) -> bool:
         """Whether a base tensor is listed under ``mode`` (``"delta"``: adapted ones only)."""
         return mode != "delta" or name in self.factors
@@ -486,6 +492,10 @@ def state_dict_adapter(tensors: Mapping[str, Tensor], config: Mapping[str, Any],
         pairs.setdefault(where, {})[(match["kind"] or match["ekind"])[-1]] = value
         if match["ekind"]:
             embeddings.add(where)
+    names = sorted({name for _, name in pairs})
+    if len(names) > 1:
+        raise CheckpointError(f"{source}: factors of several adapters ({', '.join(names)}); one adapter config "
+                              "gives one scaling: keep one adapter's tensors")
     adapter = AdapterFiles(source=source)
     for (path, name), found in pairs.items():
         if "A" not in found or "B" not in found:

@@ -121,8 +121,18 @@ def _checkpoint_analyses(
             state_dict_source(info.name, info.shape))) and (adapter is None or adapter.keeps(info.name, lora))
 
     items = checkpoint.tensors(wanted)
-    items = adapter.apply(items, lora) if adapter is not None else items
-    return analyze_stream(_matrices(items, checkpoint, options, include, exclude), options, device=device)
+    if adapter is None:
+        return analyze_stream(_matrices(items, checkpoint, options, include, exclude), options, device=device)
+    matrices = _matrices(adapter.apply(items, lora), checkpoint, options, include, exclude)
+    return (_noted(result, adapter.note(f"{result.record['name']}.weight", lora))
+            for result in analyze_stream(matrices, options, device=device))
+
+
+def _noted(result: MatrixAnalysis, note: str) -> MatrixAnalysis:
+    """``result`` with ``note`` appended to its record's (how an adapted matrix was obtained)."""
+    if note:
+        result.record["note"] = "; ".join(filter(None, [result.record.get("note"), note]))
+    return result
 
 
 def _world() -> tuple[int, int]:

@@ -7,7 +7,6 @@ import copy
 import json
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -18,8 +17,8 @@ from torch import nn
 import lightning_htsr as htsr
 from lightning_htsr.analysis import analyze_matrices, resolve_options
 from lightning_htsr.checkpoints import CheckpointError
-from lightning_htsr.layers import WeightMatrix
 from lightning_htsr.cli import main
+from lightning_htsr.layers import WeightMatrix
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -162,12 +161,15 @@ def test_adapter_on_disk_equals_the_merged_model(saved) -> None:
     assert delta["name"].tolist() == ["model.embed_tokens"] + [f"model.layers.{i}.self_attn.{p}" for i in range(2)
                                                                for p in ("q_proj", "v_proj")]
     assert (delta["matrix_rank"] == 4).all()
+    assert delta["note"].str.startswith("LoRA delta: scaling * B @ A alone (default: r=4, scaling=2)").all()
 
 
 def test_adapter_on_disk_through_the_cli(saved, tmp_path, capsys) -> None:
     out = tmp_path / "rows.csv"
     assert main(["analyze", str(saved / "base"), "--adapter", str(saved / "adapter"), "--csv", str(out), "-q"]) == 0
     assert_same_rows(pd.read_csv(out), htsr.analyze_checkpoint(saved / "merged"))
+    assert main(["analyze", str(saved / "base"), "--lora", "delta"]) == 2
+    assert "--lora needs --adapter" in capsys.readouterr().err
 
 
 def _broken_adapter(saved, tmp_path, how: str):
