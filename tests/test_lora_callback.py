@@ -158,3 +158,29 @@ def test_reuse_can_be_turned_off(tmp_path) -> None:
     trainer = pl.Trainer(max_epochs=2, callbacks=[callback, reused], logger=False, **trainer_kwargs(tmp_path))
     trainer.fit(FrozenAndTrained(), data)
     assert reused.per_analysis == [[], [], []]
+
+
+def test_sharded_and_unreadable_weights_get_no_key(tmp_path) -> None:
+    """DTensor shards (FSDP2), meta and integer tensors are analyzed every time: they have no reuse key."""
+    from lightning_htsr.reuse import tensor_key
+
+    dist = torch.distributed
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    from torch.distributed.tensor import DeviceMesh, Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        shard = distribute_tensor(torch.randn(8, 4), DeviceMesh("cpu", [0]), [Shard(0)])
+        assert type(shard).__name__ == "DTensor" and tensor_key(shard) is None
+        assert tensor_key(nn.Parameter(shard)) is None
+    finally:
+        dist.destroy_process_group()
+    assert tensor_key(torch.empty(4, 4, device="meta")) is None
+    assert tensor_key(torch.zeros(4, 4, dtype=torch.int8)) is None
+    weight = nn.Parameter(torch.randn(4, 4))
+    key = tensor_key(weight)
+    assert key is not None and tensor_key(weight) == key
+    with torch.no_grad():
+        weight.mul_(1.0)  # same values, but a tracked in-place write: analyzed again (cheap and safe)
+    assert tensor_key(weight) != key
