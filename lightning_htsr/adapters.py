@@ -220,7 +220,7 @@ def live_factors(module: nn.Module, layer_type: str) -> tuple[list[LoraFactors],
             magnitude = None
         out.append(LoraFactors(name, a, b, float(module.scaling[name]), transposed, magnitude))
     if getattr(module, "merged", False):
-        notes.append("peft merge() already added the adapters into W")
+        notes.append("peft merge() had added the adapters into W: base = W - update")
     return out, "; ".join(notes)
 
 
@@ -282,15 +282,28 @@ class LoraView:
             warnings.warn(f"lightning-htsr: {self.name(path)}: {note}", UserWarning, stacklevel=4)
         note = "; ".join(filter(None, [lora_note(factors, self.mode), note]))
         problem = _grouped_problem(base_layer(module))
-        mode = self.mode
+        if getattr(module, "merged", False) and any(f.magnitude is not None for f in factors):
+            problem = problem or "DoRA adapters merged into W by peft merge(): W cannot be split again; unmerge() first"
+        mode, merged_in = self.mode, bool(getattr(module, "merged", False))
 
         def adapt(weight: Tensor, access: WeightAccess, wanted: bool) -> Tensor:
             full = [f.gathered(access) for f in factors]  # collectives for sharded factors: on every rank
-            return effective_weight(weight, full, mode) if wanted else weight
+            if not wanted:
+                return weight
+            if merged_in:  # W holds the adapters already
+                return weight if mode == "merged" else \
+                    _unmerged(weight, full) if mode == "base" else effective_weight(weight, full, "delta")
+            return effective_weight(weight, full, mode)
 
         extra = tuple(t for f in factors for t in f.tensors())
-        return [dataclasses.replace(e, adapt=None if mode == "base" else adapt, note=note, extra=extra,
+        needed = mode != "base" or merged_in
+        return [dataclasses.replace(e, adapt=adapt if needed else None, note=note, extra=extra if needed else (),
                                     problem=e.problem or problem) for e in entries]
+
+
+def _unmerged(weight: Tensor, factors: list[LoraFactors]) -> Tensor:
+    """The frozen ``W`` of a weight that peft's ``merge()`` had added the (plain LoRA) updates into."""
+    return weight.to(_compute_dtype(weight)) - effective_weight(weight, factors, "delta")
 
 
 def _is_tuner(module: Any) -> bool:

@@ -101,6 +101,19 @@ def test_rslora_dora_and_two_active_adapters() -> None:
     assert_same_rows(live, htsr.analyze(copy.deepcopy(two).merge_and_unload(adapter_names=["default", "second"])))
 
 
+def test_adapters_merged_in_place_by_peft_are_not_added_twice() -> None:
+    frozen = tiny_llama()
+    model = lora_model(copy.deepcopy(frozen), ["q_proj", "v_proj"])
+    expected = htsr.analyze(merged_copy(model))
+    model.merge_adapter()  # W += scaling * B @ A inside the LoRA layers
+    live = htsr.analyze(model)
+    assert_same_rows(live, expected)
+    assert "peft merge() had added" in live.set_index("name").loc["model.layers.0.self_attn.q_proj", "note"]
+    base = htsr.analyze(model, lora="base")
+    np.testing.assert_allclose(base["alpha"].to_numpy(float), htsr.analyze(frozen)["alpha"].to_numpy(float),
+                               rtol=1e-4)
+
+
 def test_delta_and_base_modes() -> None:
     base = tiny_llama()
     frozen = copy.deepcopy(base)
