@@ -6,7 +6,8 @@ A LoRA-wrapped layer holds a frozen weight ``W`` and per adapter two factors ``A
 * :class:`LoraView`: ``named_modules()`` of a Hugging Face ``peft`` model seen through its LoRA layers (``Linear``,
   ``Embedding``, ``Conv1d/2d/3d`` and ``transformers``' ``Conv1D`` base layers): each is one entry named by the base
   model's path (the name it has after ``merge_and_unload()``: without ``base_model.model.`` and ``.base_layer``), its
-  factors are not entries of their own. Detected by duck typing: ``peft`` is never imported.
+  factors are not entries of their own; a ``modules_to_save`` copy in use is named as the module it replaces. Detected
+  by duck typing: ``peft`` is never imported.
 * :func:`effective_weight`: the merge math (``lora="merged"``: ``W + sum scaling * B @ A`` over the active adapters,
   DoRA's magnitude for ``Linear`` layers; ``"delta"``: the update alone, rank ``r``; ``"base"``: ``W``), computed
   on copies: the module is never modified.
@@ -237,12 +238,18 @@ class LoraView:
         self.mode = check_lora_mode(mode)
         self._drops: list[str] = []  # paths of wrapper levels to drop from names (PeftModel, LoraModel)
         self._layers: set[str] = set()
+        self._hidden: list[str] = []  # subtrees not listed: a LoRA layer's parts, modules_to_save's unused copy
         for path, module in model.named_modules():
             child = _wrapped_child(module)
             if child is not None:
                 self._drops.append(f"{path}.{child}" if path else child)
             if is_lora_layer(module) and _layer_type(base_layer(module)) in _MERGEABLE:
                 self._layers.add(path)
+                self._hidden.append(path)
+            elif _is_modules_to_save(module):
+                drops, hidden = _modules_to_save_paths(path, module)
+                self._drops.extend(drops)
+                self._hidden.extend(hidden)
         self._drops.sort(key=len, reverse=True)
         self.active = bool(self._layers)
 
@@ -265,7 +272,7 @@ class LoraView:
         itself, or ``None`` (inside a LoRA layer, or not adapted under ``"delta"``)."""
         if path in self._layers:
             return base_layer(module)
-        if any(path.startswith(layer + ".") for layer in self._layers) if self._layers else False:
+        if any(path == hidden or path.startswith(hidden + ".") for hidden in self._hidden):
             return None
         return None if self.mode == "delta" else module
 
@@ -299,6 +306,23 @@ class LoraView:
         needed = mode != "base" or merged_in
         return [dataclasses.replace(e, adapt=adapt if needed else None, note=note, extra=extra if needed else (),
                                     problem=e.problem or problem) for e in entries]
+
+
+def _is_modules_to_save(module: nn.Module) -> bool:
+    """A ``peft`` ``ModulesToSaveWrapper``: the original module and a trained copy per adapter."""
+    return isinstance(getattr(module, "original_module", None), nn.Module) and \
+        isinstance(getattr(module, "modules_to_save", None), nn.ModuleDict)
+
+
+def _modules_to_save_paths(path: str, module: nn.Module) -> tuple[list[str], list[str]]:
+    """``(drops, hidden)`` of a ``modules_to_save`` wrapper: the copy in use is named as the module it replaces
+    (``<path>.modules_to_save.<adapter>`` -> ``<path>``), the other copies are not listed."""
+    active = [name for name in _active(module) if name in module.modules_to_save][:1]
+    if not active:
+        return [f"{path}.original_module"], [f"{path}.modules_to_save"]
+    hidden = [f"{path}.original_module"] + [f"{path}.modules_to_save.{name}" for name in module.modules_to_save
+                                             if name != active[0]]
+    return [f"{path}.modules_to_save.{active[0]}", f"{path}.modules_to_save"], hidden
 
 
 def _unmerged(weight: Tensor, factors: list[LoraFactors]) -> Tensor:

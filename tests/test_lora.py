@@ -228,3 +228,25 @@ def test_mismatched_adapter_is_one_line_and_exit_2(saved, tmp_path, capsys, how,
     assert words in err and len(err.strip().splitlines()) == 1
     assert main(["analyze", str(saved / "base"), "--adapter", str(tmp_path / "nowhere")]) == 2
     assert "no such adapter directory" in capsys.readouterr().err
+
+
+def test_modules_to_save_live_and_on_disk(tmp_path) -> None:
+    """A classifier fine-tune (task_type SEQ_CLS): peft's trained copy of the head is named as the head."""
+    torch.manual_seed(0)
+    config = transformers.BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                     num_attention_heads=4, vocab_size=128, num_labels=3)
+    base = transformers.BertForSequenceClassification(config)
+    base.save_pretrained(tmp_path / "base")
+    model = lora_model(base, ["query", "value"], task_type="SEQ_CLS")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "modules_to_save" in name:
+                param.normal_(std=0.3)
+    merged = merged_copy(model)
+    live = htsr.analyze(model, min_evals=1)
+    assert live["name"].tolist()[-1] == "classifier" and "classifier.original_module" not in live["name"].tolist()
+    assert_same_rows(live, htsr.analyze(merged, min_evals=1))
+    model.save_pretrained(tmp_path / "adapter")
+    merged.save_pretrained(tmp_path / "merged")
+    assert_same_rows(htsr.analyze_checkpoint(tmp_path / "base", adapter=tmp_path / "adapter", min_evals=1),
+                     htsr.analyze_checkpoint(tmp_path / "merged", min_evals=1))
