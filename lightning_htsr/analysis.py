@@ -11,6 +11,7 @@ matrices (the callback extracts its rank's share, gathering sharded weights firs
 from __future__ import annotations
 
 import math
+import os
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -22,6 +23,7 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
+from .adapters import LoraMode, check_lora_mode, state_dict_lora
 from .eigenvalues import Backend, Precision, Route, Spectrum, check_choice, compute_spectra
 from .layers import LOW_PRECISION, SkipKind, WeightMatrix, iter_state_dict_matrices, weight_matrices
 from .marchenko_pastur import MarchenkoPasturFit
@@ -396,6 +398,7 @@ def analyze(
     max_fingers: int | None = None,
     finger_thresh: float | None = None,
     max_N: int | None = None,
+    lora: LoraMode = "merged",
 ) -> pd.DataFrame:
     """Analyze every weight matrix of a model: one row per matrix with alpha, entropy, phase and the rest.
 
@@ -422,6 +425,11 @@ def analyze(
         max_fingers: ``clip_xmax``'s finger limit (:class:`AnalysisOptions`).
         finger_thresh: ``clip_xmax``'s alpha drop (default 1.0).
         max_N: ``ww_compat`` only: skip layers with ``N`` above it (default 50000).
+        lora: How a ``peft`` LoRA layer is analyzed: one matrix named by the base model's path (as after
+            ``merge_and_unload()``), computed on ``"merged"`` (``W + scaling * B @ A`` of the active adapters,
+            default), ``"delta"`` (``scaling * B @ A`` alone, rank ``r``: below ``min_evals`` it is not
+            classified; only adapted matrices are listed) or ``"base"`` (the frozen ``W``). The module is not
+            modified. See :mod:`~lightning_htsr.adapters`.
 
     Returns:
         A ``pandas.DataFrame`` with the columns of :data:`~lightning_htsr.records.COLUMNS`, one row per matrix
@@ -443,7 +451,7 @@ def analyze(
                                fix_fingers=fix_fingers, randomize=randomize, seed=seed, xmax=xmax,
                                max_fingers=max_fingers, finger_thresh=finger_thresh, max_N=max_N)
     matrices = _model_matrices(model, options, include=include, exclude=exclude, layer_types=layer_types,
-                               ww_compat=ww_compat)
+                               ww_compat=ww_compat, lora=lora)
     if layers is not None:
         matrices = select_layers(model, matrices, layers)
     return records_table([r.record for r in analyze_stream(matrices, options)])
@@ -451,7 +459,7 @@ def analyze(
 
 def _model_matrices(model: nn.Module, options: AnalysisOptions, *, include: Sequence[str] | str | None = None,
                     exclude: Sequence[str] | str | None = None, layer_types: Sequence[str | type] | None = None,
-                    ww_compat: bool = False) -> list[WeightMatrix]:
+                    ww_compat: bool = False, lora: LoraMode = "merged") -> list[WeightMatrix]:
     """The matrices :func:`analyze` reports: :func:`~lightning_htsr.layers.weight_matrices` with the options' size
     limits, or under ``ww_compat`` weightwatcher's own layer selection (:func:`~lightning_htsr.ww_select.ww_select`,
     its ``N``, ``M`` and ``rf``)."""
@@ -459,7 +467,7 @@ def _model_matrices(model: nn.Module, options: AnalysisOptions, *, include: Sequ
         warnings.simplefilter("ignore", UserWarning)  # e.g. TypedStorage / lazy-module chatter while traversing
         matrices = weight_matrices(model, include=include, exclude=exclude, layer_types=layer_types,
                                    min_evals=0 if ww_compat else options.min_evals,
-                                   max_evals=None if ww_compat else options.max_evals)
+                                   max_evals=None if ww_compat else options.max_evals, lora=lora)
         if ww_compat:
             matrices = ww_select(model, matrices, min_evals=options.min_evals, max_evals=options.max_evals,
                                  max_n=options.max_N)
@@ -560,6 +568,8 @@ def analyze_state_dict(
     xmax: int | float | None = None,  # noqa: PYI041 - an int and a float mean different things
     max_fingers: int | None = None,
     finger_thresh: float | None = None,
+    lora: LoraMode = "merged",
+    adapter_config: Mapping[str, Any] | str | os.PathLike[str] | None = None,
 ) -> pd.DataFrame:
     """:func:`analyze` for a bare ``state_dict`` (weights by name and shape; no model class needed).
 
@@ -569,6 +579,12 @@ def analyze_state_dict(
     matrix is upcast only when its batch (:data:`BATCH_BYTES`) is analyzed, so the extra memory is a few matrices,
     not a float32 copy of the model. For checkpoint files, :func:`~lightning_htsr.analyze_checkpoint` also reads
     the tensors one at a time.
+
+    A ``peft`` model's state dict (``<path>.base_layer.weight``, ``<path>.lora_A.<adapter>.weight``, ...) holds the
+    factors but not their scaling (``lora_alpha / r``): pass ``adapter_config`` (the adapter's
+    ``adapter_config.json``, its directory or its content as a dict) to merge them as :func:`analyze` does
+    (``lora=``, names without ``base_model.model.`` and ``.base_layer``). Without it, ``lora="base"`` analyzes the
+    frozen weights and the factors are left out; ``"merged"`` and ``"delta"`` raise a ``ValueError``.
 
     Example:
         >>> import torch
@@ -580,9 +596,9 @@ def analyze_state_dict(
                                backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config,
                                fix_fingers=fix_fingers, randomize=randomize, seed=seed, xmax=xmax,
                                max_fingers=max_fingers, finger_thresh=finger_thresh)
-    shapes = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    matrices = iter_state_dict_matrices(state_dict.items(), shapes=shapes, include=include, exclude=exclude,
-                                        min_evals=options.min_evals, max_evals=options.max_evals)
+    items, shapes, tie = state_dict_lora(state_dict, check_lora_mode(lora), adapter_config)
+    matrices = iter_state_dict_matrices(items, shapes=shapes, include=include, exclude=exclude,
+                                        min_evals=options.min_evals, max_evals=options.max_evals, tie=tie)
     return records_table([r.record for r in analyze_stream(matrices, options)])
 
 

@@ -21,12 +21,14 @@ import numpy as np
 import torch
 from typing_extensions import override
 
+from .adapters import check_lora_mode
 from .analysis import analyze_matrices, matrix_identity, resolve_options, warn_bad_input
 from .best_weights import KeptWeights, rank_file
 from .distributed import assign_owners, full_weight_access, gather_objects
 from .layers import weight_matrices
 from .phases import Phase, PhaseConfig, PhaseTracker
 from .records import MatrixResult, empty_record
+from .reuse import ResultCache
 from .schedule import AnalysisSchedule
 from .sinks.history import HISTORY_FILE, SPECTRA_FILE, HistoryWriter, write_spectra
 from .sinks.scalars import is_model_key, scalar_metrics
@@ -158,6 +160,15 @@ class _HTSRCallbackImpl(_CallbackHooks):
         verbose: Log one line per analysis at INFO level.
         extra_scalars: More record columns to log per matrix as ``<prefix>/<matrix>/<column>``, e.g.
             ``["ERG_gap", "num_ERG_spikes"]`` (weightwatcher's ERG/detX columns make good curves over training).
+        lora: How a ``peft`` LoRA layer is analyzed: one matrix named by the base model's path, computed on
+            ``"merged"`` (``W + scaling * B @ A``, default: the weight the layer computes with, which changes as
+            the adapters train), ``"delta"`` (the update alone, rank ``r``) or ``"base"`` (the frozen ``W``); see
+            :func:`~lightning_htsr.analyze`.
+        reuse_unchanged: Analyze an unchanged weight once and reuse its results while it stays unchanged (frozen
+            weights in fine-tuning cost one read per analysis); change is detected by the tensor's data pointer,
+            version counter and a fingerprint of its values (:mod:`~lightning_htsr.reuse`). Sharded weights
+            (FSDP2/DTensor, ZeRO-3) are analyzed every time. ``last_reused`` lists the matrices the latest
+            analysis reused.
     """
 
     def __init__(
@@ -201,8 +212,13 @@ class _HTSRCallbackImpl(_CallbackHooks):
         prefix: str = "htsr",
         verbose: bool = False,
         extra_scalars: list[str] | None = None,
+        lora: Literal["merged", "delta", "base"] = "merged",
+        reuse_unchanged: bool = True,
     ) -> None:
         super().__init__()
+        self.lora = check_lora_mode(lora)
+        self.reuse_unchanged = reuse_unchanged
+        self._reuse = ResultCache()
         self.schedule = AnalysisSchedule(every_n_epochs=every_n_epochs, epochs=epochs, every_n_steps=every_n_steps,
                                          on_train_start=analyze_on_train_start)
         self.criteria = StopCriteria(stop_on=stop_on, rule=stop_rule, stop_fraction=stop_fraction, patience=patience,
@@ -345,6 +361,11 @@ class _HTSRCallbackImpl(_CallbackHooks):
         self.tensorboard.close()
 
     @property
+    def last_reused(self) -> list[str]:
+        """Names of the matrices whose results the latest analysis reused (unchanged since analyzed; this rank's)."""
+        return list(self._reuse.reused)
+
+    @property
     def wait_count(self) -> int:
         """Consecutive analyses that met a ``phase_fraction`` / over-training criterion."""
         return self.stop_state.wait_count
@@ -451,22 +472,30 @@ class _HTSRCallbackImpl(_CallbackHooks):
         model = trainer.model if trainer.model is not None else pl_module
         local: list[MatrixResult] = []
         with torch.no_grad(), self._compute_threads(trainer, pl_module), full_weight_access(model) as access:
-            plan = weight_matrices(pl_module, access=access, materialize=False, **selection)
+            plan = weight_matrices(pl_module, access=access, materialize=False, lora=self.lora, **selection)
             owners = assign_owners(plan, world) if world > 1 else None
-            select = (lambda source: owners[source] == rank) if owners is not None else None
+            mine = (lambda source: owners[source] == rank) if owners is not None else (lambda source: True)
             try:
-                mats = weight_matrices(pl_module, access=access, select=select, **selection)
                 scans = self.tensorboard.fit_diagnostics_due(self.analysis_count)
-                for res in analyze_matrices(mats, self.options):
+                keys, reused = self._reuse.split(plan, mine) if self.reuse_unchanged else ({}, {})
+                if scans:
+                    reused = {}  # the fit-diagnostics figures need every matrix's scan: analyze all this time
+                mats = weight_matrices(pl_module, access=access, lora=self.lora, **selection,
+                                       select=lambda source: mine(source) and source not in reused)
+                fresh = []
+                for matrix, res in zip(mats, analyze_matrices(mats, self.options)):
                     ev = res.eigenvalues.numpy().astype(np.float32) if res.eigenvalues is not None else None
-                    local.append(MatrixResult({**res.record, "rank": rank}, ev, res.powerlaw, res.mp,
-                                              res.fit_scan() if scans else None))
+                    fresh.append((matrix.source, MatrixResult({**res.record, "rank": rank}, ev, res.powerlaw, res.mp,
+                                                              res.fit_scan() if scans else None)))
+                self._reuse.store(keys, fresh)
+                local = _in_plan_order(plan, [r for _, r in fresh], reused)
             except Exception as err:  # noqa: BLE001 - a bug here must not end anybody's training run
                 warnings.warn(f"lightning-htsr: analysis failed on rank {rank} ({type(err).__name__}: {err}); "
                               "these matrices are recorded as skipped", UserWarning, stacklevel=2)
+                self._reuse.clear()
                 reason = f"analysis error: {type(err).__name__}: {err}"
                 local = [MatrixResult({**empty_record(**matrix_identity(m), status="skipped", skip_reason=reason),
-                                       "rank": rank}) for m in plan if select is None or select(m.source)]
+                                       "rank": rank}) for m in plan if mine(m.source)]
         if world == 1:
             return local
         parts = gather_objects(local, world)  # records, float32 eigenvalues and the (small, frozen) fits
@@ -666,6 +695,14 @@ _FIT_EXAMPLE = """
         >>> read_history(htsr.history_path)["analysis"].tolist()  # one row per matrix per analysis
         [0, 1, 2]
 """
+
+
+def _in_plan_order(plan: Sequence[Any], fresh: list[MatrixResult],
+                   reused: dict[str, list[MatrixResult]]) -> list[MatrixResult]:
+    """This rank's new and reused results in the order of the plan."""
+    by_name = {r.name: r for r in fresh}
+    by_name.update((r.name, r) for results in reused.values() for r in results)
+    return [by_name[m.name] for m in plan if m.name in by_name]
 
 
 class HTSRCallback(_HTSRCallbackImpl, _Callback):  # type: ignore[misc,valid-type]

@@ -234,17 +234,31 @@ def _run_analyze(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> in
     device = _device(args.device)
     _check_backend(options.backend, device)
     checkpoint = open_checkpoint(args.paths, trust_pickle=args.trust_pickle)
-    if not checkpoint_plan(checkpoint, options, include=include, exclude=exclude):
+    adapter = _adapter(args, checkpoint)
+    if not checkpoint_plan(checkpoint, options, include=include, exclude=exclude, adapter=adapter, lora=args.lora):
         _no_matrices(checkpoint, options, include or exclude)
     plotter = _EsdPlotter(Path(args.plots)) if args.plots else None
     show = args.progress if args.progress is not None else (not args.quiet and _isatty(stderr))
     with _process_group(device) as rank, threads_limit(args.threads):
         records = checkpoint_records(checkpoint, options, include=include, exclude=exclude, device=device,
-                                     progress=show and rank == 0, on_result=plotter)
+                                     progress=show and rank == 0, on_result=plotter, adapter=adapter, lora=args.lora)
         plotted = _gathered(plotter.plotted) if plotter is not None else []
     if rank == 0:
         _report_analysis(args, records, columns, checkpoint.paths, plotted, stdout, stderr)
     return 0
+
+
+def _adapter(args: argparse.Namespace, checkpoint: Any) -> Any:
+    """The ``--adapter`` read and checked against the checkpoint (``None`` without one)."""
+    if args.adapter is None:
+        if args.lora != "merged":
+            raise CLIError("--lora needs --adapter (a LoRA adapter directory to merge into the checkpoint)")
+        return None
+    from .adapters import read_adapter
+
+    adapter = read_adapter(args.adapter)
+    adapter.check(checkpoint.shapes())
+    return adapter
 
 
 def _no_matrices(checkpoint: Any, options: Any, filtered: Any) -> None:
@@ -402,6 +416,12 @@ def _add_analyze_parser(sub: Any) -> None:
     analyze.add_argument("--plots", metavar="DIR",
                          help="write one ESD figure and one power-law fit diagnostic figure (D and alpha over "
                               "xmin, lin-lin and log-lin ESD) per analyzed matrix, and index.html")
+    analyze.add_argument("--adapter", metavar="DIR",
+                         help="a peft LoRA adapter directory (adapter_config.json, adapter_model.safetensors) merged "
+                              "into PATH, its base model, one matrix at a time")
+    analyze.add_argument("--lora", choices=("merged", "delta", "base"), default="merged",
+                         help="with --adapter: analyze W + scaling*B@A (merged, default), the update alone (delta: "
+                              "adapted matrices only) or the base weights (base)")
     _add_selection_options(analyze)
     _add_numerics_options(analyze)
     analyze.add_argument("--columns", metavar="A,B,C",

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .adapters import LoraView
+
 __all__ = [
     "LAYER_TYPES",
     "SkipKind",
@@ -109,6 +111,8 @@ class WeightMatrix:
         source: Name of the parameter entry the matrix comes from (``"blocks.0.attn.in_proj"`` for its q, k and
             v): the unit a distributed analysis assigns to one rank.
         skip_kind: The :class:`SkipKind` of ``skip_reason`` (what code decides on), or ``None``.
+        tensors: The parameters the matrix is computed from (the weight, then any LoRA factors): what change
+            detection watches.
     """
 
     name: str
@@ -124,6 +128,7 @@ class WeightMatrix:
     aliases: list[str] = field(default_factory=list)
     source: str = ""
     skip_kind: SkipKind | None = None
+    tensors: tuple[Tensor, ...] = field(default=(), repr=False, compare=False)
 
     @classmethod
     def from_tensor(cls, name: str, weight: Tensor, layer_type: str = "other") -> WeightMatrix:
@@ -307,6 +312,9 @@ class _Entry:
     build: Callable[[Tensor], list[tuple[str, Tensor]]]
     tie_key: Hashable | None  # entries with equal keys hold one (tied) weight, analyzed once; None: never tied
     problem: str | None = None  # why the weight is listed but cannot be analyzed (e.g. a rank-3 weight)
+    adapt: Callable[[Tensor, WeightAccess, bool], Tensor] | None = None  # the weight -> what is analyzed (LoRA)
+    note: str = ""  # how the matrix was obtained (LoRA), for the record
+    extra: tuple[Tensor, ...] = ()  # more tensors the matrix is computed from (LoRA factors)
 
 
 def _join(prefix: str, suffix: str) -> str:
@@ -416,6 +424,7 @@ def weight_matrices(
     access: WeightAccess | None = None,
     select: Callable[[str], bool] | None = None,
     materialize: bool = True,
+    lora: str = "merged",
 ) -> list[WeightMatrix]:
     """List the weight matrices of ``model`` in ``named_modules()`` order.
 
@@ -434,6 +443,9 @@ def weight_matrices(
             takes part in every collective.
         materialize: ``False`` lists names and shapes only (``slices`` stays ``None``; no weight is read or
             gathered): a cheap plan.
+        lora: A ``peft`` LoRA layer is one matrix named by the base model's path, computed on ``"merged"``
+            (``W + scaling * B @ A``, default), ``"delta"`` (the update alone; only adapted matrices are listed) or
+            ``"base"`` (the frozen ``W``); see :mod:`lightning_htsr.adapters`.
 
     Returns:
         One :class:`WeightMatrix` per matrix, skipped ones included. A parameter shared by several modules (tied
@@ -449,11 +461,14 @@ def weight_matrices(
     selection = _Selection(include, exclude, min_evals, max_evals)
     seen: dict[Hashable, list[WeightMatrix]] = {}
     out: list[WeightMatrix] = []
+    view = LoraView(model, lora)
     for module_name, module in model.named_modules():
-        layer_type = layer_type_of(module)
-        if layer_type is None or not _type_selected(layer_type, module, layer_types):
+        target = view.target(module_name, module)  # a LoRA layer's base layer; None inside a LoRA layer
+        layer_type = layer_type_of(target) if target is not None else None
+        if layer_type is None or not _type_selected(layer_type, target, layer_types):
             continue
-        for entry in _entries(clean_name(module_name), module, layer_type):
+        entries = view.adapt(module_name, module, _entries(clean_name(view.name(module_name)), target, layer_type))
+        for entry in entries:
             out.extend(_matrices_of(entry, selection, access, select, materialize, seen))
     return out
 
@@ -518,6 +533,7 @@ def _new_matrix(entry: _Entry, name: str, stack: Tensor | None, read: bool, prob
         if matrix.skip_reason is not None:
             matrix.slices = None
     matrix.source = entry.name
+    matrix.tensors = (entry.param, *entry.extra) if entry.param is not None else ()
     return matrix
 
 
@@ -541,12 +557,14 @@ def _matrices_of(
     weight = None
     if problem is None and materialize:
         weight = access.gather(param).detach()  # collective for sharded parameters: every rank gets here
+        if weight.is_quantized and wanted:
+            weight = weight.dequantize()
+        if entry.adapt is not None:  # LoRA: gathers the factors (collective) and merges when wanted
+            weight = entry.adapt(weight, access, wanted)
         if not wanted:
             return
-        if weight.is_quantized:
-            weight = weight.dequantize()
     layout = weight if weight is not None else _layout(param, access)
-    note = _precision_note(param) if problem is None else ""
+    note = "; ".join(filter(None, [_precision_note(param) if problem is None else "", entry.note]))
     matrices: list[WeightMatrix] = []
     for suffix, stack in entry.build(layout) if layout is not None else [("", None)]:
         if selection.kept(entry.name + suffix):

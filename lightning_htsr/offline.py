@@ -24,6 +24,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from .adapters import AdapterFiles, LoraMode, check_lora_mode, read_adapter
 from .analysis import AnalysisOptions, FitKind, MatrixAnalysis, analyze_stream, records_table, resolve_options
 from .checkpoints import Checkpoint, CheckpointError, TensorInfo, open_checkpoint
 from .distributed import assign_owners, gather_objects
@@ -58,7 +59,8 @@ def threads_limit(threads: int | None) -> Iterator[int]:
 
 
 def checkpoint_plan(checkpoint: Checkpoint, options: AnalysisOptions, *, include: Sequence[str] | str | None = None,
-                    exclude: Sequence[str] | str | None = None) -> list[WeightMatrix]:
+                    exclude: Sequence[str] | str | None = None, adapter: AdapterFiles | None = None,
+                    lora: LoraMode = "merged") -> list[WeightMatrix]:
     """Every matrix the analysis will report, from the headers alone (no tensor is read).
 
     Args:
@@ -66,11 +68,14 @@ def checkpoint_plan(checkpoint: Checkpoint, options: AnalysisOptions, *, include
         options: For ``min_evals``/``max_evals``.
         include: Regex(es) a matrix name must match.
         exclude: Regex(es) of names to drop.
+        adapter: A LoRA adapter merged into the checkpoint (:func:`~lightning_htsr.adapters.read_adapter`).
+        lora: What an adapted matrix is (``"delta"`` lists the adapted matrices only).
 
     Returns:
         Matrices with names, shapes and ``source`` (``slices`` on the meta device).
     """
-    items = ((i.name, torch.empty(i.shape, dtype=i.dtype, device="meta")) for i in checkpoint.infos)
+    items = ((i.name, torch.empty(i.shape, dtype=i.dtype, device="meta")) for i in checkpoint.infos
+             if adapter is None or adapter.keeps(i.name, lora))
     return list(_matrices(items, checkpoint, options, include, exclude, access=ShapeAccess()))
 
 
@@ -91,6 +96,8 @@ def _checkpoint_analyses(
     exclude: Sequence[str] | str | None = None,
     device: torch.device | str | None = None,
     owned: Callable[[str], bool] | None = None,
+    adapter: AdapterFiles | None = None,
+    lora: LoraMode = "merged",
 ) -> Iterator[MatrixAnalysis]:
     """Analyze a checkpoint's matrices as their tensors are read, one at a time.
 
@@ -101,6 +108,8 @@ def _checkpoint_analyses(
         exclude: Regex(es) of names to drop.
         device: Analyze there (each matrix is moved when its turn comes).
         owned: Only read entries whose :attr:`~lightning_htsr.layers.WeightMatrix.source` passes (a rank's share).
+        adapter: A LoRA adapter merged into each tensor as it is read (memory: the tensor at hand and its merge).
+        lora: What an adapted matrix is.
 
     Yields:
         One :class:`~lightning_htsr.analysis.MatrixAnalysis` per matrix, in checkpoint order.
@@ -108,10 +117,21 @@ def _checkpoint_analyses(
 
     def wanted(info: TensorInfo) -> bool:
         return is_weight_entry(info.name, info.shape) and (owned is None or owned(
-            state_dict_source(info.name, info.shape)))
+            state_dict_source(info.name, info.shape))) and (adapter is None or adapter.keeps(info.name, lora))
 
-    return analyze_stream(_matrices(checkpoint.tensors(wanted), checkpoint, options, include, exclude), options,
-                          device=device)
+    items = checkpoint.tensors(wanted)
+    if adapter is None:
+        return analyze_stream(_matrices(items, checkpoint, options, include, exclude), options, device=device)
+    matrices = _matrices(adapter.apply(items, lora), checkpoint, options, include, exclude)
+    return (_noted(result, adapter.note(f"{result.record['name']}.weight", lora))
+            for result in analyze_stream(matrices, options, device=device))
+
+
+def _noted(result: MatrixAnalysis, note: str) -> MatrixAnalysis:
+    """``result`` with ``note`` appended to its record's (how an adapted matrix was obtained)."""
+    if note:
+        result.record["note"] = "; ".join(filter(None, [result.record.get("note"), note]))
+    return result
 
 
 def _world() -> tuple[int, int]:
@@ -144,6 +164,8 @@ def checkpoint_records(
     device: torch.device | str | None = None,
     progress: bool = False,
     on_result: Callable[[MatrixAnalysis], None] | None = None,
+    adapter: AdapterFiles | None = None,
+    lora: LoraMode = "merged",
 ) -> list[dict[str, Any]]:
     """The records of every matrix, in plan order; under ``torch.distributed`` each rank analyzes a cost-balanced
     share (:func:`~lightning_htsr.distributed.assign_owners`) and every rank gets every record.
@@ -156,18 +178,23 @@ def checkpoint_records(
         device: Analyze there.
         progress: Show a progress bar (this rank's matrices).
         on_result: Called with each of this rank's results (e.g. to plot its ESD).
+        adapter: A LoRA adapter merged into the checkpoint (checked against its shapes first).
+        lora: What an adapted matrix is.
 
     Returns:
         One record per matrix of :func:`checkpoint_plan`.
     """
-    plan = checkpoint_plan(checkpoint, options, include=include, exclude=exclude)
+    if adapter is not None:
+        adapter.check(checkpoint.shapes())
+    plan = checkpoint_plan(checkpoint, options, include=include, exclude=exclude, adapter=adapter, lora=lora)
     rank, world = _world()
     owners = assign_owners(plan, world) if world > 1 else {}
     mine = [m for m in plan if owners.get(m.source, 0) == rank]
     records: list[dict[str, Any]] = []
     error = ""
     analyses = _checkpoint_analyses(checkpoint, options, include=include, exclude=exclude, device=device,
-                                   owned=(lambda s: owners.get(s, 0) == rank) if world > 1 else None)
+                                   owned=(lambda s: owners.get(s, 0) == rank) if world > 1 else None,
+                                   adapter=adapter, lora=lora)
     try:
         for result in _progress(analyses, len(mine), progress):
             if on_result is not None:
@@ -208,6 +235,8 @@ def analyze_checkpoint(
     xmax: int | float | None = None,  # noqa: PYI041 - an int and a float mean different things
     max_fingers: int | None = None,
     finger_thresh: float | None = None,
+    adapter: str | os.PathLike[str] | None = None,
+    lora: LoraMode = "merged",
 ) -> pd.DataFrame:
     """Analyze checkpoint files without the model's class, streaming: one table for the whole checkpoint.
 
@@ -225,6 +254,13 @@ def analyze_checkpoint(
         threads: torch intra-op threads during the analysis (default :data:`DEFAULT_THREADS`; ``0``: torch's).
         progress: Show a tqdm progress bar on stderr.
         trust_pickle: Allow ``torch.save`` files that pickle arbitrary Python objects.
+        adapter: A ``peft`` LoRA adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) to
+            merge into the checkpoint, its base model: each adapted tensor is merged as it is read (peft's names
+            ``base_model.model.<path>.lora_A.weight`` matched to the base's ``<path>.weight``), so the table equals
+            that of the merged model saved to disk. A mismatched adapter (shapes, missing base tensors, unknown or
+            unsupported config keys, missing files) raises :class:`CheckpointError` before anything is analyzed.
+        lora: With ``adapter``: ``"merged"`` (default), ``"delta"`` (``scaling * B @ A`` alone; only the adapted
+            matrices are listed) or ``"base"`` (the checkpoint as it is). See :func:`~lightning_htsr.analyze`.
 
     Returns:
         The table of :func:`~lightning_htsr.analyze` (same columns, one row per matrix).
@@ -246,7 +282,9 @@ def analyze_checkpoint(
                               fix_fingers=fix_fingers, randomize=randomize, seed=seed, xmax=xmax,
                               max_fingers=max_fingers, finger_thresh=finger_thresh)
     checkpoint = open_checkpoint(paths, trust_pickle=trust_pickle)
+    lora = check_lora_mode(lora)  # type: ignore[assignment]
+    files = read_adapter(adapter) if adapter is not None else None
     with threads_limit(threads):
         records = checkpoint_records(checkpoint, options, include=include, exclude=exclude, device=device,
-                                     progress=progress)
+                                     progress=progress, adapter=files, lora=lora)
     return records_table(records)

@@ -186,6 +186,7 @@ NOT_DEFAULTS = {
     "precision=\"float64\"", "fit=\"exact\"", "stop_on=None", "device=\"cuda\"", "backend=\"cupy\"",
     "stop_rule=\"phase_fraction\"", "monitor=\"val_loss\"", "fix_fingers=\"clip_xmax\"", "fix_fingers=\"xmin_peak\"",
     "trust_pickle=True", "stop_on=\"heavy_tailed\"", "log_fit_diagnostics=True", "fit=\"TPL\"",
+    "lora=\"delta\"", "lora=\"base\"", "reuse_unchanged=False",
 }
 SPAN = re.compile(r"`(\w+)=([^`,()]+)`")
 
