@@ -363,6 +363,7 @@ def analyze(
     fix_fingers: str | None = None,
     randomize: bool = False,
     seed: int | None = None,
+    base_model: Any = None,
 ) -> pd.DataFrame:
     """Analyze every weight matrix of a model: one row per matrix with alpha, entropy, phase and the rest.
 
@@ -381,6 +382,9 @@ def analyze(
         fix_fingers: weightwatcher's ``"clip_xmax"`` or ``"xmin_peak"`` (:mod:`~lightning_htsr.fingers`).
         randomize: Add weightwatcher's correlation-trap columns (:mod:`~lightning_htsr.randomize`).
         seed: Seed of the ``randomize`` shuffles.
+        base_model: Analyze ``W - W_base`` instead, the base a module, a state dict or checkpoint path(s)
+            (:mod:`~lightning_htsr.deltas`: matched by name and shape; unmatched, unchanged and low-rank deltas
+            get a skipped row saying so).
 
     Returns:
         A ``pandas.DataFrame`` with the columns of :data:`~lightning_htsr.records.COLUMNS`, one row per matrix
@@ -401,6 +405,11 @@ def analyze(
                                backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config)
     if fix_fingers is not None or randomize:
         options = replace(options, fix_fingers=fix_fingers, randomize=randomize, seed=seed)
+    if base_model is not None:
+        from .deltas import delta_records
+
+        return records_table(delta_records(model, base_model, options, include=include, exclude=exclude,
+                                           layer_types=layer_types, ww_compat=ww_compat))
     matrices = _model_matrices(model, options, include=include, exclude=exclude, layer_types=layer_types,
                                ww_compat=ww_compat)
     return records_table([r.record for r in analyze_stream(matrices, options)])
@@ -497,6 +506,7 @@ def analyze_state_dict(
     ww_compat: bool = False,
     phase_config: PhaseConfig | None = None,
     options: AnalysisOptions | None = None,
+    base: Any = None,
 ) -> pd.DataFrame:
     """:func:`analyze` for a bare ``state_dict`` (weights by name and shape; no model class needed).
 
@@ -504,7 +514,7 @@ def analyze_state_dict(
     :func:`analyze`'s (``ww_compat`` scales every 4-D weight as weightwatcher scales ``Conv2d``). Streams: each
     matrix is upcast only when its batch (:data:`BATCH_BYTES`) is analyzed, so the extra memory is a few matrices,
     not a float32 copy of the model. For checkpoint files, :func:`~lightning_htsr.analyze_checkpoint` also reads
-    the tensors one at a time.
+    the tensors one at a time. ``base``: analyze ``W - W_base`` (:func:`analyze`'s ``base_model``).
 
     Example:
         >>> import torch
@@ -514,6 +524,10 @@ def analyze_state_dict(
     """
     options = resolve_options(options, ww_compat=ww_compat, fit=fit, min_tail=min_tail, precision=precision,
                                backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config)
+    if base is not None:
+        from .deltas import delta_records
+
+        return records_table(delta_records(state_dict, base, options, include=include, exclude=exclude))
     shapes = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
     matrices = iter_state_dict_matrices(state_dict.items(), shapes=shapes, include=include, exclude=exclude,
                                         min_evals=options.min_evals, max_evals=options.max_evals)

@@ -92,6 +92,7 @@ def _checkpoint_analyses(
     exclude: Sequence[str] | str | None = None,
     device: torch.device | str | None = None,
     owned: Callable[[str], bool] | None = None,
+    base: Any = None,
 ) -> Iterator[MatrixAnalysis]:
     """Analyze a checkpoint's matrices as their tensors are read, one at a time.
 
@@ -102,6 +103,7 @@ def _checkpoint_analyses(
         exclude: Regex(es) of names to drop.
         device: Analyze there (each matrix is moved when its turn comes).
         owned: Only read entries whose :attr:`~lightning_htsr.layers.WeightMatrix.source` passes (a rank's share).
+        base: A :class:`~lightning_htsr.pairs.MatrixSource`: analyze ``W - W_base`` (:mod:`~lightning_htsr.deltas`).
 
     Yields:
         One :class:`~lightning_htsr.analysis.MatrixAnalysis` per matrix, in checkpoint order.
@@ -111,8 +113,14 @@ def _checkpoint_analyses(
         return is_weight_entry(info.name, info.shape) and (owned is None or owned(
             state_dict_source(info.name, info.shape)))
 
-    return analyze_stream(_matrices(checkpoint.tensors(wanted), checkpoint, options, include, exclude), options,
-                          device=device)
+    matrices = _matrices(checkpoint.tensors(wanted), checkpoint, options, include, exclude)
+    if base is not None:
+        from .deltas import analyze_deltas
+        from .pairs import checkpoint_source
+
+        side = checkpoint_source(checkpoint, options, include=include, exclude=exclude)
+        return analyze_deltas(side, base, options, matrices=matrices, device=device)
+    return analyze_stream(matrices, options, device=device)
 
 
 def _world() -> tuple[int, int]:
@@ -145,6 +153,7 @@ def checkpoint_records(
     device: torch.device | str | None = None,
     progress: bool = False,
     on_result: Callable[[MatrixAnalysis], None] | None = None,
+    base: Any = None,
 ) -> list[dict[str, Any]]:
     """The records of every matrix, in plan order; under ``torch.distributed`` each rank analyzes a cost-balanced
     share (:func:`~lightning_htsr.distributed.assign_owners`) and every rank gets every record.
@@ -157,6 +166,7 @@ def checkpoint_records(
         device: Analyze there.
         progress: Show a progress bar (this rank's matrices).
         on_result: Called with each of this rank's results (e.g. to plot its ESD).
+        base: A :class:`~lightning_htsr.pairs.MatrixSource`: analyze ``W - W_base`` (:mod:`~lightning_htsr.deltas`).
 
     Returns:
         One record per matrix of :func:`checkpoint_plan`.
@@ -168,7 +178,7 @@ def checkpoint_records(
     records: list[dict[str, Any]] = []
     error = ""
     analyses = _checkpoint_analyses(checkpoint, options, include=include, exclude=exclude, device=device,
-                                   owned=(lambda s: owners.get(s, 0) == rank) if world > 1 else None)
+                                   owned=(lambda s: owners.get(s, 0) == rank) if world > 1 else None, base=base)
     try:
         for result in _progress(analyses, len(mine), progress):
             if on_result is not None:
@@ -203,6 +213,7 @@ def analyze_checkpoint(
     threads: int | None = None,
     progress: bool = False,
     trust_pickle: bool = False,
+    base: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
 ) -> pd.DataFrame:
     """Analyze checkpoint files without the model's class, streaming: one table for the whole checkpoint.
 
@@ -219,6 +230,8 @@ def analyze_checkpoint(
         threads: torch intra-op threads during the analysis (default :data:`DEFAULT_THREADS`; ``0``: torch's).
         progress: Show a tqdm progress bar on stderr.
         trust_pickle: Allow ``torch.save`` files that pickle arbitrary Python objects.
+        base: The base model's checkpoint (or a module or state dict): analyze ``W - W_base`` instead, both read one
+            matrix at a time (:mod:`~lightning_htsr.deltas`).
 
     Returns:
         The table of :func:`~lightning_htsr.analyze` (same columns, one row per matrix).
@@ -238,7 +251,12 @@ def analyze_checkpoint(
     options = resolve_options(options, ww_compat=ww_compat, fit=fit, min_tail=min_tail, precision=precision,
                               backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config)
     checkpoint = open_checkpoint(paths, trust_pickle=trust_pickle)
+    other = None
+    if base is not None:
+        from .pairs import open_source
+
+        other = open_source(base, options, trust_pickle=trust_pickle, include=include, exclude=exclude)
     with threads_limit(threads):
         records = checkpoint_records(checkpoint, options, include=include, exclude=exclude, device=device,
-                                     progress=progress)
+                                     progress=progress, base=other)
     return records_table(records)
