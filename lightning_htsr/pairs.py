@@ -196,9 +196,12 @@ def open_source(source: Source, options: AnalysisOptions, *, trust_pickle: bool 
     raise TypeError(f"expected a module, a state dict or checkpoint path(s), got {type(source).__name__}")
 
 
-def _shape(matrix: WeightMatrix, source: MatrixSource) -> str:
-    stored = source.stored_shape(matrix)
-    return "x".join(map(str, stored)) if stored else f"{matrix.num_slices}x{matrix.N}x{matrix.M}"
+def _shapes(a: WeightMatrix, b: WeightMatrix, side_a: MatrixSource, side_b: MatrixSource) -> tuple[str, str]:
+    """How the two shapes are shown: the stored tensors' where known and different, else the slices'."""
+    stored_a, stored_b = side_a.stored_shape(a), side_b.stored_shape(b)
+    if stored_a is not None and stored_b is not None and stored_a != stored_b:
+        return "x".join(map(str, stored_a)), "x".join(map(str, stored_b))
+    return f"{a.num_slices}x{a.N}x{a.M} slices", f"{b.num_slices}x{b.N}x{b.M}"
 
 
 def _mismatch(a: WeightMatrix, b: WeightMatrix, side_a: MatrixSource, side_b: MatrixSource) -> bool:
@@ -238,8 +241,8 @@ def pair_matrices(a: MatrixSource, b: MatrixSource, *, label_b: str = "B", matri
         if partner is None:
             yield MatrixPair(matrix.name, matrix, None, f"not in {label_b}")
         elif _mismatch(matrix, partner, a, b):
-            yield MatrixPair(matrix.name, matrix, partner, f"shape {_shape(matrix, a)} here, {_shape(partner, b)} "
-                                                           f"in {label_b}")
+            here, there = _shapes(matrix, partner, a, b)
+            yield MatrixPair(matrix.name, matrix, partner, f"shape {here} here, {there} in {label_b}")
         elif partner.slices is None and matrix.slices is not None and partner.skip_reason:
             yield MatrixPair(matrix.name, matrix, partner, f"{label_b}: {partner.skip_reason}")
         else:
