@@ -54,7 +54,8 @@ def _run_distances(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> 
     from .weight_distances import distances
 
     frame = distances(args.a, args.b, include=_compile_patterns(args.include, "--include"),
-                      exclude=_compile_patterns(args.exclude, "--exclude"), trust_pickle=args.trust_pickle)
+                      exclude=_compile_patterns(args.exclude, "--exclude"), trust_pickle=args.trust_pickle,
+                      cka=not args.no_cka)
     if not args.quiet:
         stdout.write(format_table(frame.to_dict("records"), _DISTANCE_TABLE) + "\n")
         matched = frame[frame["status"] == "success"]
@@ -90,6 +91,9 @@ def add_parsers(sub: Any) -> None:
     distances.add_argument("b", metavar="B", help="the reference checkpoint (relative distances divide by its norms)")
     distances.add_argument("--include", metavar="RE", action="append", help="only matrices matching this regex")
     distances.add_argument("--exclude", metavar="RE", action="append", help="leave out matrices matching this regex")
+    distances.add_argument("--no-cka", action="store_true",
+                           help="leave cka out: its M x M Gram products (3 N M^2 flops per matrix) are most of the time "
+                                "on large models")
     _outputs(distances)
     distances.set_defaults(handler=_run_distances)
 

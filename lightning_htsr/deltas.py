@@ -55,7 +55,7 @@ def _delta(pair: MatrixPair) -> WeightMatrix:
     if a.slices is None or b is None or b.slices is None:
         return a  # skipped for its own reason (size, unreadable, ...)
     dtype = torch.promote_types(torch.promote_types(a.slices.dtype, b.slices.dtype), torch.float32)
-    delta = a.slices.to(dtype) - b.slices.to(device=a.slices.device, dtype=dtype)
+    delta = a.slices.to(dtype, copy=True).sub_(b.slices.to(a.slices.device))  # no upcast copy of the base
     if not bool(delta.any()):
         return replace(a, slices=None, skip_reason=f"unchanged: the weights equal {BASE_LABEL}'s",
                        skip_kind=SkipKind.UNCHANGED)

@@ -7,6 +7,10 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pandas as pd
@@ -170,3 +174,37 @@ def test_compare_models_takes_modules_and_state_dicts() -> None:
     frame = compare_models([m, m.state_dict()], labels=["module", "state dict"])
     assert frame["model"].tolist() == ["module", "state dict"]
     np.testing.assert_allclose(frame["alpha"][0], frame["alpha"][1], rtol=1e-9)
+
+
+@pytest.mark.parametrize("what", ["deltas", "distances"])
+def test_peak_memory_of_two_streamed_checkpoints_is_a_few_matrices(what: str, tmp_path) -> None:
+    """Two checkpoints of 6 bf16 tensors of 24 MiB (144 MiB each on disk, 288 MiB each in float32): reading both
+    whole and upcasting would add >= 864 MiB; streaming adds one read budget per file plus a few matrices (measured:
+    about 250 MiB for distances with cka, 360 MiB for deltas, whose eigenvalue analysis needs more)."""
+    gen = torch.Generator().manual_seed(1)
+    base = {f"layers.{i}.weight": torch.randn(65536, 192, generator=gen, dtype=torch.bfloat16) for i in range(6)}
+    save(base, tmp_path / "base.safetensors")
+    save({k: (v.float() + torch.randn(65536, 2, generator=gen) @ torch.randn(2, 192, generator=gen)).bfloat16()
+          for k, v in base.items()}, tmp_path / "ft.safetensors")
+    call = {"deltas": "htsr.analyze_checkpoint({ft!r}, base={base!r})", "distances": "htsr.distances({ft!r}, {base!r})"}
+    script = textwrap.dedent(f"""
+        import warnings, torch, lightning_htsr as htsr
+        from safetensors.torch import save_file
+        warnings.simplefilter("ignore")
+        def status_mib(field):
+            with open("/proc/self/status") as f:
+                return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+        save_file({{"warm.weight": torch.randn(64, 32)}}, {str(tmp_path / "warm.safetensors")!r})
+        warm = {str(tmp_path / "warm.safetensors")!r}
+        htsr.analyze_checkpoint(warm, base=warm), htsr.distances(warm, warm)  # imports everything
+        before = status_mib("VmRSS")
+        table = {call[what].format(ft=str(tmp_path / "ft.safetensors"), base=str(tmp_path / "base.safetensors"))}
+        assert len(table) == 6, table
+        print(status_mib("VmHWM") - before)
+    """)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300,
+                            check=False)
+    assert result.returncode == 0, result.stderr
+    added = float(result.stdout.strip().splitlines()[-1])
+    assert added < 450, f"{what} added {added:.0f} MiB for two 144 MiB bf16 checkpoints"
