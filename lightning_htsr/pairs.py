@@ -105,8 +105,8 @@ def module_source(model: nn.Module, options: AnalysisOptions, **selection: Any) 
 
 
 def dict_source(state_dict: Mapping[str, Any], options: AnalysisOptions, *,
-                      include: Sequence[str] | str | None = None,
-                      exclude: Sequence[str] | str | None = None) -> MatrixSource:
+                include: Sequence[str] | str | None = None,
+                exclude: Sequence[str] | str | None = None) -> MatrixSource:
     """A state dict's matrices as :func:`~lightning_htsr.analyze_state_dict` lists them (views, no copies)."""
     shapes = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, Tensor)}
     matrices = list(iter_state_dict_matrices(state_dict.items(), shapes=shapes, include=include, exclude=exclude,
