@@ -6,7 +6,7 @@ data, in this process, interleaved:
 
 * ``full``: every weight trained (AdamW), ``HTSRCallback()``;
 * ``lora``: peft LoRA ``r=8`` on ``q_proj``/``v_proj``, everything else frozen, ``HTSRCallback()`` (frozen matrices
-  analyzed once, then reused while unchanged: issue 17 item 2);
+  analyzed once, then reused while unchanged);
 * ``lora-noreuse``: the same LoRA run with ``HTSRCallback(reuse_unchanged=False)``: what reuse saves.
 
 The callback runs at its defaults otherwise, except that TensorBoard figures and histograms are off (their cost is

@@ -2,7 +2,8 @@
 
 Offline: :func:`analyze` a model, :func:`analyze_state_dict` a state dict or :func:`analyze_checkpoint` checkpoint
 files (streamed) (one row per weight matrix: alpha, entropy, phase, ...) and
-:func:`summarize` the table. Live: add :class:`HTSRCallback` to a Lightning ``Trainer``.
+:func:`summarize` the table; ``base_model=``/``base=`` analyze a fine-tune's deltas ``W - W_base`` and
+:func:`distances` compares two models matrix by matrix. Live: add :class:`HTSRCallback` to a Lightning ``Trainer``.
 The pure stages are in :mod:`lightning_htsr.functional`.
 """
 
@@ -19,6 +20,7 @@ from .records import summarize
 
 if TYPE_CHECKING:
     from .callback import HTSRCallback
+    from .weight_distances import distances
 
 __version__ = "0.1.0"
 
@@ -30,6 +32,10 @@ def __getattr__(name: str) -> Any:
         from .callback import HTSRCallback
 
         return HTSRCallback
+    if name == "distances":  # its module is weight_distances: a submodule of the same name would be shadowed
+        from .weight_distances import distances
+
+        return distances
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = [
@@ -44,5 +50,6 @@ __all__ = [
     "analyze",
     "analyze_checkpoint",
     "analyze_state_dict",
+    "distances",
     "summarize",
 ]

@@ -399,6 +399,7 @@ def analyze(
     finger_thresh: float | None = None,
     max_N: int | None = None,
     lora: LoraMode = "merged",
+    base_model: Any = None,
 ) -> pd.DataFrame:
     """Analyze every weight matrix of a model: one row per matrix with alpha, entropy, phase and the rest.
 
@@ -430,6 +431,9 @@ def analyze(
             default), ``"delta"`` (``scaling * B @ A`` alone, rank ``r``: below ``min_evals`` it is not
             classified; only adapted matrices are listed) or ``"base"`` (the frozen ``W``). The module is not
             modified. See :mod:`~lightning_htsr.adapters`.
+        base_model: Analyze ``W - W_base`` instead, the base a module, a state dict or checkpoint path(s)
+            (:mod:`~lightning_htsr.deltas`: matched by name and shape; unmatched, unchanged and low-rank deltas
+            get a skipped row saying so).
 
     Returns:
         A ``pandas.DataFrame`` with the columns of :data:`~lightning_htsr.records.COLUMNS`, one row per matrix
@@ -450,6 +454,11 @@ def analyze(
                                backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config,
                                fix_fingers=fix_fingers, randomize=randomize, seed=seed, xmax=xmax,
                                max_fingers=max_fingers, finger_thresh=finger_thresh, max_N=max_N)
+    if base_model is not None:
+        from .deltas import delta_records
+
+        return records_table(delta_records(model, base_model, options, include=include, exclude=exclude,
+                                           layer_types=layer_types, ww_compat=ww_compat))
     matrices = _model_matrices(model, options, include=include, exclude=exclude, layer_types=layer_types,
                                ww_compat=ww_compat, lora=lora)
     if layers is not None:
@@ -570,6 +579,7 @@ def analyze_state_dict(
     finger_thresh: float | None = None,
     lora: LoraMode = "merged",
     adapter_config: Mapping[str, Any] | str | os.PathLike[str] | None = None,
+    base: Any = None,
 ) -> pd.DataFrame:
     """:func:`analyze` for a bare ``state_dict`` (weights by name and shape; no model class needed).
 
@@ -578,7 +588,7 @@ def analyze_state_dict(
     ``max_N`` need the model's modules and are :func:`analyze`'s only). Streams: each
     matrix is upcast only when its batch (:data:`BATCH_BYTES`) is analyzed, so the extra memory is a few matrices,
     not a float32 copy of the model. For checkpoint files, :func:`~lightning_htsr.analyze_checkpoint` also reads
-    the tensors one at a time.
+    the tensors one at a time. ``base``: analyze ``W - W_base`` (:func:`analyze`'s ``base_model``).
 
     A ``peft`` model's state dict (``<path>.base_layer.weight``, ``<path>.lora_A.<adapter>.weight``, ...) holds the
     factors but not their scaling (``lora_alpha / r``): pass ``adapter_config`` (the adapter's
@@ -596,6 +606,10 @@ def analyze_state_dict(
                                backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config,
                                fix_fingers=fix_fingers, randomize=randomize, seed=seed, xmax=xmax,
                                max_fingers=max_fingers, finger_thresh=finger_thresh)
+    if base is not None:
+        from .deltas import delta_records
+
+        return records_table(delta_records(state_dict, base, options, include=include, exclude=exclude))
     items, shapes, tie = state_dict_lora(state_dict, check_lora_mode(lora), adapter_config)
     matrices = iter_state_dict_matrices(items, shapes=shapes, include=include, exclude=exclude,
                                         min_evals=options.min_evals, max_evals=options.max_evals, tie=tie)

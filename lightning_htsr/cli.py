@@ -9,6 +9,13 @@
     the full table, ``--plots DIR`` one ESD figure per matrix. Launched by ``torchrun``, the processes share the
     matrices and rank 0 prints and writes.
 
+``lightning-htsr analyze PATH --base BASE``
+    The same for the deltas ``W - W_base`` of a fine-tuned checkpoint (:mod:`lightning_htsr.deltas`).
+
+``lightning-htsr distances A B`` and ``lightning-htsr compare A B C ...``
+    Per-matrix distances between two checkpoints, and model-level summaries side by side
+    (:mod:`lightning_htsr.cli_compare`).
+
 ``lightning-htsr report RUN``
     Figures and an ``index.html`` from the history that :class:`~lightning_htsr.HTSRCallback` wrote during
     training (see :func:`lightning_htsr.report.write_report`).
@@ -237,11 +244,13 @@ def _run_analyze(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> in
     adapter = _adapter(args, checkpoint)
     if not checkpoint_plan(checkpoint, options, include=include, exclude=exclude, adapter=adapter, lora=args.lora):
         _no_matrices(checkpoint, options, include or exclude)
+    base = _base_source(args, options, include, exclude)
     plotter = _EsdPlotter(Path(args.plots)) if args.plots else None
     show = args.progress if args.progress is not None else (not args.quiet and _isatty(stderr))
     with _process_group(device) as rank, threads_limit(args.threads):
         records = checkpoint_records(checkpoint, options, include=include, exclude=exclude, device=device,
-                                     progress=show and rank == 0, on_result=plotter, adapter=adapter, lora=args.lora)
+                                     progress=show and rank == 0, on_result=plotter, adapter=adapter, lora=args.lora,
+                                     base=base)
         plotted = _gathered(plotter.plotted) if plotter is not None else []
     if rank == 0:
         _report_analysis(args, records, columns, checkpoint.paths, plotted, stdout, stderr)
@@ -259,6 +268,17 @@ def _adapter(args: argparse.Namespace, checkpoint: Any) -> Any:
     adapter = read_adapter(args.adapter)
     adapter.check(checkpoint.shapes())
     return adapter
+
+
+def _base_source(args: argparse.Namespace, options: Any, include: Any, exclude: Any) -> Any:
+    """The ``--base`` checkpoint as a :class:`~lightning_htsr.pairs.MatrixSource` (``None`` without one)."""
+    if args.base is None:
+        return None
+    if args.adapter is not None:
+        raise CLIError("--base and --adapter together are not supported: analyze the merged model against the base")
+    from .pairs import open_source
+
+    return open_source(args.base, options, trust_pickle=args.trust_pickle, include=include, exclude=exclude)
 
 
 def _no_matrices(checkpoint: Any, options: Any, filtered: Any) -> None:
@@ -420,8 +440,10 @@ def _add_analyze_parser(sub: Any) -> None:
                          help="a peft LoRA adapter directory (adapter_config.json, adapter_model.safetensors) merged "
                               "into PATH, its base model, one matrix at a time")
     analyze.add_argument("--lora", choices=("merged", "delta", "base"), default="merged",
-                         help="with --adapter: analyze W + scaling*B@A (merged, default), the update alone (delta: "
+                         help="with --adapter: analyze W + scaling B@A (merged, default), the update alone (delta: "
                               "adapted matrices only) or the base weights (base)")
+    analyze.add_argument("--base", metavar="BASE", help="analyze the deltas W - W_base from this base checkpoint "
+                         "(matched by name and shape; unmatched, unchanged and low-rank deltas are rows saying so)")
     _add_selection_options(analyze)
     _add_numerics_options(analyze)
     analyze.add_argument("--columns", metavar="A,B,C",
@@ -468,7 +490,7 @@ def _add_numerics_options(analyze: argparse.ArgumentParser) -> None:
                     help="integer K: leave the abs(K) largest eigenvalues out of the fit; number X (with a point): "
                          "leave out eigenvalues above X")
     ww.add_argument("--randomize", action="store_true",
-                    help="add the correlation-trap columns of the element-shuffled matrices (rand_*)")
+                    help="add the correlation-trap columns of the element-shuffled matrices (the randomized columns)")
     ww.add_argument("--seed", metavar="N", type=int, default=None, help="seed of --randomize's shuffles")
 
 
@@ -504,7 +526,7 @@ def _add_report_parser(sub: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``lightning-htsr`` (subcommands ``analyze`` and ``report``)."""
+    """The argument parser of ``lightning-htsr`` (subcommands ``analyze``, ``distances``, ``compare``, ``report``)."""
     from . import __version__
 
     parser = argparse.ArgumentParser(
@@ -512,14 +534,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Heavy-Tailed Self-Regularization diagnostics: eigenvalue spectra, power-law alpha,\n"
                     "spectral entropy and 5+1 phase of every weight matrix.",
         epilog=f"Examples:\n  {PROG} analyze last.ckpt\n  {PROG} analyze model.safetensors --csv layers.csv "
-               f"--plots esd/\n  {PROG} report lightning_logs/version_0\n\nExit codes: 0 success, 2 usage error "
-               "or a file that cannot be analyzed\n(the message on stderr says which file and why), 130 interrupted.",
+               f"--plots esd/\n  {PROG} analyze finetuned/ --base base/\n  {PROG} distances finetuned/ base/\n  "
+               f"{PROG} compare a.ckpt b.ckpt c.ckpt\n  {PROG} report lightning_logs/version_0\n\nExit codes: 0 "
+               "success, 2 usage error or a file that cannot be analyzed\n(the message on stderr says which file and "
+               "why), 130 interrupted.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         allow_abbrev=False,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_analyze_parser(sub)
+    from .cli_compare import add_parsers
+
+    add_parsers(sub)
     _add_report_parser(sub)
     return parser
 
@@ -542,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
         return code if isinstance(code, int) else (0 if code is None else 2)
     if getattr(args, "handler", None) is None:
         parser.print_usage(sys.stderr)
-        sys.stderr.write(f"{PROG}: error: a command is required (analyze or report)\n")
+        sys.stderr.write(f"{PROG}: error: a command is required (analyze, distances, compare or report)\n")
         return 2
     from .checkpoints import CheckpointError
 

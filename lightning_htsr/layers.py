@@ -77,6 +77,9 @@ class SkipKind(str, enum.Enum):
     SOLVER_FAILED = "solver_failed"  #: the eigensolver failed on finite weights (float32: redone in float64)
     ALL_ZERO = "all_zero"  #: every eigenvalue is zero
     DEGENERATE = "degenerate"  #: a spectrum whose power-law fit or entropy is undefined
+    UNMATCHED = "unmatched"  #: base-model delta: no partner of this name and shape in the base (routine)
+    UNCHANGED = "unchanged"  #: base-model delta: the weights equal the base's (routine)
+    LOW_RANK_DELTA = "low_rank_delta"  #: base-model delta of low rank (a merged LoRA): its tail would be noise
 
     @property
     def routine(self) -> bool:
@@ -88,7 +91,7 @@ class SkipKind(str, enum.Enum):
 
 
 _ROUTINE_KINDS = frozenset({SkipKind.TOO_FEW_EVALS, SkipKind.TOO_MANY_EVALS, SkipKind.SINGLE_COLUMN,
-                            SkipKind.NOT_SELECTED})
+                            SkipKind.NOT_SELECTED, SkipKind.UNMATCHED, SkipKind.UNCHANGED})
 
 
 @dataclass

@@ -98,6 +98,7 @@ def _checkpoint_analyses(
     owned: Callable[[str], bool] | None = None,
     adapter: AdapterFiles | None = None,
     lora: LoraMode = "merged",
+    base: Any = None,
 ) -> Iterator[MatrixAnalysis]:
     """Analyze a checkpoint's matrices as their tensors are read, one at a time.
 
@@ -110,6 +111,7 @@ def _checkpoint_analyses(
         owned: Only read entries whose :attr:`~lightning_htsr.layers.WeightMatrix.source` passes (a rank's share).
         adapter: A LoRA adapter merged into each tensor as it is read (memory: the tensor at hand and its merge).
         lora: What an adapted matrix is.
+        base: A :class:`~lightning_htsr.pairs.MatrixSource`: analyze ``W - W_base`` (:mod:`~lightning_htsr.deltas`).
 
     Yields:
         One :class:`~lightning_htsr.analysis.MatrixAnalysis` per matrix, in checkpoint order.
@@ -120,6 +122,15 @@ def _checkpoint_analyses(
             state_dict_source(info.name, info.shape))) and (adapter is None or adapter.keeps(info.name, lora))
 
     items = checkpoint.tensors(wanted)
+    if base is not None:
+        from .deltas import analyze_deltas
+        from .pairs import checkpoint_source
+
+        if adapter is not None:
+            raise ValueError("an adapter and a base model together are not supported: merge the adapter first")
+        side = checkpoint_source(checkpoint, options, include=include, exclude=exclude)
+        return analyze_deltas(side, base, options, matrices=_matrices(items, checkpoint, options, include, exclude),
+                              device=device)
     if adapter is None:
         return analyze_stream(_matrices(items, checkpoint, options, include, exclude), options, device=device)
     matrices = _matrices(adapter.apply(items, lora), checkpoint, options, include, exclude)
@@ -166,6 +177,7 @@ def checkpoint_records(
     on_result: Callable[[MatrixAnalysis], None] | None = None,
     adapter: AdapterFiles | None = None,
     lora: LoraMode = "merged",
+    base: Any = None,
 ) -> list[dict[str, Any]]:
     """The records of every matrix, in plan order; under ``torch.distributed`` each rank analyzes a cost-balanced
     share (:func:`~lightning_htsr.distributed.assign_owners`) and every rank gets every record.
@@ -180,6 +192,7 @@ def checkpoint_records(
         on_result: Called with each of this rank's results (e.g. to plot its ESD).
         adapter: A LoRA adapter merged into the checkpoint (checked against its shapes first).
         lora: What an adapted matrix is.
+        base: A :class:`~lightning_htsr.pairs.MatrixSource`: analyze ``W - W_base`` (:mod:`~lightning_htsr.deltas`).
 
     Returns:
         One record per matrix of :func:`checkpoint_plan`.
@@ -194,7 +207,7 @@ def checkpoint_records(
     error = ""
     analyses = _checkpoint_analyses(checkpoint, options, include=include, exclude=exclude, device=device,
                                    owned=(lambda s: owners.get(s, 0) == rank) if world > 1 else None,
-                                   adapter=adapter, lora=lora)
+                                   adapter=adapter, lora=lora, base=base)
     try:
         for result in _progress(analyses, len(mine), progress):
             if on_result is not None:
@@ -237,6 +250,7 @@ def analyze_checkpoint(
     finger_thresh: float | None = None,
     adapter: str | os.PathLike[str] | None = None,
     lora: LoraMode = "merged",
+    base: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
 ) -> pd.DataFrame:
     """Analyze checkpoint files without the model's class, streaming: one table for the whole checkpoint.
 
@@ -261,6 +275,8 @@ def analyze_checkpoint(
             unsupported config keys, missing files) raises :class:`CheckpointError` before anything is analyzed.
         lora: With ``adapter``: ``"merged"`` (default), ``"delta"`` (``scaling * B @ A`` alone; only the adapted
             matrices are listed) or ``"base"`` (the checkpoint as it is). See :func:`~lightning_htsr.analyze`.
+        base: The base model's checkpoint (or a module or state dict): analyze ``W - W_base`` instead, both read one
+            matrix at a time (:mod:`~lightning_htsr.deltas`).
 
     Returns:
         The table of :func:`~lightning_htsr.analyze` (same columns, one row per matrix).
@@ -284,7 +300,12 @@ def analyze_checkpoint(
     checkpoint = open_checkpoint(paths, trust_pickle=trust_pickle)
     lora = check_lora_mode(lora)  # type: ignore[assignment]
     files = read_adapter(adapter) if adapter is not None else None
+    other = None
+    if base is not None:
+        from .pairs import open_source
+
+        other = open_source(base, options, trust_pickle=trust_pickle, include=include, exclude=exclude)
     with threads_limit(threads):
         records = checkpoint_records(checkpoint, options, include=include, exclude=exclude, device=device,
-                                     progress=progress, adapter=files, lora=lora)
+                                     progress=progress, adapter=files, lora=lora, base=other)
     return records_table(records)

@@ -1,4 +1,4 @@
-"""Fit diagnostics (issue 18, item 1): the power-law fit's own D(xmin)/alpha(xmin) curves, the five-panel figure,
+"""Fit diagnostics: the power-law fit's own D(xmin)/alpha(xmin) curves, the five-panel figure,
 and its three outlets: ``analyze --plots``, ``report`` and the callback's TensorBoard images (real files)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""LoRA adapters (issue 17 items 1, 3, 7): a peft LoRA layer is one matrix named as in the merged model, equal to
+"""LoRA adapters: a peft LoRA layer is one matrix named as in the merged model, equal to
 analyzing ``merge_and_unload()``; adapters on disk merged while the base streams; no peft import at import time."""
 
 from __future__ import annotations

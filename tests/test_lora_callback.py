@@ -1,4 +1,4 @@
-"""HTSRCallback on fine-tuning (issue 17 items 1 and 2): a real Lightning fine-tune of a tiny transformers Llama
+"""HTSRCallback on fine-tuning: a real Lightning fine-tune of a tiny transformers Llama
 with peft LoRA shows the adapted layers' alpha move in the history and TensorBoard, while the frozen weights are
 analyzed once and reused until they change."""
 

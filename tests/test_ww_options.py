@@ -1,4 +1,4 @@
-"""weightwatcher 0.7.7's options (issue 18): ``layers=`` ids, ``xmax``, the finger thresholds, ``max_N`` and the
+"""weightwatcher 0.7.7's options: ``layers=`` ids, ``xmax``, the finger thresholds, ``max_N`` and the
 truncated power laws, each against weightwatcher's own code on small models; and the same options through
 ``analyze_state_dict`` / ``analyze_checkpoint``."""
 
