@@ -38,7 +38,7 @@ Tables printed:
 4. Route choice: per shape, float32/float64 Gram + ``eigvalsh``, float32/float64 ``torch.linalg.svdvals`` and
    SciPy float64 ``scipy.linalg.svd(compute_uv=False)`` (looped over slices for stacks), all on the tall
    orientation (the one the package uses), inputs already in the target dtype; ms and ratio to float32 Gram.
-5. Power-law fit alone: ``lightning_htsr.powerlaw.fit_power_law`` (``method="fast"`` and ``"exact"``) and
+5. Power-law fit alone: ``lightning_htsr.spectra.powerlaw.fit_power_law`` (``method="fast"`` and ``"exact"``) and
    weightwatcher's ``WWFit`` on the same realistic ESDs (pooled squared singular values, divided by N, of seeded
    Student-t(2.5) slices of shape (2m, m) -- what a convolution's pooled ESD looks like) with n = 1024, 4096,
    8192, 15000 eigenvalues, plus ``|alpha_fast - alpha_exact|``.
@@ -80,8 +80,8 @@ from threadpoolctl import threadpool_info, threadpool_limits  # noqa: E402
 from torch import nn  # noqa: E402
 
 import lightning_htsr  # noqa: E402
-from lightning_htsr.layers import weight_matrices  # noqa: E402
-from lightning_htsr.powerlaw import fit_power_law  # noqa: E402
+from lightning_htsr.spectra.powerlaw import fit_power_law  # noqa: E402
+from lightning_htsr.weights.modules import weight_matrices  # noqa: E402
 
 torch.set_num_threads(1)
 with contextlib.suppress(RuntimeError):  # only allowed before any inter-op parallel work

@@ -45,9 +45,8 @@ from pathlib import Path
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ[_var] = "1"
 
-import torch  # noqa: E402
-
 import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from lightning.pytorch.profilers import SimpleProfiler  # noqa: E402
 
@@ -55,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from transformer_lm import build_model, make_dataloaders, quiet_lightning  # noqa: E402
 
 from lightning_htsr import HTSRCallback  # noqa: E402
-from lightning_htsr.sinks.figures import stop_figure_worker  # noqa: E402
+from lightning_htsr.training.sinks.figures import stop_figure_worker  # noqa: E402
 
 HOOK_PREFIX = "[Callback]HTSRCallback{'prefix': 'htsr'}."
 ANALYZE = "[HTSR]htsr.analyze"

@@ -148,7 +148,7 @@ def run_analysis(directory: Path, nproc: int, threads: int | None, csv: Path) ->
 
 def decoder_layers(directory: Path, count: int) -> nn.Module:
     """The first ``count`` decoder layers as float32 ``nn.Linear`` modules, read from the checkpoint."""
-    from lightning_htsr.checkpoints import open_checkpoint
+    from lightning_htsr.weights.checkpoints import open_checkpoint
 
     model = nn.Module()
     wanted = tuple(f"model.layers.{i}." for i in range(count))

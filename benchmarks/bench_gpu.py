@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 import torch  # noqa: E402
 
 from lightning_htsr.analysis import AnalysisOptions, analyze_stream  # noqa: E402
-from lightning_htsr.layers import WeightMatrix  # noqa: E402
+from lightning_htsr.weights.matrix import WeightMatrix  # noqa: E402
 
 HEAVY = ("o_proj", "down_proj")
 

@@ -30,8 +30,6 @@ import logging
 import math
 import os
 import sys
-import tempfile
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -40,17 +38,16 @@ from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import torch  # noqa: E402
-
 import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stopping_runs import QUICK_EPOCHS, early_stopping_run, reference_run, rule_run, splits  # noqa: E402,F401
 from stopping_signals import signal_table  # noqa: E402
 from stopping_tasks import OVERFITTING, TASKS  # noqa: E402
 
-from lightning_htsr.phases import PhaseTracker  # noqa: E402
-from lightning_htsr.stopping import StopCriteria, over_trained, replay_stop  # noqa: E402
+from lightning_htsr.spectra.phases import PhaseTracker  # noqa: E402
+from lightning_htsr.training.stopping import StopCriteria, over_trained, replay_stop  # noqa: E402
 
 WITHIN_POINTS = 1.0
 #: Seeds the thresholds were chosen on; the others are held out (the figure that counts).
@@ -306,8 +303,7 @@ PACKAGE = HERE.parent / "lightning_htsr"
 #: recorded numbers (a column the replay needs but the history lacks fails loudly); a live run that stops elsewhere
 #: than its replay on the reference (a mismatch, exit code 1) is how a stale reference would show.
 REFERENCE_CODE = ("stopping_tasks.py", "stopping_runs.py")
-REFERENCE_MODULES = ("layers.py", "eigenvalues.py", "powerlaw.py", "marchenko_pastur.py", "metrics.py", "phases.py",
-                     "records.py", "analysis.py", "fingers.py", "distributed.py")
+REFERENCE_MODULES = ("weights", "spectra", "records.py", "analysis.py", "distributed.py")  # files, or every file of a folder
 
 
 def code_key(paths: Sequence[Path]) -> str:
@@ -322,7 +318,9 @@ def code_key(paths: Sequence[Path]) -> str:
 
 def reference_key() -> str:
     """The reference runs' code (:data:`REFERENCE_CODE`, :data:`REFERENCE_MODULES`)."""
-    return code_key([HERE / f for f in REFERENCE_CODE] + [PACKAGE / f for f in REFERENCE_MODULES])
+    modules = [p for f in REFERENCE_MODULES for p in ((PACKAGE / f).rglob("*.py") if (PACKAGE / f).is_dir()
+                                                       else [PACKAGE / f])]
+    return code_key([HERE / f for f in REFERENCE_CODE] + modules)
 
 
 def live_key() -> str:

@@ -13,17 +13,15 @@ import tempfile
 import time
 from typing import Any
 
+import lightning.pytorch as pl
 import torch
+from lightning.pytorch.callbacks import EarlyStopping
+from stopping_tasks import Task
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import lightning.pytorch as pl
-from lightning.pytorch.callbacks import EarlyStopping
-
-from stopping_tasks import Task
-
 from lightning_htsr import HTSRCallback
-from lightning_htsr.sinks import read_history
+from lightning_htsr.training.sinks import read_history
 
 HISTORY_COLUMNS = ("name", "N", "M", "num_evals", "status", "phase", "alpha", "entropy", "stable_rank",
                    "mp_softrank", "log_spectral_norm", "log_norm", "D", "num_spikes", "warning", "num_pl_spikes",

@@ -15,8 +15,8 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from lightning_htsr.phases import PhaseTracker
-from lightning_htsr.stopping import learning_matrices
+from lightning_htsr.spectra.phases import PhaseTracker
+from lightning_htsr.training.stopping import learning_matrices
 
 #: One epoch-end analysis as a signal sees it: epoch and {matrix name: record} of the learning matrices.
 Step = tuple[int, dict[str, Mapping[str, Any]]]

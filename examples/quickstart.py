@@ -25,16 +25,15 @@ import warnings
 # One BLAS/OpenMP thread: on a small shared CPU, two threads contending for cores make the eigensolver much slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-import lightning.pytorch as pl  # noqa: E402
-from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-
 from lightning_htsr import HTSRCallback, PhaseConfig, summarize  # noqa: E402
 from lightning_htsr.records import flag_unclassified, records_to_frame  # noqa: E402
-from lightning_htsr.sinks import read_history  # noqa: E402
+from lightning_htsr.training.sinks import read_history  # noqa: E402
 
 
 def load_digits_tensors(seed: int = 0, val_fraction: float = 0.2):

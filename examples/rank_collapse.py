@@ -38,11 +38,10 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
-
-import lightning.pytorch as pl  # noqa: E402
 
 import lightning_htsr as htsr  # noqa: E402
 from lightning_htsr.functional import eigenvalues, resolution_floor  # noqa: E402
@@ -51,7 +50,6 @@ DECAYED = "net.2"  # the layer that gets the strong weight decay
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the examples share the quickstart's data loader
 from quickstart import load_digits_tensors  # noqa: E402
-
 
 
 class MLP(pl.LightningModule):

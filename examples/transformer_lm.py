@@ -30,11 +30,10 @@ import warnings
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one BLAS thread per process: 2 ddp ranks on 2 cores
 
+import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
-
-import lightning.pytorch as pl  # noqa: E402
 
 __all__ = ["MarkovChain", "TinyTransformerLM", "build_model", "make_dataloaders", "quiet_lightning"]
 

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .analysis import AnalysisOptions, analyze, analyze_state_dict
-from .checkpoints import CheckpointError
+from .analysis import AnalysisOptions
+from .front_doors import analyze, analyze_state_dict
 from .offline import analyze_checkpoint
-from .phases import Phase, PhaseConfig, PhaseTracker
-from .powerlaw import PowerLawFit
 from .records import summarize
+from .spectra.phases import Phase, PhaseConfig, PhaseTracker
+from .spectra.powerlaw import PowerLawFit
+from .weights.checkpoints import CheckpointError
 
 if TYPE_CHECKING:
-    from .callback import HTSRCallback
+    from .training.callback import HTSRCallback
     from .weight_distances import distances
 
 __version__ = "0.1.0"
@@ -29,7 +30,7 @@ def __getattr__(name: str) -> Any:
     # HTSRCallback pulls in Lightning (seconds of import time); load it on first use so that offline analysis and
     # the command line start fast.
     if name == "HTSRCallback":
-        from .callback import HTSRCallback
+        from .training.callback import HTSRCallback
 
         return HTSRCallback
     if name == "distances":  # its module is weight_distances: a submodule of the same name would be shadowed

@@ -1,6 +1,6 @@
 """``python -m lightning_htsr`` (and ``torchrun -m lightning_htsr``): the ``lightning-htsr`` command line."""
 
-from .cli import main
+from .views.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

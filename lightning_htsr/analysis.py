@@ -1,4 +1,4 @@
-"""``analyze(model)``: the offline front door, wiring the stages together.
+"""The pipeline's engine: weight matrices -> eigenvalues -> fits -> metrics -> phase -> one record per matrix.
 
 module --(layers)--> weight matrices --(eigenvalues)--> ESDs --(powerlaw, marchenko_pastur, metrics)--> numbers
 --(phases)--> phase --(records)--> one row per matrix.
@@ -11,7 +11,6 @@ matrices (the callback extracts its rank's share, gathering sharded weights firs
 from __future__ import annotations
 
 import math
-import os
 import warnings
 import zlib
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -23,11 +22,10 @@ import pandas as pd
 import torch
 from torch import Tensor, nn
 
-from .adapters import LoraMode, check_lora_mode, state_dict_lora
-from .eigenvalues import Backend, Precision, Route, Spectrum, check_choice, compute_spectra
-from .layers import LOW_PRECISION, SkipKind, WeightMatrix, iter_state_dict_matrices, weight_matrices
-from .marchenko_pastur import MarchenkoPasturFit
-from .metrics import (
+from .records import empty_record, records_to_frame
+from .spectra.eigenvalues import Backend, Precision, Route, Spectrum, check_choice, compute_spectra
+from .spectra.marchenko_pastur import MarchenkoPasturFit
+from .spectra.metrics import (
     WW_ENTROPY_EPSILON,
     WW_WEAK_RANK_TOL,
     alpha_warning,
@@ -37,22 +35,22 @@ from .metrics import (
     norm_metrics,
     rank_metrics,
 )
-from .phases import PhaseConfig, PhaseResult, classify_phase
-from .powerlaw import FitScan, KSConvention, PowerLawFit, fit_scan
-from .randomize import random_columns
-from .records import empty_record, records_to_frame
-from .tail_fit import check_fit_options, fit_tail
-from .tpl import TPL_FITS
-from .ww_select import LayerFilter, select_layers, ww_select
+from .spectra.phases import PhaseConfig, PhaseResult, classify_phase
+from .spectra.powerlaw import FitScan, KSConvention, PowerLawFit, fit_scan
+from .spectra.randomize import random_columns
+from .spectra.tail_fit import check_fit_options, fit_tail
+from .spectra.tpl import TPL_FITS
+from .weights.adapters import LoraMode
+from .weights.matrix import LOW_PRECISION, SkipKind, WeightMatrix
+from .weights.modules import weight_matrices
+from .weights.ww_select import ww_select
 
 __all__ = [
     "BATCH_BYTES",
     "AnalysisOptions",
     "FitKind",
     "MatrixAnalysis",
-    "analyze",
     "analyze_matrices",
-    "analyze_state_dict",
     "analyze_stream",
     "bad_input_rows",
     "is_routine_skip",
@@ -68,7 +66,7 @@ BATCH_BYTES = 64 * 2**20
 WW_EVALS_THRESH = 1e-5
 
 #: The ``fit=`` choices: the power-law search (``"fast"``, ``"exact"``) or weightwatcher's truncated power laws
-#: (``"TPL"``, ``"E_TPL"``; :mod:`~lightning_htsr.tpl`, needs the ``powerlaw`` package).
+#: (``"TPL"``, ``"E_TPL"``; :mod:`~lightning_htsr.spectra.tpl`, needs the ``powerlaw`` package).
 FitKind = Literal["fast", "exact", "TPL", "E_TPL"]
 
 
@@ -82,7 +80,7 @@ class AnalysisOptions:
         ww_conv_scaling: Multiply convolution weights by ``sqrt(1/2)`` (eigenvalues by 1/2) as weightwatcher's
             pooled ``conv2d_norm`` does.
         fit: Power-law search, ``"fast"`` or ``"exact"``; or weightwatcher's truncated power law ``"TPL"`` /
-            ``"E_TPL"`` (:mod:`~lightning_htsr.tpl`; adds the ``Lambda`` column).
+            ``"E_TPL"`` (:mod:`~lightning_htsr.spectra.tpl`; adds the ``Lambda`` column).
         min_tail: Smallest tail the power-law fit may choose.
         ks: KS convention of the fit, ``"two_sided"`` or ``"lower"``.
         fit_zero_tol: Absolute threshold below which eigenvalues are dropped before the fit; ``None`` uses each
@@ -103,9 +101,9 @@ class AnalysisOptions:
             matrices with too few eigenvalues to classify (weightwatcher does; a 10-eigenvalue classifier head's alpha is not meaningful,
             so by default its ``warning`` stays empty).
         fix_fingers: weightwatcher's ``"clip_xmax"`` or ``"xmin_peak"`` as 0.7.7 behaves
-            (:mod:`~lightning_htsr.fingers`; ``"clip_xmax"`` adds ``num_fingers`` and ``raw_alpha``), or ``None``.
+            (:mod:`~lightning_htsr.spectra.fingers`; ``"clip_xmax"`` adds ``num_fingers`` and ``raw_alpha``), or ``None``.
         randomize: Add the correlation-trap columns of the element-shuffled matrix
-            (:mod:`~lightning_htsr.randomize`).
+            (:mod:`~lightning_htsr.spectra.randomize`).
         seed: Seed of the shuffles (``None``: fresh entropy).
         xmax: weightwatcher's ``xmax``: an ``int`` ``k`` leaves the ``|k|`` largest eigenvalues out of the fit
             (``-1`` as ``1``; more than half the eigenvalues: the fit fails, as in weightwatcher); a ``float``
@@ -113,7 +111,7 @@ class AnalysisOptions:
             ``fix_fingers`` as an ``int`` (weightwatcher refuses that too).
         max_fingers: ``fix_fingers="clip_xmax"``: at most ``max_fingers - 1`` largest eigenvalues are tried off
             (weightwatcher 0.7.7's rule: only values of at least half the number of eigenvalues change the
-            default 10; see :func:`~lightning_htsr.fingers.fit_fix_fingers`).
+            default 10; see :func:`~lightning_htsr.spectra.fingers.fit_fix_fingers`).
         finger_thresh: ``fix_fingers="clip_xmax"``: drop of alpha that identifies fingers (default 1.0).
         max_N: ``ww_compat`` layer selection: skip layers with ``N`` above it (``None``: weightwatcher's 50000).
     """
@@ -184,7 +182,7 @@ class MatrixAnalysis:
         powerlaw: Power-law fit, or ``None``.
         mp: Marchenko-Pastur fit, or ``None``.
         phase: Phase result, or ``None``.
-        fit_settings: The :func:`~lightning_htsr.powerlaw.fit_scan` arguments that reproduce ``powerlaw`` from
+        fit_settings: The :func:`~lightning_htsr.spectra.powerlaw.fit_scan` arguments that reproduce ``powerlaw`` from
             ``eigenvalues`` (``None`` where it is not a power-law search: truncated fits, ``xmin_peak``).
     """
 
@@ -239,7 +237,7 @@ def analyze_matrices(matrices: Sequence[WeightMatrix], options: AnalysisOptions 
     spectrum whose fit or entropy is undefined) with the reason in ``skip_reason``.
 
     Args:
-        matrices: Output of :func:`~lightning_htsr.layers.weight_matrices`.
+        matrices: Output of :func:`~lightning_htsr.weights.modules.weight_matrices`.
         options: Conventions (default :class:`AnalysisOptions`).
 
     Returns:
@@ -295,7 +293,7 @@ def analyze_stream(
     batch at a time, whatever the number of matrices.
 
     Args:
-        matrices: :class:`~lightning_htsr.layers.WeightMatrix` objects, e.g. a lazy iterator over a checkpoint.
+        matrices: :class:`~lightning_htsr.weights.matrix.WeightMatrix` objects, e.g. a lazy iterator over a checkpoint.
         options: Conventions (default :class:`AnalysisOptions`).
         batch_bytes: Bytes of float32 weights per batched call.
         device: Move each batch there first (e.g. ``"cuda"``); ``None`` leaves the weights where they are.
@@ -375,102 +373,11 @@ def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: Analysi
     return MatrixAnalysis(record, ev, powerlaw, phase.mp, phase, settings)
 
 
-def analyze(
-    model: nn.Module,
-    *,
-    include: Sequence[str] | str | None = None,
-    exclude: Sequence[str] | str | None = None,
-    layer_types: Sequence[str | type] | None = None,
-    layers: LayerFilter | None = None,
-    fit: FitKind = "fast",
-    min_tail: int | None = None,
-    precision: Precision = "auto",
-    backend: Backend = "torch",
-    min_evals: int | None = None,
-    max_evals: int | None = None,
-    ww_compat: bool = False,
-    phase_config: PhaseConfig | None = None,
-    options: AnalysisOptions | None = None,
-    fix_fingers: str | None = None,
-    randomize: bool = False,
-    seed: int | None = None,
-    xmax: int | float | None = None,  # noqa: PYI041 - an int and a float mean different things
-    max_fingers: int | None = None,
-    finger_thresh: float | None = None,
-    max_N: int | None = None,
-    lora: LoraMode = "merged",
-    base_model: Any = None,
-) -> pd.DataFrame:
-    """Analyze every weight matrix of a model: one row per matrix with alpha, entropy, phase and the rest.
-
-    Weights stay on their device (the eigenvalues are computed there, batched); nothing is modified. Bad weights
-    (NaN/Inf, all-zero, rank-1, tiny, fp16/bf16, quantized, meta, sharded) never raise: the row says what happened.
-    ``fit``, ``min_tail``, ``precision``, ``backend``, ``min_evals``, ``max_evals``, ``ww_compat``, ``phase_config``
-    and ``options`` are the conventions of every front door (:func:`resolve_options` says what each does); under
-    ``ww_compat`` the layers are also those weightwatcher 0.7.7 selects (:mod:`~lightning_htsr.ww_select`).
-
-    Args:
-        model: Any ``nn.Module`` (a ``LightningModule`` too).
-        include: Regex(es) a matrix name must match to be analyzed.
-        exclude: Regex(es) of matrix names to leave out.
-        layer_types: Restrict to these layer types (:data:`~lightning_htsr.layers.LAYER_TYPES`), class names or
-            classes.
-        layers: weightwatcher's ``layers=`` filter (:func:`~lightning_htsr.ww_select.select_layers`): integer
-            layer ids (a module's position in ``model.named_modules()``, root 0) to keep, or negative ids to leave
-            out; matrix names to keep, or ``"-name"`` to leave out.
-        fix_fingers: weightwatcher's ``"clip_xmax"`` or ``"xmin_peak"`` (:mod:`~lightning_htsr.fingers`).
-        randomize: Add weightwatcher's correlation-trap columns (:mod:`~lightning_htsr.randomize`).
-        seed: Seed of the ``randomize`` shuffles.
-        xmax: Leave the ``|xmax|`` largest eigenvalues out of the fit (``int``) or cap the tail (``float``); see
-            :class:`AnalysisOptions`.
-        max_fingers: ``clip_xmax``'s finger limit (:class:`AnalysisOptions`).
-        finger_thresh: ``clip_xmax``'s alpha drop (default 1.0).
-        max_N: ``ww_compat`` only: skip layers with ``N`` above it (default 50000).
-        lora: How a ``peft`` LoRA layer is analyzed: one matrix named by the base model's path (as after
-            ``merge_and_unload()``), computed on ``"merged"`` (``W + scaling * B @ A`` of the active adapters,
-            default), ``"delta"`` (``scaling * B @ A`` alone, rank ``r``: below ``min_evals`` it is not
-            classified; only adapted matrices are listed) or ``"base"`` (the frozen ``W``). The module is not
-            modified. See :mod:`~lightning_htsr.adapters`.
-        base_model: Analyze ``W - W_base`` instead, the base a module, a state dict or checkpoint path(s)
-            (:mod:`~lightning_htsr.deltas`: matched by name and shape; unmatched, unchanged and low-rank deltas
-            get a skipped row saying so).
-
-    Returns:
-        A ``pandas.DataFrame`` with the columns of :data:`~lightning_htsr.records.COLUMNS`, one row per matrix
-        (skipped ones included, with ``status``, ``skip_reason`` and ``skip_kind``), then any optional columns.
-
-    Example:
-        >>> import torch
-        >>> from torch import nn
-        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
-        <torch._C.Generator object at ...>
-        >>> df = analyze(nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 10)))
-        >>> print(df[["name", "N", "M", "status", "phase"]].to_string(index=False))
-        name   N   M  status       phase
-           0 512 256 success random_like
-           2 512  10 success         NaN
-    """
-    options = resolve_options(options, ww_compat=ww_compat, fit=fit, min_tail=min_tail, precision=precision,
-                               backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config,
-                               fix_fingers=fix_fingers, randomize=randomize, seed=seed, xmax=xmax,
-                               max_fingers=max_fingers, finger_thresh=finger_thresh, max_N=max_N)
-    if base_model is not None:
-        from .deltas import delta_records
-
-        return records_table(delta_records(model, base_model, options, include=include, exclude=exclude,
-                                           layer_types=layer_types, ww_compat=ww_compat))
-    matrices = _model_matrices(model, options, include=include, exclude=exclude, layer_types=layer_types,
-                               ww_compat=ww_compat, lora=lora)
-    if layers is not None:
-        matrices = select_layers(model, matrices, layers)
-    return records_table([r.record for r in analyze_stream(matrices, options)])
-
-
-def _model_matrices(model: nn.Module, options: AnalysisOptions, *, include: Sequence[str] | str | None = None,
+def model_matrices(model: nn.Module, options: AnalysisOptions, *, include: Sequence[str] | str | None = None,
                     exclude: Sequence[str] | str | None = None, layer_types: Sequence[str | type] | None = None,
                     ww_compat: bool = False, lora: LoraMode = "merged") -> list[WeightMatrix]:
-    """The matrices :func:`analyze` reports: :func:`~lightning_htsr.layers.weight_matrices` with the options' size
-    limits, or under ``ww_compat`` weightwatcher's own layer selection (:func:`~lightning_htsr.ww_select.ww_select`,
+    """The matrices :func:`analyze` reports: :func:`~lightning_htsr.weights.modules.weight_matrices` with the options' size
+    limits, or under ``ww_compat`` weightwatcher's own layer selection (:func:`~lightning_htsr.weights.ww_select.ww_select`,
     its ``N``, ``M`` and ``rf``)."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # e.g. TypedStorage / lazy-module chatter while traversing
@@ -554,66 +461,6 @@ def resolve_options(options: AnalysisOptions | None = None, *, ww_compat: bool =
         if value is not None:
             changes[key] = value
     return replace(base, **changes, **given)
-
-
-
-def analyze_state_dict(
-    state_dict: dict[str, Any],
-    *,
-    include: Sequence[str] | str | None = None,
-    exclude: Sequence[str] | str | None = None,
-    fit: FitKind = "fast",
-    min_tail: int | None = None,
-    precision: Precision = "auto",
-    backend: Backend = "torch",
-    min_evals: int | None = None,
-    max_evals: int | None = None,
-    ww_compat: bool = False,
-    phase_config: PhaseConfig | None = None,
-    options: AnalysisOptions | None = None,
-    fix_fingers: str | None = None,
-    randomize: bool = False,
-    seed: int | None = None,
-    xmax: int | float | None = None,  # noqa: PYI041 - an int and a float mean different things
-    max_fingers: int | None = None,
-    finger_thresh: float | None = None,
-    lora: LoraMode = "merged",
-    adapter_config: Mapping[str, Any] | str | os.PathLike[str] | None = None,
-    base: Any = None,
-) -> pd.DataFrame:
-    """:func:`analyze` for a bare ``state_dict`` (weights by name and shape; no model class needed).
-
-    See :func:`~lightning_htsr.layers.state_dict_matrices` for how tensors become matrices; the other arguments are
-    :func:`analyze`'s (``ww_compat`` scales every 4-D weight as weightwatcher scales ``Conv2d``; ``layers`` and
-    ``max_N`` need the model's modules and are :func:`analyze`'s only). Streams: each
-    matrix is upcast only when its batch (:data:`BATCH_BYTES`) is analyzed, so the extra memory is a few matrices,
-    not a float32 copy of the model. For checkpoint files, :func:`~lightning_htsr.analyze_checkpoint` also reads
-    the tensors one at a time. ``base``: analyze ``W - W_base`` (:func:`analyze`'s ``base_model``).
-
-    A ``peft`` model's state dict (``<path>.base_layer.weight``, ``<path>.lora_A.<adapter>.weight``, ...) holds the
-    factors but not their scaling (``lora_alpha / r``): pass ``adapter_config`` (the adapter's
-    ``adapter_config.json``, its directory or its content as a dict) to merge them as :func:`analyze` does
-    (``lora=``, names without ``base_model.model.`` and ``.base_layer``). Without it, ``lora="base"`` analyzes the
-    frozen weights and the factors are left out; ``"merged"`` and ``"delta"`` raise a ``ValueError``.
-
-    Example:
-        >>> import torch
-        >>> sd = {"fc.weight": torch.randn(512, 256, generator=torch.Generator().manual_seed(0))}
-        >>> analyze_state_dict(sd)[["name", "phase"]].values.tolist()
-        [['fc', 'random_like']]
-    """
-    options = resolve_options(options, ww_compat=ww_compat, fit=fit, min_tail=min_tail, precision=precision,
-                               backend=backend, min_evals=min_evals, max_evals=max_evals, phase_config=phase_config,
-                               fix_fingers=fix_fingers, randomize=randomize, seed=seed, xmax=xmax,
-                               max_fingers=max_fingers, finger_thresh=finger_thresh)
-    if base is not None:
-        from .deltas import delta_records
-
-        return records_table(delta_records(state_dict, base, options, include=include, exclude=exclude))
-    items, shapes, tie = state_dict_lora(state_dict, check_lora_mode(lora), adapter_config)
-    matrices = iter_state_dict_matrices(items, shapes=shapes, include=include, exclude=exclude,
-                                        min_evals=options.min_evals, max_evals=options.max_evals, tie=tie)
-    return records_table([r.record for r in analyze_stream(matrices, options)])
 
 
 #: How records without a ``skip_kind`` column (built by hand, or read from files written before it existed) are

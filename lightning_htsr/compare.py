@@ -28,10 +28,11 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
-from .analysis import AnalysisOptions, analyze, analyze_state_dict
+from .analysis import AnalysisOptions
+from .front_doors import analyze, analyze_state_dict
 from .offline import analyze_checkpoint
-from .phases import Phase
 from .records import SUMMARY_METRICS, summarize
+from .spectra.phases import Phase
 
 __all__ = ["COMPARE_METRICS", "alpha_hat", "compare_models", "model_summary"]
 

@@ -30,9 +30,9 @@ from typing import Any
 import torch
 
 from .analysis import AnalysisOptions, MatrixAnalysis, analyze_stream
-from .layers import SkipKind, WeightMatrix
 from .pairs import MatrixPair, MatrixSource, Source, open_source, pair_matrices
 from .records import empty_record
+from .weights.matrix import SkipKind, WeightMatrix
 
 __all__ = ["BASE_LABEL", "analyze_deltas", "delta_matrices", "delta_records", "low_rank_delta"]
 
@@ -73,7 +73,7 @@ def delta_matrices(model: MatrixSource, base: MatrixSource,
         matrices: The model's matrices to take instead of ``model.stream()`` (e.g. a rank's share).
 
     Yields:
-        One :class:`~lightning_htsr.layers.WeightMatrix` per model matrix, its ``slices`` the delta.
+        One :class:`~lightning_htsr.weights.matrix.WeightMatrix` per model matrix, its ``slices`` the delta.
     """
     for pair in pair_matrices(model, base, label_b=BASE_LABEL, matrices=matrices):
         yield _delta(pair)

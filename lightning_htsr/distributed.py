@@ -4,7 +4,7 @@ Under DDP every rank holds the full weights, so each rank analyzes a disjoint, c
 (:func:`assign_owners`) and the records are all-gathered (:func:`gather_objects`) so that every rank holds every
 record (the stop decision is then identical everywhere) and rank 0 can log all of them.
 
-Sharded weights are read through a :class:`~lightning_htsr.layers.WeightAccess`:
+Sharded weights are read through a :class:`~lightning_htsr.weights.matrix.WeightAccess`:
 
 * FSDP2 / tensor parallel (``DTensor`` parameters): ``full_tensor()``, one parameter at a time, on every rank;
   only the owner keeps the result. Tested on CPU with Lightning's ``ModelParallelStrategy``.
@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .layers import WeightAccess, WeightMatrix
+from .weights.matrix import WeightAccess, WeightMatrix
 
 __all__ = ["assign_owners", "matrix_cost"]
 
@@ -50,7 +50,7 @@ def assign_owners(plan: Sequence[WeightMatrix], world_size: int) -> dict[str, in
         ``{source: rank}``.
 
     Example:
-        >>> from lightning_htsr.layers import weight_matrices
+        >>> from lightning_htsr.weights.modules import weight_matrices
         >>> plan = weight_matrices(nn.Sequential(nn.Linear(512, 512), nn.Linear(64, 64), nn.Linear(512, 512)),
         ...                        materialize=False)
         >>> assign_owners(plan, 2)

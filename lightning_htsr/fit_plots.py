@@ -6,7 +6,7 @@
   axes (the density of ``log10 lambda``), each with the Marchenko-Pastur bulk of the fitted scale, the chosen
   ``xmin`` and ``lambda_max``;
 * bottom row: the KS distance ``D(xmin)`` and the exponent ``alpha(xmin)`` over the fit's candidates
-  (:func:`~lightning_htsr.powerlaw.fit_scan`, the fit's own per-candidate numbers), the chosen ``xmin`` marked.
+  (:func:`~lightning_htsr.spectra.powerlaw.fit_scan`, the fit's own per-candidate numbers), the chosen ``xmin`` marked.
 
 A clean power law has a D curve with one clear minimum and an alpha curve flat around it; a few "fingers" (large
 outliers) show as an alpha that jumps near the largest candidates; a random-like matrix has no tail beyond the
@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .marchenko_pastur import MarchenkoPasturFit, mp_pdf
-from .phases import Phase, PhaseResult
 from .plotting import _finite, _mp_aspect_ratio, _new_figure, _positive, phase_color, phase_label, plot_esd
-from .powerlaw import FitScan
+from .spectra.marchenko_pastur import MarchenkoPasturFit, mp_pdf
+from .spectra.phases import Phase, PhaseResult
+from .spectra.powerlaw import FitScan
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -50,7 +50,7 @@ def plot_fit_diagnostics(
 
     Args:
         eigenvalues: The ESD (any order; non-positive values are left out of the histograms).
-        scan: :func:`~lightning_htsr.powerlaw.fit_scan` of these eigenvalues with the analysis' fit settings; its
+        scan: :func:`~lightning_htsr.spectra.powerlaw.fit_scan` of these eigenvalues with the analysis' fit settings; its
             ``fit`` is the one drawn and marked.
         mp: Marchenko-Pastur fit (default: ``phase.mp`` when ``phase`` is a :class:`PhaseResult`).
         phase: The phase, for the colour and the title.
@@ -62,7 +62,7 @@ def plot_fit_diagnostics(
 
     Example:
         >>> import torch
-        >>> from lightning_htsr.powerlaw import fit_scan
+        >>> from lightning_htsr.spectra.powerlaw import fit_scan
         >>> x = torch.distributions.Pareto(1.0, 1.5).sample((800,)).double()
         >>> fig = plot_fit_diagnostics(x, fit_scan(x))
         >>> [ax.get_title(loc="left").split(":")[0] for ax in fig.axes]

@@ -14,9 +14,8 @@ Each stage of the pipeline in one import::
 
 from __future__ import annotations
 
-from .eigenvalues import compute_spectra, default_zero_tol, eigenvalues, resolution_floor
-from .layers import layer_type_of, state_dict_matrices, weight_matrices
-from .marchenko_pastur import (
+from .spectra.eigenvalues import compute_spectra, default_zero_tol, eigenvalues, resolution_floor
+from .spectra.marchenko_pastur import (
     fit_marchenko_pastur,
     mp_cdf,
     mp_median,
@@ -26,9 +25,12 @@ from .marchenko_pastur import (
     tracy_widom_scale,
     tracy_widom_tail,
 )
-from .metrics import alpha_warning, matrix_entropy, norm_metrics, rank_metrics
-from .phases import classify_phase
-from .powerlaw import fit_power_law, ks_distances
+from .spectra.metrics import alpha_warning, matrix_entropy, norm_metrics, rank_metrics
+from .spectra.phases import classify_phase
+from .spectra.powerlaw import fit_power_law, ks_distances
+from .weights.matrix import layer_type_of
+from .weights.modules import weight_matrices
+from .weights.state_dict import state_dict_matrices
 
 __all__ = [
     "alpha_warning",

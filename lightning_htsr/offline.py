@@ -24,13 +24,14 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .adapters import AdapterFiles, LoraMode, check_lora_mode, read_adapter
 from .analysis import AnalysisOptions, FitKind, MatrixAnalysis, analyze_stream, records_table, resolve_options
-from .checkpoints import Checkpoint, CheckpointError, TensorInfo, open_checkpoint
 from .distributed import assign_owners, gather_objects
-from .eigenvalues import Backend, Precision
-from .layers import ShapeAccess, WeightMatrix, is_weight_entry, iter_state_dict_matrices, state_dict_source
-from .phases import PhaseConfig
+from .spectra.eigenvalues import Backend, Precision
+from .spectra.phases import PhaseConfig
+from .weights.adapters import AdapterFiles, LoraMode, check_lora_mode, read_adapter
+from .weights.checkpoints import Checkpoint, CheckpointError, TensorInfo, open_checkpoint
+from .weights.matrix import WeightMatrix
+from .weights.state_dict import ShapeAccess, is_weight_entry, iter_state_dict_matrices, state_dict_source
 
 __all__ = ["DEFAULT_THREADS", "analyze_checkpoint", "checkpoint_plan", "checkpoint_records"]
 
@@ -68,7 +69,7 @@ def checkpoint_plan(checkpoint: Checkpoint, options: AnalysisOptions, *, include
         options: For ``min_evals``/``max_evals``.
         include: Regex(es) a matrix name must match.
         exclude: Regex(es) of names to drop.
-        adapter: A LoRA adapter merged into the checkpoint (:func:`~lightning_htsr.adapters.read_adapter`).
+        adapter: A LoRA adapter merged into the checkpoint (:func:`~lightning_htsr.weights.adapters.read_adapter`).
         lora: What an adapted matrix is (``"delta"`` lists the adapted matrices only).
 
     Returns:
@@ -108,7 +109,7 @@ def _checkpoint_analyses(
         include: Regex(es) a matrix name must match.
         exclude: Regex(es) of names to drop.
         device: Analyze there (each matrix is moved when its turn comes).
-        owned: Only read entries whose :attr:`~lightning_htsr.layers.WeightMatrix.source` passes (a rank's share).
+        owned: Only read entries whose :attr:`~lightning_htsr.weights.matrix.WeightMatrix.source` passes (a rank's share).
         adapter: A LoRA adapter merged into each tensor as it is read (memory: the tensor at hand and its merge).
         lora: What an adapted matrix is.
         base: A :class:`~lightning_htsr.pairs.MatrixSource`: analyze ``W - W_base`` (:mod:`~lightning_htsr.deltas`).
@@ -255,7 +256,7 @@ def analyze_checkpoint(
     """Analyze checkpoint files without the model's class, streaming: one table for the whole checkpoint.
 
     Reads a file, several files, a Hugging Face model directory (safetensors or ``pytorch_model-*.bin`` shards
-    with their index, or a single file) or an ``*.index.json``; see :mod:`lightning_htsr.checkpoints`. Tensors are
+    with their index, or a single file) or an ``*.index.json``; see :mod:`lightning_htsr.weights.checkpoints`. Tensors are
     read one at a time, upcast per matrix and dropped once analyzed, so memory stays at a few of the largest
     matrices. Under an initialized ``torch.distributed`` process group (``torchrun``), each rank analyzes a
     cost-balanced share and every rank returns the whole table. ``include``, ``exclude`` and the conventions

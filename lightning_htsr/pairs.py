@@ -19,9 +19,11 @@ from typing import Any, Union
 import torch
 from torch import Tensor, nn
 
-from .analysis import AnalysisOptions, _model_matrices
-from .checkpoints import Checkpoint, CheckpointError, TensorInfo, open_checkpoint
-from .layers import ShapeAccess, WeightMatrix, clean_name, is_weight_entry, iter_state_dict_matrices, state_dict_source
+from .analysis import AnalysisOptions, model_matrices
+from .weights.checkpoints import Checkpoint, CheckpointError, TensorInfo, open_checkpoint
+from .weights.matrix import WeightMatrix
+from .weights.modules import clean_name
+from .weights.state_dict import ShapeAccess, is_weight_entry, iter_state_dict_matrices, state_dict_source
 
 __all__ = ["MatrixPair", "MatrixSource", "Source", "checkpoint_source", "dict_source", "module_source", "open_source",
            "pair_matrices"]
@@ -101,7 +103,7 @@ def module_source(model: nn.Module, options: AnalysisOptions, **selection: Any) 
     """
     shapes = _tensor_shapes((k, tuple(v.shape)) for k, v in model.state_dict(keep_vars=True).items()
                             if isinstance(v, Tensor))
-    return _in_memory(_model_matrices(model, options, **selection), shapes)
+    return _in_memory(model_matrices(model, options, **selection), shapes)
 
 
 def dict_source(state_dict: Mapping[str, Any], options: AnalysisOptions, *,
@@ -116,7 +118,7 @@ def dict_source(state_dict: Mapping[str, Any], options: AnalysisOptions, *,
 
 class _TensorReader:
     """Reads single tensors of a checkpoint by name: one memory map per file, reopened after the checkpoint's
-    ``read_budget`` bytes (as :meth:`~lightning_htsr.checkpoints.Checkpoint.tensors` does)."""
+    ``read_budget`` bytes (as :meth:`~lightning_htsr.weights.checkpoints.Checkpoint.tensors` does)."""
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.checkpoint = checkpoint

@@ -24,9 +24,9 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 
-from .marchenko_pastur import MarchenkoPasturFit, mp_pdf
-from .phases import Phase, PhaseResult
-from .powerlaw import PowerLawFit
+from .spectra.marchenko_pastur import MarchenkoPasturFit, mp_pdf
+from .spectra.phases import Phase, PhaseResult
+from .spectra.powerlaw import PowerLawFit
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -48,7 +48,7 @@ __all__ = [
 #: Label used for matrices without a phase (too small or degenerate to classify).
 UNCLASSIFIED = "unclassified"
 
-#: One colour per phase name (:class:`~lightning_htsr.phases.Phase` values), in order of increasing
+#: One colour per phase name (:class:`~lightning_htsr.spectra.phases.Phase` values), in order of increasing
 #: self-regularization, plus grey for unclassified matrices (under both ``"unclassified"`` and ``""``).
 PHASE_COLORS: dict[str, str] = {
     Phase.RANDOM_LIKE.value: "#1f77b4",  # blue

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pytorch_lightning import Callback
 
-from .callback import _HTSRCallbackImpl
+from .training.callback import _HTSRCallbackImpl
 
 __all__ = ["HTSRCallback"]
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .phases import Phase
+from .spectra.phases import Phase
 
 __all__ = [
     "COLUMNS",
@@ -69,7 +69,7 @@ class MatrixResult:
         eigenvalues: Sorted eigenvalues as float32 (``None`` for skipped matrices).
         powerlaw: The power-law fit (for ESD figures), or ``None``.
         mp: The Marchenko-Pastur fit (for ESD figures), or ``None``.
-        scan: The power-law fit's ``D(xmin)``/``alpha(xmin)`` (:class:`~lightning_htsr.powerlaw.FitScan`, for the
+        scan: The power-law fit's ``D(xmin)``/``alpha(xmin)`` (:class:`~lightning_htsr.spectra.powerlaw.FitScan`, for the
             fit-diagnostics figures), or ``None``.
     """
 

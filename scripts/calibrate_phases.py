@@ -11,9 +11,9 @@ import collections
 import torch
 
 from lightning_htsr.analysis import analyze_matrices
-from lightning_htsr.layers import WeightMatrix
-from lightning_htsr.phases import Phase
-from lightning_htsr.synthetic import phase_example
+from lightning_htsr.spectra.phases import Phase
+from lightning_htsr.spectra.synthetic import phase_example
+from lightning_htsr.weights.matrix import WeightMatrix
 
 SHAPES = [(256, 256), (512, 256), (1024, 256), (2560, 256), (512, 512), (2048, 512), (1024, 1024), (4096, 1024)]
 

@@ -1,6 +1,6 @@
 """Regenerate docs/fit_diagnostics.png: the power-law fit diagnostics of one heavy-tailed synthetic matrix.
 
-The matrix is ``lightning_htsr.synthetic.phase_example("heavy_tailed", N, M, seed)``, analysed with
+The matrix is ``lightning_htsr.spectra.synthetic.phase_example("heavy_tailed", N, M, seed)``, analysed with
 ``analyze_matrices`` (default options); the figure is ``fit_plots.plot_fit_diagnostics`` of its
 ``MatrixAnalysis.fit_scan()``: the fit's own D(xmin) and alpha(xmin), the chosen xmin marked, and the ESD on
 log-log, lin-lin and log-lin axes with the Marchenko-Pastur bulk.
@@ -15,9 +15,9 @@ from pathlib import Path
 
 from lightning_htsr.analysis import analyze_matrices
 from lightning_htsr.fit_plots import plot_fit_diagnostics
-from lightning_htsr.layers import WeightMatrix
 from lightning_htsr.plotting import figure_to_png
-from lightning_htsr.synthetic import phase_example
+from lightning_htsr.spectra.synthetic import phase_example
+from lightning_htsr.weights.matrix import WeightMatrix
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "fit_diagnostics.png"
 

@@ -1,6 +1,6 @@
 """Regenerate docs/phase_gallery.png: the ESD of one synthetic matrix per phase, with the classifier's label.
 
-Each panel is ``lightning_htsr.synthetic.phase_example(phase, N, M, seed)`` analysed with
+Each panel is ``lightning_htsr.spectra.synthetic.phase_example(phase, N, M, seed)`` analysed with
 ``analyze_matrices`` (default options) and drawn with ``plotting.plot_esd`` (histogram, Marchenko-Pastur fit,
 bulk edge, spike threshold, power-law fit), titled ``"<generator phase> -> classified <label>"``.
 
@@ -15,10 +15,10 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from lightning_htsr.analysis import analyze_matrices
-from lightning_htsr.layers import WeightMatrix
-from lightning_htsr.phases import Phase
 from lightning_htsr.plotting import phase_label, plot_esd
-from lightning_htsr.synthetic import phase_example
+from lightning_htsr.spectra.phases import Phase
+from lightning_htsr.spectra.synthetic import phase_example
+from lightning_htsr.weights.matrix import WeightMatrix
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "docs" / "phase_gallery.png"
 

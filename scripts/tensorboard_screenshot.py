@@ -103,13 +103,12 @@ VIEWS = {
 
 def train_digits(save_dir: Path, epochs: int, seed: int = 0) -> Path:
     """Train the MLP on sklearn's digits with HTSRCallback + TensorBoardLogger; return the run's log dir."""
+    import lightning.pytorch as pl
     import torch
+    from lightning.pytorch.loggers import TensorBoardLogger
     from sklearn.datasets import load_digits
     from torch import nn
     from torch.utils.data import DataLoader, TensorDataset
-
-    import lightning.pytorch as pl
-    from lightning.pytorch.loggers import TensorBoardLogger
 
     from lightning_htsr import HTSRCallback
 

@@ -17,7 +17,7 @@ sys.path[:0] = [".", "tests"]
 from test_ww_selection_fingers_randomize import trap_model as model  # noqa: E402  (one definition of the test models)
 
 from lightning_htsr import analyze  # noqa: E402
-from lightning_htsr.randomize import RANDOMIZE_COLUMNS  # noqa: E402
+from lightning_htsr.spectra.randomize import RANDOMIZE_COLUMNS  # noqa: E402
 
 SEEDS = range(5)
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 import os
 import warnings
 
+import lightning.pytorch as pl
 import pytest
 import torch
+from lightning.pytorch.demos.boring_classes import RandomDataset
 from torch import nn
 from torch.utils.data import DataLoader
 
-import lightning.pytorch as pl
-from lightning.pytorch.demos.boring_classes import RandomDataset
-
-from lightning_htsr.synthetic import pareto
+from lightning_htsr.spectra.synthetic import pareto
 
 # One intra-op thread: the suite is sized for 2 shared CPU cores, where two OpenMP threads contending with any
 # other process make LAPACK calls 10-70x slower (LIGHTNING_DOSSIER section 7). Subprocess runs inherit the env var.

@@ -23,16 +23,15 @@ import json
 import os
 import sys
 
-import torch
-from torch import nn
-
 import lightning.pytorch as pl
+import torch
+from conftest import ShiftNet  # this script's folder is on sys.path (also in the ddp launcher's re-execution)
 from lightning.pytorch.demos.boring_classes import RandomDataset
+from torch import nn
 from torch.utils.data import DataLoader
 
-from conftest import ShiftNet  # this script's folder is on sys.path (also in the ddp launcher's re-execution)
 from lightning_htsr import HTSRCallback
-from lightning_htsr.synthetic import pareto
+from lightning_htsr.spectra.synthetic import pareto
 
 MODES = ("single", "ddp_spawn", "ddp", "fsdp2")
 LAUNCHER_ONLY = ("single", "ddp_spawn")  # not run by the ddp launcher's re-executed rank 1

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 import lightning_htsr as htsr
-from lightning_htsr import synthetic
-from lightning_htsr.marchenko_pastur import mp_support, tracy_widom_scale
 from lightning_htsr.records import COLUMNS
+from lightning_htsr.spectra import synthetic
+from lightning_htsr.spectra.marchenko_pastur import mp_support, tracy_widom_scale
 
 
 def set_weight(layer: nn.Module, w: torch.Tensor) -> nn.Module:
@@ -207,7 +207,7 @@ def test_every_front_door_gives_the_same_rows(tmp_path) -> None:
 
     from safetensors.torch import save_file
 
-    from lightning_htsr.cli import main
+    from lightning_htsr.views.cli import main
 
     torch.manual_seed(3)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.Linear(128, 4), nn.Linear(1, 40))

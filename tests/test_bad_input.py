@@ -20,7 +20,7 @@ from torch import nn
 import lightning_htsr
 from lightning_htsr import functional
 from lightning_htsr.analysis import bad_input_rows, warn_bad_input
-from lightning_htsr.eigenvalues import compute_spectra
+from lightning_htsr.spectra.eigenvalues import compute_spectra
 
 # --------------------------------------------------------------------------------------------------------------------
 # helpers
@@ -569,13 +569,14 @@ def test_functional_eigenvalues_raises_on_nan() -> None:
 
 def test_which_skips_warn_depends_on_the_skip_kind_not_the_wording() -> None:
     """Rewording every ``skip_reason`` changes nothing: warnings, ww_compat's selection and the float64 redo read
-    the :class:`~lightning_htsr.layers.SkipKind` (``skip_kind`` column)."""
+    the :class:`~lightning_htsr.weights.matrix.SkipKind` (``skip_kind`` column)."""
     from dataclasses import replace
 
     from lightning_htsr.analysis import is_routine_skip
-    from lightning_htsr.eigenvalues import Spectrum, _needs_float64
-    from lightning_htsr.layers import SkipKind, weight_matrices
-    from lightning_htsr.ww_select import ww_select
+    from lightning_htsr.spectra.eigenvalues import Spectrum, _needs_float64
+    from lightning_htsr.weights.matrix import SkipKind
+    from lightning_htsr.weights.modules import weight_matrices
+    from lightning_htsr.weights.ww_select import ww_select
 
     bad = randn(40, 20, seed=7)
     bad[0, 0] = float("nan")

@@ -7,19 +7,18 @@ import math
 import os
 import warnings
 
+import lightning.pytorch as pl
 import pandas as pd
 import pytest
 import torch
 from conftest import TinyNet, trainer_kwargs
-
-import lightning.pytorch as pl
 from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 import lightning_htsr as htsr
 from lightning_htsr import HTSRCallback
-from lightning_htsr.sinks import HISTORY_COLUMNS, read_history
-from lightning_htsr.stopping import StopReason
+from lightning_htsr.training.sinks import HISTORY_COLUMNS, read_history
+from lightning_htsr.training.stopping import StopReason
 
 EventAccumulator = pytest.importorskip(
     "tensorboard.backend.event_processing.event_accumulator"
@@ -432,7 +431,7 @@ def test_early_stopping_on_alpha_mean_catches_divergence(tmp_path) -> None:
 
 
 def test_an_exception_inside_the_analysis_never_ends_training(tmp_path, monkeypatch) -> None:
-    import lightning_htsr.callback as callback_module
+    import lightning_htsr.training.callback as callback_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated eigensolver crash")

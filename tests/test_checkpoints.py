@@ -19,8 +19,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 import lightning_htsr as htsr
-from lightning_htsr.checkpoints import CheckpointError, open_checkpoint
-from lightning_htsr.cli import main
+from lightning_htsr.views.cli import main
+from lightning_htsr.weights.checkpoints import CheckpointError, open_checkpoint
 
 
 def llama_like() -> dict[str, torch.Tensor]:
@@ -170,7 +170,7 @@ def test_tensors_are_read_one_at_a_time(kind, weights, tmp_path) -> None:
 
 def test_analysis_drops_each_matrix_once_analyzed(weights) -> None:
     from lightning_htsr.analysis import analyze_stream
-    from lightning_htsr.layers import iter_state_dict_matrices
+    from lightning_htsr.weights.state_dict import iter_state_dict_matrices
 
     held: list[weakref.ref] = []
 

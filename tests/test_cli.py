@@ -13,28 +13,27 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from conftest import TinyNet, trainer_kwargs
-from safetensors.torch import save_file
-from torch import nn
-
-import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from safetensors.torch import save_file
+from torch import nn
 
 import lightning_htsr as htsr
 from lightning_htsr import HTSRCallback
 from lightning_htsr.analysis import analyze_stream
-from lightning_htsr.cli import main
 from lightning_htsr.functional import eigenvalues
-from lightning_htsr.layers import state_dict_matrices
 from lightning_htsr.records import COLUMNS
-from lightning_htsr.report import write_report
-from lightning_htsr.sinks.history import HistoryWriter, read_history, write_spectra
-from lightning_htsr.stopping import StopReason
+from lightning_htsr.training.sinks.history import HistoryWriter, read_history, write_spectra
+from lightning_htsr.training.stopping import StopReason
+from lightning_htsr.views.cli import main
+from lightning_htsr.views.report import write_report
+from lightning_htsr.weights.state_dict import state_dict_matrices
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -405,7 +404,8 @@ def test_report_says_which_analysis_its_spectra_belong_to(tmp_path) -> None:
 
 
 def test_view_helpers_keep_their_old_import_path() -> None:
-    from lightning_htsr import report, views
+    from lightning_htsr.views import html as views
+    from lightning_htsr.views import report
 
     for name in ("esd_figure", "format_value", "html_page", "html_table", "phase_counts", "safe_filename",
                  "save_png"):
@@ -439,7 +439,7 @@ def test_console_script_and_module_entry_points(tmp_path) -> None:
     path = tmp_path / "m.safetensors"
     save_file({k: v.contiguous() for k, v in mixed_model().state_dict().items()}, str(path))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    commands = [[sys.executable, "-m", "lightning_htsr.cli", "--help"]]
+    commands = [[sys.executable, "-m", "lightning_htsr.views.cli", "--help"]]
     script = Path(sys.executable).parent / "lightning-htsr"  # created by `pip install -e .`
     if script.exists():
         commands.append([str(script), "analyze", str(path), "--quiet"])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_htsr.cli import main
+from lightning_htsr.views.cli import main
 
 HAS_CUPY = importlib.util.find_spec("cupy") is not None
 

@@ -17,8 +17,8 @@ from torch import nn
 
 import lightning_htsr as htsr
 from lightning_htsr import pairs
-from lightning_htsr.cli import main
-from lightning_htsr.layers import SkipKind
+from lightning_htsr.views.cli import main
+from lightning_htsr.weights.matrix import SkipKind
 
 
 def base_model() -> nn.Module:

@@ -22,8 +22,8 @@ from torch import nn
 import lightning_htsr as htsr
 from lightning_htsr import pairs
 from lightning_htsr.analysis import AnalysisOptions
-from lightning_htsr.cli import main
 from lightning_htsr.compare import alpha_hat, compare_models
+from lightning_htsr.views.cli import main
 
 
 def model(seed: int = 0) -> nn.Module:

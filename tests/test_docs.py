@@ -15,11 +15,11 @@ from pathlib import Path
 import pytest
 
 from lightning_htsr import analyze, analyze_checkpoint, analyze_state_dict
-from lightning_htsr.cli import build_parser
-from lightning_htsr.phases import PhaseConfig
 from lightning_htsr.records import COLUMNS
-from lightning_htsr.sinks.history import HISTORY_COLUMNS
-from lightning_htsr.stopping import StopCriteria
+from lightning_htsr.spectra.phases import PhaseConfig
+from lightning_htsr.training.sinks.history import HISTORY_COLUMNS
+from lightning_htsr.training.stopping import StopCriteria
+from lightning_htsr.views.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"

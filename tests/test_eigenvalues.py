@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_htsr import synthetic
-from lightning_htsr.eigenvalues import (
+from lightning_htsr.spectra import synthetic
+from lightning_htsr.spectra.eigenvalues import (
     AUTO_FLOAT64_FRACTION,
     BackendUnavailableError,
     compute_spectra,

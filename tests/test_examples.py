@@ -81,7 +81,7 @@ def test_quickstart(tmp_path, capsys) -> None:
     assert len(acc.Scalars("htsr/net.2/alpha")) == 3
     # the printed model means are TensorBoard's, and the demo's checkpoint gives the same numbers offline
     assert acc.Scalars("htsr/alpha_mean")[-1].value == pytest.approx(result["summary"]["alpha"], rel=1e-6)
-    from lightning_htsr.cli import main as cli_main
+    from lightning_htsr.views.cli import main as cli_main
 
     assert cli_main(["analyze", result["checkpoint"], "--quiet"]) == 0
     assert f"mean alpha {result['summary']['alpha']:.3f}" in capsys.readouterr().out

@@ -14,11 +14,11 @@ from torch import nn
 from lightning_htsr import HTSRCallback
 from lightning_htsr.analysis import AnalysisOptions, analyze_matrices
 from lightning_htsr.fit_plots import plot_fit_diagnostics
-from lightning_htsr.layers import weight_matrices
 from lightning_htsr.plotting import figure_to_png
-from lightning_htsr.powerlaw import fit_power_law, fit_scan
-from lightning_htsr.report import recorded_scan, write_report
-from lightning_htsr.sinks.history import read_history, read_spectra
+from lightning_htsr.spectra.powerlaw import fit_power_law, fit_scan
+from lightning_htsr.training.sinks.history import read_history, read_spectra
+from lightning_htsr.views.report import recorded_scan, write_report
+from lightning_htsr.weights.modules import weight_matrices
 
 EventAccumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator").EventAccumulator
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -21,7 +21,9 @@ from torch import nn
 
 import lightning_htsr
 from lightning_htsr import functional as F
-from lightning_htsr.layers import LAYER_TYPES, WeightMatrix, layer_type_of, state_dict_matrices, weight_matrices
+from lightning_htsr.weights.matrix import LAYER_TYPES, WeightMatrix, layer_type_of
+from lightning_htsr.weights.modules import weight_matrices
+from lightning_htsr.weights.state_dict import state_dict_matrices
 
 # --------------------------------------------------------------------------------------------------------------------
 # helpers

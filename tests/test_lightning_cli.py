@@ -11,7 +11,7 @@ pytest.importorskip("jsonargparse")
 from lightning.pytorch.cli import LightningCLI  # noqa: E402
 
 from lightning_htsr import HTSRCallback  # noqa: E402
-from lightning_htsr.stopping import StopReason  # noqa: E402
+from lightning_htsr.training.stopping import StopReason  # noqa: E402
 
 
 class CLINet(TinyNet):

@@ -16,9 +16,9 @@ from torch import nn
 
 import lightning_htsr as htsr
 from lightning_htsr.analysis import analyze_matrices, resolve_options
-from lightning_htsr.checkpoints import CheckpointError
-from lightning_htsr.cli import main
-from lightning_htsr.layers import WeightMatrix
+from lightning_htsr.views.cli import main
+from lightning_htsr.weights.checkpoints import CheckpointError
+from lightning_htsr.weights.matrix import WeightMatrix
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")

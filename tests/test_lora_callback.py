@@ -12,8 +12,8 @@ from torch import nn
 
 import lightning_htsr as htsr
 from lightning_htsr import HTSRCallback
-from lightning_htsr.layers import weight_matrices
-from lightning_htsr.sinks.history import read_history
+from lightning_htsr.training.sinks.history import read_history
+from lightning_htsr.weights.modules import weight_matrices
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -162,7 +162,7 @@ def test_reuse_can_be_turned_off(tmp_path) -> None:
 
 def test_sharded_and_unreadable_weights_get_no_key(tmp_path) -> None:
     """DTensor shards (FSDP2), meta and integer tensors are analyzed every time: they have no reuse key."""
-    from lightning_htsr.reuse import tensor_key
+    from lightning_htsr.training.reuse import tensor_key
 
     dist = torch.distributed
     if not dist.is_available():

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_htsr import synthetic
-from lightning_htsr.eigenvalues import eigenvalues
-from lightning_htsr.marchenko_pastur import (
+from lightning_htsr.spectra import synthetic
+from lightning_htsr.spectra.eigenvalues import eigenvalues
+from lightning_htsr.spectra.marchenko_pastur import (
     _TW1_S0,
     _TW1_STEP,
     _TW1_TAIL,

@@ -5,20 +5,19 @@ from __future__ import annotations
 
 import math
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import TinyNet, trainer_kwargs
-from torch import nn
-
-import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
 
 import lightning_htsr as htsr
 from lightning_htsr import HTSRCallback, PhaseConfig
 from lightning_htsr import functional as F
-from lightning_htsr.cli import main as cli_main
-from lightning_htsr.report import load_history
-from lightning_htsr.synthetic import pareto
+from lightning_htsr.spectra.synthetic import pareto
+from lightning_htsr.views.cli import main as cli_main
+from lightning_htsr.views.report import load_history
 
 EventAccumulator = pytest.importorskip(
     "tensorboard.backend.event_processing.event_accumulator"

@@ -13,9 +13,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_htsr import HTSRCallback
-from lightning_htsr.best_weights import KeptWeights
-from lightning_htsr.sinks import read_history
-from lightning_htsr.stopping import (
+from lightning_htsr.training.best_weights import KeptWeights
+from lightning_htsr.training.sinks import read_history
+from lightning_htsr.training.stopping import (
     EntropyLow,
     StopCriteria,
     StopReason,

@@ -9,11 +9,11 @@ import torch
 from torch import nn
 
 import lightning_htsr as htsr
-from lightning_htsr import synthetic
 from lightning_htsr.analysis import analyze_matrices
-from lightning_htsr.eigenvalues import eigenvalues
-from lightning_htsr.layers import WeightMatrix
-from lightning_htsr.phases import Phase, PhaseConfig, PhaseTracker, classify_phase
+from lightning_htsr.spectra import synthetic
+from lightning_htsr.spectra.eigenvalues import eigenvalues
+from lightning_htsr.spectra.phases import Phase, PhaseConfig, PhaseTracker, classify_phase
+from lightning_htsr.weights.matrix import WeightMatrix
 
 # Q from 1 to 10, M from 256 to 1024. Seeds 500+ were never used while calibrating (scripts/calibrate_phases.py
 # calibrates on seeds 0-4 and was checked on 1000+ and 2000+).

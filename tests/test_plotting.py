@@ -14,8 +14,6 @@ from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
 from lightning_htsr.analysis import MatrixAnalysis, analyze_matrices
-from lightning_htsr.layers import WeightMatrix
-from lightning_htsr.phases import Phase
 from lightning_htsr.plotting import (
     PHASE_COLORS,
     figure_to_array,
@@ -25,8 +23,10 @@ from lightning_htsr.plotting import (
     plot_metric_history,
     plot_phase_map,
 )
-from lightning_htsr.powerlaw import PowerLawFit
-from lightning_htsr.synthetic import phase_example
+from lightning_htsr.spectra.phases import Phase
+from lightning_htsr.spectra.powerlaw import PowerLawFit
+from lightning_htsr.spectra.synthetic import phase_example
+from lightning_htsr.weights.matrix import WeightMatrix
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -13,12 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_htsr.powerlaw import (
-    PowerLawFit,
-    fit_power_law,
-    ks_distances,
-    likelihood_ratio_exponential,
-)
+from lightning_htsr.spectra.powerlaw import PowerLawFit, fit_power_law, ks_distances, likelihood_ratio_exponential
 
 WWFit = pytest.importorskip("weightwatcher.WW_powerlaw").WWFit
 

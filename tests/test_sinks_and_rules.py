@@ -10,13 +10,19 @@ import torch
 from torch import nn
 
 from lightning_htsr.distributed import assign_owners, matrix_cost
-from lightning_htsr.layers import weight_matrices
-from lightning_htsr.phases import Phase
-from lightning_htsr.schedule import AnalysisSchedule
-from lightning_htsr.sinks import HISTORY_COLUMNS, HistoryWriter, read_history, read_spectra, scalar_metrics, write_spectra
-from lightning_htsr.sinks.scalars import phase_legend
-from lightning_htsr.sinks.tensorboard import dashboard_layout, results_table, tensorboard_writer
-from lightning_htsr.stopping import (
+from lightning_htsr.spectra.phases import Phase
+from lightning_htsr.training.schedule import AnalysisSchedule
+from lightning_htsr.training.sinks import (
+    HISTORY_COLUMNS,
+    HistoryWriter,
+    read_history,
+    read_spectra,
+    scalar_metrics,
+    write_spectra,
+)
+from lightning_htsr.training.sinks.scalars import phase_legend
+from lightning_htsr.training.sinks.tensorboard import dashboard_layout, results_table, tensorboard_writer
+from lightning_htsr.training.stopping import (
     Anchor,
     StopCriteria,
     StopDecision,
@@ -27,6 +33,7 @@ from lightning_htsr.stopping import (
     phase_fraction,
     replay_stop,
 )
+from lightning_htsr.weights.modules import weight_matrices
 
 # ---------------------------------------------------------------------------------------------- schedule
 
@@ -263,7 +270,7 @@ def test_plan_does_not_read_weights() -> None:
 
 
 def _phase_map_job(step: int) -> "FigureJob":
-    from lightning_htsr.sinks.figures import FigureJob
+    from lightning_htsr.training.sinks.figures import FigureJob
 
     return FigureJob("htsr/phase_map", step, "phase_map", {
         "names": ["a", "b"], "steps": [0, step], "phases": [["random_like", "heavy_tailed"], [None, "bulk_decay"]],
@@ -276,7 +283,7 @@ def test_render_png_has_the_pixels_of_add_figure() -> None:
     from PIL import Image
     from torch.utils.tensorboard._utils import figure_to_image
 
-    from lightning_htsr.sinks.figures import draw, render_png
+    from lightning_htsr.training.sinks.figures import draw, render_png
 
     job = _phase_map_job(8)
     png, height, width = render_png(job)
@@ -287,11 +294,10 @@ def test_render_png_has_the_pixels_of_add_figure() -> None:
 
 
 def test_renderer_draws_in_process_what_a_dead_child_left(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
 
-    from lightning_htsr.sinks.figures import FigureRenderer
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from lightning_htsr.training.sinks.figures import FigureRenderer
 
     writer = SummaryWriter(str(tmp_path))
     renderer = FigureRenderer()
@@ -310,11 +316,10 @@ def test_renderer_draws_in_process_what_a_dead_child_left(tmp_path) -> None:
 def test_renderers_of_one_process_share_one_child_that_outlives_a_fit(tmp_path) -> None:
     """Two renderers (two fits, two callbacks) and two closes: one child started once, every figure in its own
     writer; a dead child is replaced for the next renderer."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
 
-    from lightning_htsr.sinks.figures import FigureRenderer
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from lightning_htsr.training.sinks.figures import FigureRenderer
 
     first, second = FigureRenderer(), FigureRenderer()
     for name, renderer, steps in (("a", first, (1, 2)), ("b", second, (3,)), ("a2", first, (4,))):
@@ -336,11 +341,10 @@ def test_renderers_of_one_process_share_one_child_that_outlives_a_fit(tmp_path) 
 
 
 def test_renderer_waits_instead_of_queueing_without_bound(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
 
-    from lightning_htsr.sinks.figures import FigureRenderer
-
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from lightning_htsr.training.sinks.figures import FigureRenderer
 
     writer = SummaryWriter(str(tmp_path))
     renderer = FigureRenderer(max_pending=1)
@@ -357,7 +361,7 @@ def test_renderer_waits_instead_of_queueing_without_bound(tmp_path) -> None:
 def test_renderer_pickles_its_settings_only() -> None:
     import pickle
 
-    from lightning_htsr.sinks.figures import FigureRenderer
+    from lightning_htsr.training.sinks.figures import FigureRenderer
 
     copy = pickle.loads(pickle.dumps(FigureRenderer(background=False, max_pending=3)))
     assert (copy.background, copy.max_pending, copy._pending) == (False, 3, {})

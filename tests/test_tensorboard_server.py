@@ -28,16 +28,15 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 from conftest import TinyNet, trainer_kwargs
-
-import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_htsr import HTSRCallback, Phase
-from lightning_htsr.sinks import read_history
-from lightning_htsr.sinks.scalars import MATRIX_SCALARS
-from lightning_htsr.sinks.tensorboard import dashboard_layout
+from lightning_htsr.training.sinks import read_history
+from lightning_htsr.training.sinks.scalars import MATRIX_SCALARS
+from lightning_htsr.training.sinks.tensorboard import dashboard_layout
 
 STARTUP_TIMEOUT = 90.0  # seconds: importing tensorboard on a loaded 2-core machine can take a while
 POLL = 0.1

@@ -17,7 +17,7 @@ from torch import nn
 from lightning_htsr import analyze, analyze_checkpoint, analyze_state_dict
 from lightning_htsr.analysis import AnalysisOptions, resolve_options
 from lightning_htsr.records import COLUMNS
-from lightning_htsr.ww_select import ww_layer_ids
+from lightning_htsr.weights.ww_select import ww_layer_ids
 
 ww = pytest.importorskip("weightwatcher")
 ww_module = pytest.importorskip("weightwatcher.weightwatcher")

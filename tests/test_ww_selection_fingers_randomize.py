@@ -12,9 +12,9 @@ from torch import nn
 
 from lightning_htsr import analyze
 from lightning_htsr.analysis import AnalysisOptions, analyze_matrices
-from lightning_htsr.layers import WeightMatrix
-from lightning_htsr.randomize import RANDOMIZE_COLUMNS, ww_mp_fit
-from lightning_htsr.ww_select import ww_layer_shape, ww_skip_reason
+from lightning_htsr.spectra.randomize import RANDOMIZE_COLUMNS, ww_mp_fit
+from lightning_htsr.weights.matrix import WeightMatrix
+from lightning_htsr.weights.ww_select import ww_layer_shape, ww_skip_reason
 
 ww = pytest.importorskip("weightwatcher")
 RMT_Util = pytest.importorskip("weightwatcher.RMT_Util")

@@ -17,7 +17,7 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE.parents[1]), str(HERE.parent)]
 from test_powerlaw import DEGENERATE_EXACT, pooled_student_t_esd  # noqa: E402  (one definition of the ESDs)
 
-from lightning_htsr.powerlaw import fit_power_law  # noqa: E402
+from lightning_htsr.spectra.powerlaw import fit_power_law  # noqa: E402
 
 
 def main() -> None:
