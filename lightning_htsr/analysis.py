@@ -98,10 +98,11 @@ class AnalysisOptions:
         max_evals: Matrices with more pooled eigenvalues are skipped (``None``: no limit).
         phase_config: Thresholds of the phase classifier.
         warn_unclassified: weightwatcher's warnings: its labels (``"over-trained"`` for alpha < 2) and also for
-            matrices with too few eigenvalues to classify (weightwatcher does; a 10-eigenvalue classifier head's alpha is not meaningful,
-            so by default its ``warning`` stays empty).
+            matrices with too few eigenvalues to classify (weightwatcher does; a 10-eigenvalue classifier head's alpha
+            is not meaningful, so by default its ``warning`` stays empty).
         fix_fingers: weightwatcher's ``"clip_xmax"`` or ``"xmin_peak"`` as 0.7.7 behaves
-            (:mod:`~lightning_htsr.spectra.fingers`; ``"clip_xmax"`` adds ``num_fingers`` and ``raw_alpha``), or ``None``.
+            (:mod:`~lightning_htsr.spectra.fingers`; ``"clip_xmax"`` adds ``num_fingers`` and ``raw_alpha``), or
+            ``None``.
         randomize: Add the correlation-trap columns of the element-shuffled matrix
             (:mod:`~lightning_htsr.spectra.randomize`).
         seed: Seed of the shuffles (``None``: fresh entropy).
@@ -376,9 +377,9 @@ def _analyze_spectrum(matrix: WeightMatrix, spectrum: Spectrum, options: Analysi
 def model_matrices(model: nn.Module, options: AnalysisOptions, *, include: Sequence[str] | str | None = None,
                     exclude: Sequence[str] | str | None = None, layer_types: Sequence[str | type] | None = None,
                     ww_compat: bool = False, lora: LoraMode = "merged") -> list[WeightMatrix]:
-    """The matrices :func:`analyze` reports: :func:`~lightning_htsr.weights.modules.weight_matrices` with the options' size
-    limits, or under ``ww_compat`` weightwatcher's own layer selection (:func:`~lightning_htsr.weights.ww_select.ww_select`,
-    its ``N``, ``M`` and ``rf``)."""
+    """The matrices :func:`analyze` reports: :func:`~lightning_htsr.weights.modules.weight_matrices` with the options'
+    size limits, or under ``ww_compat`` weightwatcher's own layer selection
+    (:func:`~lightning_htsr.weights.ww_select.ww_select`, its ``N``, ``M`` and ``rf``)."""
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # e.g. TypedStorage / lazy-module chatter while traversing
         matrices = weight_matrices(model, include=include, exclude=exclude, layer_types=layer_types,

@@ -50,8 +50,8 @@ def plot_fit_diagnostics(
 
     Args:
         eigenvalues: The ESD (any order; non-positive values are left out of the histograms).
-        scan: :func:`~lightning_htsr.spectra.powerlaw.fit_scan` of these eigenvalues with the analysis' fit settings; its
-            ``fit`` is the one drawn and marked.
+        scan: :func:`~lightning_htsr.spectra.powerlaw.fit_scan` of these eigenvalues with the analysis' fit settings;
+            its ``fit`` is the one drawn and marked.
         mp: Marchenko-Pastur fit (default: ``phase.mp`` when ``phase`` is a :class:`PhaseResult`).
         phase: The phase, for the colour and the title.
         title: Figure title (default: the phase, alpha, D and xmin).

@@ -139,9 +139,9 @@ def analyze_state_dict(
 ) -> pd.DataFrame:
     """:func:`analyze` for a bare ``state_dict`` (weights by name and shape; no model class needed).
 
-    See :func:`~lightning_htsr.weights.state_dict.state_dict_matrices` for how tensors become matrices; the other arguments are
-    :func:`analyze`'s (``ww_compat`` scales every 4-D weight as weightwatcher scales ``Conv2d``; ``layers`` and
-    ``max_N`` need the model's modules and are :func:`analyze`'s only). Streams: each
+    See :func:`~lightning_htsr.weights.state_dict.state_dict_matrices` for how tensors become matrices; the other
+    arguments are :func:`analyze`'s (``ww_compat`` scales every 4-D weight as weightwatcher scales ``Conv2d``;
+    ``layers`` and ``max_N`` need the model's modules and are :func:`analyze`'s only). Streams: each
     matrix is upcast only when its batch (:data:`BATCH_BYTES`) is analyzed, so the extra memory is a few matrices,
     not a float32 copy of the model. For checkpoint files, :func:`~lightning_htsr.analyze_checkpoint` also reads
     the tensors one at a time. ``base``: analyze ``W - W_base`` (:func:`analyze`'s ``base_model``).

@@ -109,7 +109,8 @@ def _checkpoint_analyses(
         include: Regex(es) a matrix name must match.
         exclude: Regex(es) of names to drop.
         device: Analyze there (each matrix is moved when its turn comes).
-        owned: Only read entries whose :attr:`~lightning_htsr.weights.matrix.WeightMatrix.source` passes (a rank's share).
+        owned: Only read entries whose :attr:`~lightning_htsr.weights.matrix.WeightMatrix.source` passes (a
+            rank's share).
         adapter: A LoRA adapter merged into each tensor as it is read (memory: the tensor at hand and its merge).
         lora: What an adapted matrix is.
         base: A :class:`~lightning_htsr.pairs.MatrixSource`: analyze ``W - W_base`` (:mod:`~lightning_htsr.deltas`).
@@ -256,8 +257,8 @@ def analyze_checkpoint(
     """Analyze checkpoint files without the model's class, streaming: one table for the whole checkpoint.
 
     Reads a file, several files, a Hugging Face model directory (safetensors or ``pytorch_model-*.bin`` shards
-    with their index, or a single file) or an ``*.index.json``; see :mod:`lightning_htsr.weights.checkpoints`. Tensors are
-    read one at a time, upcast per matrix and dropped once analyzed, so memory stays at a few of the largest
+    with their index, or a single file) or an ``*.index.json``; see :mod:`lightning_htsr.weights.checkpoints`. Tensors
+    are read one at a time, upcast per matrix and dropped once analyzed, so memory stays at a few of the largest
     matrices. Under an initialized ``torch.distributed`` process group (``torchrun``), each rank analyzes a
     cost-balanced share and every rank returns the whole table. ``include``, ``exclude`` and the conventions
     (``fit`` ... ``options``) and weightwatcher's options (``fix_fingers`` ... ``finger_thresh``) are

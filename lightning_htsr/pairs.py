@@ -213,8 +213,8 @@ def _mismatch(a: WeightMatrix, b: WeightMatrix, side_a: MatrixSource, side_b: Ma
     return (a.N, a.M, a.num_slices) != (b.N, b.M, b.num_slices)
 
 
-def pair_matrices(a: MatrixSource, b: MatrixSource, *, label_b: str = "B", matrices: Iterable[WeightMatrix] | None = None,
-                  only_b: bool = False) -> Iterator[MatrixPair]:
+def pair_matrices(a: MatrixSource, b: MatrixSource, *, label_b: str = "B",
+                  matrices: Iterable[WeightMatrix] | None = None, only_b: bool = False) -> Iterator[MatrixPair]:
     """Side A's matrices in order, each with its partner in ``b`` read when it comes.
 
     Args:

@@ -69,8 +69,8 @@ class MatrixResult:
         eigenvalues: Sorted eigenvalues as float32 (``None`` for skipped matrices).
         powerlaw: The power-law fit (for ESD figures), or ``None``.
         mp: The Marchenko-Pastur fit (for ESD figures), or ``None``.
-        scan: The power-law fit's ``D(xmin)``/``alpha(xmin)`` (:class:`~lightning_htsr.spectra.powerlaw.FitScan`, for the
-            fit-diagnostics figures), or ``None``.
+        scan: The power-law fit's ``D(xmin)``/``alpha(xmin)`` (:class:`~lightning_htsr.spectra.powerlaw.FitScan`, for
+            the fit-diagnostics figures), or ``None``.
     """
 
     record: Mapping[str, Any]

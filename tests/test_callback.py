@@ -431,12 +431,12 @@ def test_early_stopping_on_alpha_mean_catches_divergence(tmp_path) -> None:
 
 
 def test_an_exception_inside_the_analysis_never_ends_training(tmp_path, monkeypatch) -> None:
-    import lightning_htsr.training.callback as callback_module
+    import lightning_htsr.training.live as live_module
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulated eigensolver crash")
 
-    monkeypatch.setattr(callback_module, "analyze_matrices", broken)
+    monkeypatch.setattr(live_module, "analyze_matrices", broken)
     callback = HTSRCallback(stop_on="heavy_tailed")
     with pytest.warns(UserWarning, match="analysis failed on rank 0 .*simulated eigensolver crash"):
         trainer = fit(tmp_path, TinyNet(lr=0.01), [callback], logger=False, max_epochs=2)

@@ -315,8 +315,8 @@ def compute_spectra(
     """Eigenvalues of many matrices at once, batched, with one host transfer for all of them.
 
     Args:
-        stacks: ``(num_slices, N, M)`` tensors with ``N >= M`` (see :class:`~lightning_htsr.weights.matrix.WeightMatrix`),
-            on any device.
+        stacks: ``(num_slices, N, M)`` tensors with ``N >= M`` (see
+            :class:`~lightning_htsr.weights.matrix.WeightMatrix`), on any device.
         scales: Factor applied to each matrix's eigenvalues (``1 / N`` for the ``X = W^T W / N`` convention).
         precision: ``"auto"``, ``"float32"`` or ``"float64"`` (see the module docstring).
         route: ``"auto"`` (Gram + ``eigvalsh``), ``"gram"`` or ``"svd"``.
@@ -458,8 +458,9 @@ def eigenvalues(
 
     Returns:
         Sorted (ascending) CPU tensor of ``num_slices * min(rows, cols)`` eigenvalues in the precision they were
-        computed in (float32 or float64; the exact values, no rounding), so that :func:`~lightning_htsr.spectra.powerlaw.
-        fit_power_law` and :func:`~lightning_htsr.spectra.phases.classify_phase` apply that precision's resolution floor.
+        computed in (float32 or float64; the exact values, no rounding), so that
+        :func:`~lightning_htsr.spectra.powerlaw.fit_power_law` and
+        :func:`~lightning_htsr.spectra.phases.classify_phase` apply that precision's resolution floor.
 
     Raises:
         ValueError: If the weight is not 2-D or 3-D, or contains NaN/Inf.

@@ -21,8 +21,8 @@ theory predicts (see ``THEORY_DOSSIER.md`` sections 2-3 and the calibration in `
    least ``min_tail_fraction`` of the eigenvalues, and the power law is not rejected in favour of an exponential
    (bounded) tail by the likelihood-ratio test of Clauset, Shalizi & Newman (z > ``min_lr_z``). Exponents below 2
    stay ``heavy_tailed``; the separate ``warning`` column says ``"very heavy-tailed"``.
-6. ``bulk_decay``: everything else with eigenvalues above the edge: many of them that are neither a few clean spikes nor a
-   power-law tail (graded signals straddling the BBP threshold, weak heavy tails with alpha > 6).
+6. ``bulk_decay``: everything else with eigenvalues above the edge: many of them that are neither a few clean spikes nor
+   a power-law tail (graded signals straddling the BBP threshold, weak heavy tails with alpha > 6).
 
 The classifier also returns the diagnostics behind the label, so a user can see *why*.
 :class:`PhaseTracker` smooths labels across analyses with hysteresis.
@@ -209,8 +209,8 @@ def classify_phase(
         num_slices: Number of pooled slices (a ``kh x kw`` convolution has ``kh * kw``).
         zero_tol: Eigenvalues ``<= zero_tol`` are numerical zeros (pass the resolution floor of the eigensolver,
             :attr:`~lightning_htsr.spectra.eigenvalues.Spectrum.floor`). ``None``:
-            :func:`~lightning_htsr.spectra.eigenvalues.default_zero_tol` of the input's dtype (float32 eigenvalues keep the
-            float32 resolution floor).
+            :func:`~lightning_htsr.spectra.eigenvalues.default_zero_tol` of the input's dtype (float32 eigenvalues keep
+            the float32 resolution floor).
         config: Thresholds (default :class:`PhaseConfig`).
         mp: A precomputed :func:`~lightning_htsr.spectra.marchenko_pastur.fit_marchenko_pastur` result (computed if
             ``None``).

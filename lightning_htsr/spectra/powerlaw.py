@@ -343,8 +343,8 @@ def fit_power_law(
         ks: ``"two_sided"`` (textbook KS supremum, default) or ``"lower"`` (weightwatcher's convention, which
             compares the model CDF with the lower step of the empirical CDF only).
         zero_tol: Eigenvalues ``<= zero_tol`` are numerical zeros and are dropped before the fit. ``None`` uses
-            :func:`~lightning_htsr.spectra.eigenvalues.default_zero_tol` of the input dtype (float32 input keeps the float32
-            resolution floor); weightwatcher uses the absolute ``1e-5``.
+            :func:`~lightning_htsr.spectra.eigenvalues.default_zero_tol` of the input dtype (float32 input keeps the
+            float32 resolution floor); weightwatcher uses the absolute ``1e-5``.
         small_n_cutoff: With fewer eigenvalues than this, use weightwatcher's small-sample branch: bias-corrected
             ``alpha = 1 + (n - 1) / sum ln(x / xmin)`` and tails of at least 8 points. 0 disables it.
 

@@ -2,9 +2,9 @@
 runs it, with weightwatcher's options.
 
 sorted eigenvalues --(``xmax``: top ``k`` left out, or a tail cap)--> the power-law search
-(:func:`~lightning_htsr.spectra.powerlaw.fit_power_law`, with ``fix_fingers``: :mod:`~lightning_htsr.spectra.fingers`) or a
-truncated power law (``fit="TPL"``/``"E_TPL"``: :mod:`~lightning_htsr.spectra.tpl`) --> the fit, its extra columns and the
-:func:`~lightning_htsr.spectra.powerlaw.fit_scan` settings that reproduce it (for the fit-diagnostics figures).
+(:func:`~lightning_htsr.spectra.powerlaw.fit_power_law`, with ``fix_fingers``: :mod:`~lightning_htsr.spectra.fingers`)
+or a truncated power law (``fit="TPL"``/``"E_TPL"``: :mod:`~lightning_htsr.spectra.tpl`) --> the fit, its extra columns
+and the :func:`~lightning_htsr.spectra.powerlaw.fit_scan` settings that reproduce it (for the fit-diagnostics figures).
 :func:`check_fit_options` is where :class:`~lightning_htsr.analysis.AnalysisOptions` checks these options.
 """
 

@@ -2,8 +2,8 @@
 logger), with optional early stopping once the layers are heavy-tailed.
 
 The callback is a thin, resumable shell around the pure stages (see :mod:`lightning_htsr.functional`): it holds the
-schedule (:class:`~lightning_htsr.training.schedule.AnalysisSchedule`), the phase tracker, the stop state, and dispatches each
-analysis to the sinks. It works with ``lightning.pytorch`` (this module) and ``pytorch_lightning``
+schedule (:class:`~lightning_htsr.training.schedule.AnalysisSchedule`), the phase tracker, the stop state, and
+dispatches each analysis to the sinks. It works with ``lightning.pytorch`` (this module) and ``pytorch_lightning``
 (:mod:`lightning_htsr.pytorch_lightning`, same class on the other namespace's ``Callback``).
 """
 
@@ -12,22 +12,18 @@ from __future__ import annotations
 import logging
 import os
 import time
-import warnings
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
-import numpy as np
 import torch
 from typing_extensions import override
 
-from ..analysis import analyze_matrices, matrix_identity, resolve_options, warn_bad_input
-from ..distributed import assign_owners, full_weight_access, gather_objects
-from ..records import MatrixResult, empty_record
+from ..analysis import resolve_options, warn_bad_input
+from ..records import MatrixResult
 from ..spectra.phases import Phase, PhaseConfig, PhaseTracker
 from ..weights.adapters import check_lora_mode
-from ..weights.modules import weight_matrices
 from .best_weights import KeptWeights, rank_file
+from .live import analyze_live
 from .reuse import ResultCache
 from .schedule import AnalysisSchedule
 from .sinks.history import HISTORY_FILE, SPECTRA_FILE, HistoryWriter, write_spectra
@@ -451,56 +447,13 @@ class _HTSRCallbackImpl(_CallbackHooks):
                            if is_model_key(k, self.prefix)}
             self._info(f"HT-SR analysis {self.analysis_count} at step {step} ({trigger}): {model_level}")
 
-    @contextmanager
-    def _compute_threads(self, trainer: Trainer, pl_module: LightningModule) -> Iterator[None]:
-        """On CPU, cap torch's intra-op threads at this process' share of the cores during the analysis."""
-        device = getattr(pl_module, "device", torch.device("cpu"))
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", getattr(trainer, "num_devices", 1) or 1))
-        before = torch.get_num_threads()
-        if device.type == "cpu" and local > 1:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
-
     def _compute(self, trainer: Trainer, pl_module: LightningModule) -> list[MatrixResult]:
-        """Analyze this rank's share of the matrices and gather everyone's results (all ranks, same order)."""
-        world, rank = int(trainer.world_size), int(trainer.global_rank)
+        """This analysis' results for every matrix (all ranks, same order): :func:`~.live.analyze_live`."""
         selection = {"include": self.include, "exclude": self.exclude, "layer_types": self.layer_types,
                      "min_evals": self.options.min_evals, "max_evals": self.options.max_evals}
-        model = trainer.model if trainer.model is not None else pl_module
-        local: list[MatrixResult] = []
-        with torch.no_grad(), self._compute_threads(trainer, pl_module), full_weight_access(model) as access:
-            plan = weight_matrices(pl_module, access=access, materialize=False, lora=self.lora, **selection)
-            owners = assign_owners(plan, world) if world > 1 else None
-            mine = (lambda source: owners[source] == rank) if owners is not None else (lambda source: True)
-            try:
-                scans = self.tensorboard.fit_diagnostics_due(self.analysis_count)
-                keys, reused = self._reuse.split(plan, mine) if self.reuse_unchanged else ({}, {})
-                if scans:
-                    reused = {}  # the fit-diagnostics figures need every matrix's scan: analyze all this time
-                mats = weight_matrices(pl_module, access=access, lora=self.lora, **selection,
-                                       select=lambda source: mine(source) and source not in reused)
-                fresh = []
-                for matrix, res in zip(mats, analyze_matrices(mats, self.options)):
-                    ev = res.eigenvalues.numpy().astype(np.float32) if res.eigenvalues is not None else None
-                    fresh.append((matrix.source, MatrixResult({**res.record, "rank": rank}, ev, res.powerlaw, res.mp,
-                                                              res.fit_scan() if scans else None)))
-                self._reuse.store(keys, fresh)
-                local = _in_plan_order(plan, [r for _, r in fresh], reused)
-            except Exception as err:  # noqa: BLE001 - a bug here must not end anybody's training run
-                warnings.warn(f"lightning-htsr: analysis failed on rank {rank} ({type(err).__name__}: {err}); "
-                              "these matrices are recorded as skipped", UserWarning, stacklevel=2)
-                self._reuse.clear()
-                reason = f"analysis error: {type(err).__name__}: {err}"
-                local = [MatrixResult({**empty_record(**matrix_identity(m), status="skipped", skip_reason=reason),
-                                       "rank": rank}) for m in plan if mine(m.source)]
-        if world == 1:
-            return local
-        parts = gather_objects(local, world)  # records, float32 eigenvalues and the (small, frozen) fits
-        by_name = {r.name: r for part in parts for r in part}
-        return [by_name[m.name] for m in plan if m.name in by_name]
+        return analyze_live(trainer, pl_module, self.options, selection, lora=self.lora,
+                            reuse=self._reuse if self.reuse_unchanged else None,
+                            scans=self.tensorboard.fit_diagnostics_due(self.analysis_count))
 
     def _decide(self, trainer: Trainer, pl_module: LightningModule, records: list[dict[str, Any]],
                 smoothed: dict[str, str | None], epoch: int, step: int, progress: float | None,
@@ -573,8 +526,8 @@ class _HTSRCallbackImpl(_CallbackHooks):
             self.stopping_reason_message += " The latest weights are the best analysis' and are kept."
             return False
         if not self.restore_best_weights:
-            self.stopping_reason_message += (f" Keeping the last weights (restore_best_weights=False; the best analysis "
-                                             f"was epoch {best.epoch}).")
+            self.stopping_reason_message += (" Keeping the last weights (restore_best_weights=False; the best "
+                                             f"analysis was epoch {best.epoch}).")
             return False
         if self.kept.empty or self.kept.analysis != best.analysis:
             self.stopping_reason_message += " No kept copy of the best analysis' weights: keeping the last ones."
@@ -695,14 +648,6 @@ _FIT_EXAMPLE = """
         >>> read_history(htsr.history_path)["analysis"].tolist()  # one row per matrix per analysis
         [0, 1, 2]
 """
-
-
-def _in_plan_order(plan: Sequence[Any], fresh: list[MatrixResult],
-                   reused: dict[str, list[MatrixResult]]) -> list[MatrixResult]:
-    """This rank's new and reused results in the order of the plan."""
-    by_name = {r.name: r for r in fresh}
-    by_name.update((r.name, r) for results in reused.values() for r in results)
-    return [by_name[m.name] for m in plan if m.name in by_name]
 
 
 class HTSRCallback(_HTSRCallbackImpl, _Callback):  # type: ignore[misc,valid-type]

@@ -536,8 +536,8 @@ def evaluate_stop(
     new_best = False
     progress = float(epoch + 1) if progress is None else float(progress)
     state = replace(state, analyses=state.analyses + 1, progress=progress)
-    where = (state.analyses - 1 if analysis is None else int(analysis), state.analyses - 1 if step is None else int(step),
-             epoch)
+    where = (state.analyses - 1 if analysis is None else int(analysis),
+             state.analyses - 1 if step is None else int(step), epoch)
     if criteria.detects_overfitting:
         state, decision, new_best = _overfitting(criteria, state, records, smoothed, where, progress)
     by_monitor = None

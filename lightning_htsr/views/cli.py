@@ -5,8 +5,8 @@
     ``state_dict`` saved with ``torch.save`` (also nested under the keys of
     :data:`~lightning_htsr.weights.checkpoints.STATE_DICT_KEYS`), a TorchScript archive, ``.safetensors`` files, an
     ``*.index.json`` or a Hugging Face model directory, read one tensor at a time
-    (:mod:`lightning_htsr.weights.checkpoints`). Prints one row per matrix and one model summary; ``--csv``/``--json`` save
-    the full table, ``--plots DIR`` one ESD figure per matrix. Launched by ``torchrun``, the processes share the
+    (:mod:`lightning_htsr.weights.checkpoints`). Prints one row per matrix and one model summary; ``--csv``/``--json``
+    save the full table, ``--plots DIR`` one ESD figure per matrix. Launched by ``torchrun``, the processes share the
     matrices and rank 0 prints and writes.
 
 ``lightning-htsr analyze PATH --base BASE``
@@ -21,8 +21,8 @@
     training (see :func:`lightning_htsr.views.report.write_report`).
 
 What lives where: this module parses the arguments, runs the two commands and prints; the analysis is one call
-into :mod:`lightning_htsr.offline` (in ``_run_analyze``), the report is :mod:`lightning_htsr.views.report`, and the table
-cells, ESD figure files and HTML pages of ``--plots`` come from :mod:`lightning_htsr.views.html`.
+into :mod:`lightning_htsr.offline` (in ``_run_analyze``), the report is :mod:`lightning_htsr.views.report`, and the
+table cells, ESD figure files and HTML pages of ``--plots`` come from :mod:`lightning_htsr.views.html`.
 
 Pickle safety: checkpoints are loaded with ``torch.load(weights_only=True)``, which only rebuilds tensors and
 plain containers. A checkpoint that pickles other Python objects is refused (exit code 2) unless ``--trust-pickle``
