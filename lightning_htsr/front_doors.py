@@ -80,7 +80,8 @@ def analyze(
             modified. See :mod:`~lightning_htsr.weights.adapters`.
         base_model: Analyze ``W - W_base`` instead, the base a module, a state dict or checkpoint path(s)
             (:mod:`~lightning_htsr.deltas`: matched by name and shape; unmatched, unchanged and low-rank deltas
-            get a skipped row saying so).
+            get a skipped row saying so). Not together with ``layers`` or a ``lora`` other than ``"merged"``
+            (``ValueError``).
 
     Returns:
         A ``pandas.DataFrame`` with the columns of :data:`~lightning_htsr.records.COLUMNS`, one row per matrix
@@ -102,6 +103,7 @@ def analyze(
                                fix_fingers=fix_fingers, randomize=randomize, seed=seed, xmax=xmax,
                                max_fingers=max_fingers, finger_thresh=finger_thresh, max_N=max_N)
     if base_model is not None:
+        _deltas_take(layers=layers is None, lora=lora == "merged")
         from .deltas import delta_records
 
         return records_table(delta_records(model, base_model, options, include=include, exclude=exclude,
@@ -144,7 +146,8 @@ def analyze_state_dict(
     ``layers`` and ``max_N`` need the model's modules and are :func:`analyze`'s only). Streams: each
     matrix is upcast only when its batch (:data:`BATCH_BYTES`) is analyzed, so the extra memory is a few matrices,
     not a float32 copy of the model. For checkpoint files, :func:`~lightning_htsr.analyze_checkpoint` also reads
-    the tensors one at a time. ``base``: analyze ``W - W_base`` (:func:`analyze`'s ``base_model``).
+    the tensors one at a time. ``base``: analyze ``W - W_base`` (:func:`analyze`'s ``base_model``; not
+    with ``adapter_config`` or a ``lora`` other than ``"merged"``).
 
     A ``peft`` model's state dict (``<path>.base_layer.weight``, ``<path>.lora_A.<adapter>.weight``, ...) holds the
     factors but not their scaling (``lora_alpha / r``): pass ``adapter_config`` (the adapter's
@@ -163,6 +166,7 @@ def analyze_state_dict(
                                fix_fingers=fix_fingers, randomize=randomize, seed=seed, xmax=xmax,
                                max_fingers=max_fingers, finger_thresh=finger_thresh)
     if base is not None:
+        _deltas_take(adapter_config=adapter_config is None, lora=lora == "merged")
         from .deltas import delta_records
 
         return records_table(delta_records(state_dict, base, options, include=include, exclude=exclude))
@@ -170,3 +174,12 @@ def analyze_state_dict(
     matrices = iter_state_dict_matrices(items, shapes=shapes, include=include, exclude=exclude,
                                         min_evals=options.min_evals, max_evals=options.max_evals, tie=tie)
     return records_table([r.record for r in analyze_stream(matrices, options)])
+
+
+def _deltas_take(**default: bool) -> None:
+    """Refuse the options a base-model delta does not apply (``name=False``: the caller set it), rather than
+    ignore them."""
+    given = [name for name, is_default in default.items() if not is_default]
+    if given:
+        raise ValueError(f"{' and '.join(given)} cannot be combined with a base model: the deltas are of the matrices "
+                         "as analyze lists them by default (merge an adapter first)")

@@ -57,6 +57,16 @@ def test_rank_2_update_is_a_low_rank_delta_row_and_full_updates_are_analyzed() -
     assert (rows["5"]["status"], rows["5"]["skip_kind"]) == ("skipped", "unchanged")
 
 
+def test_options_deltas_do_not_apply_are_refused_not_ignored() -> None:
+    base = base_model()
+    with pytest.raises(ValueError, match="layers cannot be combined with a base model"):
+        htsr.analyze(fine_tuned(base), base_model=base, layers=[1])
+    with pytest.raises(ValueError, match="lora cannot be combined with a base model"):
+        htsr.analyze(fine_tuned(base), base_model=base, lora="delta")
+    with pytest.raises(ValueError, match="adapter_config cannot be combined with a base model"):
+        htsr.analyze_state_dict(fine_tuned(base).state_dict(), base=base.state_dict(), adapter_config={"r": 8})
+
+
 def test_delta_of_the_model_itself_is_unchanged_everywhere_and_routine() -> None:
     base = base_model()
     frame = htsr.analyze(copy.deepcopy(base), base_model=base)  # no warning: unchanged is routine
