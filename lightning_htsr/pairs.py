@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .analysis import AnalysisOptions, model_matrices
-from .weights.checkpoints import Checkpoint, CheckpointError, TensorInfo, open_checkpoint
+from .weights.checkpoints import Checkpoint, FileMap, TensorInfo, open_checkpoint
 from .weights.matrix import WeightMatrix
 from .weights.modules import clean_name
 from .weights.state_dict import ShapeAccess, is_weight_entry, iter_state_dict_matrices, state_dict_source
@@ -117,30 +117,19 @@ def dict_source(state_dict: Mapping[str, Any], options: AnalysisOptions, *,
 
 
 class _TensorReader:
-    """Reads single tensors of a checkpoint by name: one memory map per file, reopened after the checkpoint's
-    ``read_budget`` bytes (as :meth:`~lightning_htsr.weights.checkpoints.Checkpoint.tensors` does)."""
+    """Reads single tensors of a checkpoint by name, in any order: one
+    :class:`~lightning_htsr.weights.checkpoints.FileMap` per file (the reader behind
+    :meth:`~lightning_htsr.weights.checkpoints.Checkpoint.tensors`)."""
 
     def __init__(self, checkpoint: Checkpoint) -> None:
         self.checkpoint = checkpoint
-        self._files = {f.path: f for f in checkpoint.files}
-        self._open: dict[Any, tuple[Callable[[str], Tensor], int]] = {}
+        self._maps: dict[Any, FileMap] = {}
 
     def read(self, info: TensorInfo) -> Tensor:
         """The tensor of ``info`` on the CPU, in its stored dtype."""
-        get, used = self._open.get(info.file, (None, 0))
-        try:
-            if get is None or used > self.checkpoint.read_budget:
-                self._open.pop(info.file, None)  # drop the old map first
-                get, used = self._files[info.file].open(), 0
-            tensor = get(info.key)
-        except CheckpointError:
-            raise
-        except Exception as err:  # noqa: BLE001 - safetensors / torch errors on a damaged file
-            raise CheckpointError(f"{info.file}: cannot read tensor {info.key!r} ({type(err).__name__}: "
-                                  f"{str(err).splitlines()[0] if str(err) else ''}); the file may be truncated or "
-                                  "corrupt") from None
-        self._open[info.file] = (get, used + info.nbytes)
-        return tensor
+        if info.file not in self._maps:
+            self._maps[info.file] = self.checkpoint.file_map(info.file)
+        return self._maps[info.file].read(info)
 
 
 def checkpoint_source(checkpoint: Checkpoint, options: AnalysisOptions, *,

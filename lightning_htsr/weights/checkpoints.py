@@ -37,6 +37,7 @@ __all__ = [
     "READ_BUDGET",
     "Checkpoint",
     "CheckpointError",
+    "FileMap",
     "TensorInfo",
     "open_checkpoint",
 ]
@@ -436,22 +437,41 @@ class Checkpoint:
             todo = [i for i in self.infos if i.file == file.path and (wanted is None or wanted(i))]
             yield from self._read(file, todo)
 
+    def file_map(self, path: Path) -> FileMap:
+        """A :class:`FileMap` of one of the files, for reading its tensors by name in any order."""
+        return FileMap(next(f for f in self.files if f.path == path), self.read_budget)
+
     def _read(self, file: _SafetensorsFile | _TorchFile, todo: Iterable[TensorInfo]) -> Iterator[tuple[str, Tensor]]:
-        get, used = None, 0
+        mapped = FileMap(file, self.read_budget)
         for info in todo:
-            try:
-                if get is None or used > self.read_budget:
-                    get, used = None, 0  # drop the old map first
-                    get = file.open()
-                tensor = get(info.key)
-            except CheckpointError:
-                raise
-            except Exception as err:  # noqa: BLE001 - safetensors / torch errors on a damaged file
-                raise CheckpointError(f"{file.path}: cannot read tensor {info.key!r} ({_short_error(err)}); the "
-                                      "file may be truncated or corrupt") from None
-            used += info.nbytes
+            tensor = mapped.read(info)
             yield info.name, tensor
             del tensor
+
+
+class FileMap:
+    """Reads one checkpoint file's tensors through one memory map, reopened after ``read_budget`` bytes (a map keeps
+    the pages it touched resident); a damaged file is a :class:`CheckpointError` naming it."""
+
+    def __init__(self, file: _SafetensorsFile | _TorchFile, read_budget: int) -> None:
+        self.file, self.read_budget = file, read_budget
+        self._get: Callable[[str], Tensor] | None = None
+        self._used = 0
+
+    def read(self, info: TensorInfo) -> Tensor:
+        """The tensor of ``info`` (a tensor of this file) on the CPU, in its stored dtype."""
+        try:
+            if self._get is None or self._used > self.read_budget:
+                self._get, self._used = None, 0  # drop the old map first
+                self._get = self.file.open()
+            tensor = self._get(info.key)
+        except CheckpointError:
+            raise
+        except Exception as err:  # noqa: BLE001 - safetensors / torch errors on a damaged file
+            raise CheckpointError(f"{self.file.path}: cannot read tensor {info.key!r} ({_short_error(err)}); the "
+                                  "file may be truncated or corrupt") from None
+        self._used += info.nbytes
+        return tensor
 
 
 def open_checkpoint(paths: str | os.PathLike[str] | Sequence[str | os.PathLike[str]], *,
