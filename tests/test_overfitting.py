@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning_htsr import HTSRCallback
 from lightning_htsr.training.best_weights import KeptWeights
 from lightning_htsr.training.sinks import read_history
+from lightning_htsr.training.sinks.summary import MOVING_HINT
 from lightning_htsr.training.stopping import (
     EntropyLow,
     StopCriteria,
@@ -188,15 +189,19 @@ def test_without_restore_the_over_fitting_stop_keeps_the_last_weights(tmp_path) 
     assert "Keeping the last weights" in callback.stopping_reason_message
 
 
-def test_a_run_still_learning_is_not_stopped_and_observing_never_stops(tmp_path) -> None:
+def test_a_run_still_learning_is_not_stopped_and_observing_never_stops(tmp_path, capsys) -> None:
     learning = HTSRCallback(stop_on="heavy_tailed", restore_best_weights=True, history_file=None,
-                            spectra_file=None, print_summary=False)
+                            spectra_file=None)
     trainer = _fit(tmp_path / "a", ShiftNet(switch=None), learning, max_epochs=8)
     assert learning.stopping_reason is StopReason.NOT_STOPPED and trainer.current_epoch == 8
     assert not learning.restored and learning.best_analysis.epoch == 7  # the latest weights are the best ones
-    watching = HTSRCallback(history_file=None, spectra_file=None, print_summary=False)  # stop_on=None
+    out = capsys.readouterr().out  # weights still moving at the end: the summary says what the rule cannot see
+    assert "Not stopped by HT-SR" in out and MOVING_HINT in out
+    watching = HTSRCallback(history_file=None, spectra_file=None)  # stop_on=None
     trainer = _fit(tmp_path / "b", ShiftNet(switch=5), watching, max_epochs=10)
     assert watching.stopping_reason is StopReason.NOT_STOPPED and trainer.current_epoch == 10
+    out = capsys.readouterr().out
+    assert "stopping is off" in out and MOVING_HINT not in out
 
 
 def test_the_settled_rule_stops_a_converging_run_whose_weights_still_move(tmp_path) -> None:

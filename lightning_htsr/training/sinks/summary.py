@@ -10,7 +10,7 @@ from typing import Any
 from ...spectra.phases import Phase
 from ..stopping import StopCriteria, StopState, has_settled, learning_matrices, settled_for
 
-__all__ = ["fit_summary", "not_stopped_reason"]
+__all__ = ["MOVING_HINT", "fit_summary", "not_stopped_reason"]
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -78,4 +78,19 @@ def fit_summary(records: Sequence[Mapping[str, Any]], smoothed: Mapping[str, str
         lines.append(f"Stopped early: {stop_message}")
     else:
         lines.append(f"Not stopped by HT-SR: {not_stopped_reason(records, smoothed, state, criteria)}.")
+        if _still_moving(learning, state, criteria):
+            lines.append(MOVING_HINT)
     return "\n".join(lines)
+
+
+#: Printed when the run ended with learning matrices still moving under the weights-only rule (no ``monitor``).
+MOVING_HINT = ("Weights still moving at the end: a network still learning and one memorizing noisy labels look the "
+               "same to the weights (measured on MLPs); if held-out accuracy peaked earlier, pass "
+               "monitor=\"val_loss\" (or use EarlyStopping) to stop there and get that epoch's weights back.")
+
+
+def _still_moving(learning: set[str], state: StopState, criteria: StopCriteria) -> bool:
+    """The weights-only settled rule ran and some learning matrix had not settled at the last analysis."""
+    if criteria.monitor is not None or criteria.stop_on is None or criteria.rule != "settled" or not learning:
+        return False
+    return any(not has_settled(state.anchors.get(name), state.progress, criteria.settle_patience) for name in learning)
