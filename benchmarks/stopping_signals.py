@@ -39,9 +39,10 @@ def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-def turning(metric: str, tolerance: float, fraction: float, patience: int = 2) -> Signal:
+def turning(metric: str, tolerance: float, fraction: float, patience: int = 2, absolute: float = 0.0) -> Signal:
     """Fires when at least ``fraction`` of the learning matrices have ``metric`` above their running minimum by more
-    than ``tolerance`` (relative) for ``patience`` consecutive analyses: the spectrum drifting back toward random."""
+    than ``tolerance`` (relative) and at least ``absolute`` for ``patience`` consecutive analyses: the spectrum
+    drifting back toward random."""
 
     def signal(steps: Sequence[Step]) -> int | None:
         low: dict[str, float] = {}
@@ -53,7 +54,8 @@ def turning(metric: str, tolerance: float, fraction: float, patience: int = 2) -
                 if not _finite(v):
                     continue
                 low[name] = min(low.get(name, v), v)
-                above[name] = above.get(name, 0) + 1 if v > low[name] + tolerance * abs(low[name]) else 0
+                rose = v > low[name] + tolerance * abs(low[name]) and v >= low[name] + absolute
+                above[name] = above.get(name, 0) + 1 if rose else 0
                 turned += above[name] >= patience
             if mats and turned >= fraction * len(mats):
                 return epoch
@@ -114,14 +116,21 @@ SIGNALS: dict[str, Signal] = {
 
 def signal_table(references: Sequence[Mapping[str, Any]], overfitting: Sequence[str],
                  epoch_end: Callable[[Mapping[str, Any]], list]) -> None:
-    """Print, per candidate signal, when it fires relative to the accuracy peak and its false alarms."""
-    over = [r for r in references if r["task"] in overfitting]
-    plateau = [r for r in references if r["task"] not in overfitting]
-    steps = {(r["task"], r["seed"]): learning_steps(epoch_end(r)) for r in references}
-    peak = {(r["task"], r["seed"]): max(r["curve"], key=lambda c: c["test_acc"])["epoch"] for r in references}
+    """Print, per candidate signal (:data:`SIGNALS`), when it fires relative to the accuracy peak and its false
+    alarms."""
+    signal_rows(references, overfitting, epoch_end, SIGNALS)
+
+
+def signal_rows(runs: Sequence[Mapping[str, Any]], overfitting: Sequence[str],
+                epoch_end: Callable[[Mapping[str, Any]], list], signals: Mapping[str, Signal]) -> None:
+    """The table of :func:`signal_table` for any runs (``task``, ``seed``, ``curve``, analyses) and signals."""
+    over = [r for r in runs if r["task"] in overfitting]
+    plateau = [r for r in runs if r["task"] not in overfitting]
+    steps = {(r["task"], r["seed"]): learning_steps(epoch_end(r)) for r in runs}
+    peak = {(r["task"], r["seed"]): max(r["curve"], key=lambda c: c["test_acc"])["epoch"] for r in runs}
     print(f"\n{'candidate signal (epoch-end analyses)':<66} {'fires (over-fitting)':>21} {'epochs after peak':>24} "
           f"{'false alarms (plateau)':>23}")
-    for name, signal in SIGNALS.items():
+    for name, signal in signals.items():
         lags = []
         for r in over:
             fired = signal(steps[(r["task"], r["seed"])])

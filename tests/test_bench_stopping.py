@@ -70,3 +70,39 @@ def test_every_task_builds_and_trains_one_step(bench) -> None:
         optimizer, _ = task.optimizer(model.parameters(), task.epochs)
         torch.nn.functional.cross_entropy(logits, y[:8]).backward()
         optimizer.step()
+
+
+def test_the_weight_study_records_traps_and_deltas_from_real_runs(bench, capsys) -> None:
+    """``stopping_weight_study.py --quick``: real Trainer runs analyzed at every epoch end with the trap columns and
+    the ESD of ``W - W0``; the signals' table names every candidate."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import stopping_weight_study as study
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    runs = study.main(["--quick", "--seeds", "0", "--tasks", "mlp_digits", "gru_lm"])
+    assert [r["task"] for r in runs] == ["mlp_digits", "gru_lm"]
+    for run in runs:
+        start, *ends = run["analyses"]
+        assert start["trigger"] == "train_start" and len(ends) == 2 and len(run["curve"]) == 2
+        assert all("delta_entropy" not in r for r in start["records"])  # W - W0 is zero before training
+        hidden = [r for a in ends for r in a["records"] if r["name"] in ("net.2", "net.gru.weight_hh_l0.r")]
+        assert hidden and all(0 < r["delta_entropy"] <= 1 and r["delta_stable_rank"] >= 1 for r in hidden)
+        assert all(r["num_traps"] >= 0 and 0 <= r["rand_distance"] and r["neg_rand_distance"] == -r["rand_distance"]
+                   for a in run["analyses"] for r in a["records"] if r.get("rand_distance") is not None)
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in study.SIGNALS)
+
+
+def test_the_held_out_tasks_run_live_and_match_their_replay(bench) -> None:
+    """``stopping_heldout.py --quick``: the tasks added after the rule was frozen train like the benchmark's, and the
+    live stop equals the rule replayed on the reference run."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import stopping_heldout as heldout
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    out = heldout.main(["--quick", "--seeds", "0", "--tasks", "cnn2d_digits_noisy", "cnn1d_mnist1d_small"])
+    assert out["mismatches"] == [] and out["rule"] == {}
+    assert out["summary"]["held-out over-fitting tasks / htsr stop rule"]["runs"] == 1
+    assert out["summary"]["held-out plateau task / EarlyStopping(val_loss, 5)"]["runs"] == 1

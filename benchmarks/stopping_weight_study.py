@@ -1,0 +1,160 @@
+"""The over-fitting signals the reference runs cannot show: correlation traps and the drift from initialization.
+
+``bench_stopping.py --study`` measures candidate signals on the columns the callback records during training. Two
+families the issue asked for need more than those columns, so this script trains the runs again and, at every epoch
+end, analyzes the model twice with the package's own front door:
+
+* ``analyze(model, randomize=True)``: weightwatcher's correlation-trap columns (``rand_distance``, the Jensen-Shannon
+  distance between the ESD and that of the element-shuffled matrix, and ``num_traps``, spikes of the shuffled matrix:
+  unusually large single entries, which memorizing individual examples might create);
+* ``analyze(model, base_model=<the weights at train start>)``: the ESD of ``W - W0``, what training added. Learning a
+  task should add a few directions; memorizing noise many more (``delta_entropy``, ``delta_stable_rank``).
+
+Every signal is read the way ``stopping_signals.py`` reads its own: on the learning matrices of the epoch-end
+analyses (phases smoothed as in the callback), the first epoch it fires, against the epoch of the best test
+accuracy; its false alarms are the plateau tasks' runs in which it fires at all. The entropy turn the default rule
+uses is repeated on the same runs as the yardstick.
+
+    python benchmarks/stopping_weight_study.py --seeds 0 1 2 --jobs 2 --cache .stop_cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_stopping import HERE, PACKAGE, cached, code_key, quiet  # noqa: E402
+from stopping_runs import HISTORY_COLUMNS, QUICK_EPOCHS, _plain, train  # noqa: E402
+from stopping_signals import Signal, signal_rows, threshold, turning  # noqa: E402
+from stopping_tasks import OVERFITTING, TASKS  # noqa: E402
+
+from lightning_htsr import analyze  # noqa: E402
+
+#: The extra columns each epoch-end record carries (``delta_*``: of ``W - W0``).
+STUDY_COLUMNS = ("rand_distance", "num_traps", "neg_rand_distance", "delta_entropy", "delta_stable_rank",
+                 "delta_alpha", "delta_num_spikes")
+
+
+class StudyAnalyses(pl.Callback):
+    """At train start and every epoch end: the model's records with the trap and delta columns added."""
+
+    def __init__(self) -> None:
+        self.analyses: list[dict[str, Any]] = []
+        self.initial: torch.nn.Module | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.initial = copy.deepcopy(pl_module).cpu()
+        self._analyze(trainer, pl_module, "train_start")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._analyze(trainer, pl_module, "epoch")
+
+    def _analyze(self, trainer: pl.Trainer, pl_module: pl.LightningModule, trigger: str) -> None:
+        frame = analyze(pl_module, randomize=True, seed=0)
+        delta = None
+        if trigger != "train_start":
+            with warnings.catch_warnings():  # a classifier head's delta has rank classes - 1: no fit, said each time
+                warnings.simplefilter("ignore", UserWarning)
+                delta = analyze(pl_module, base_model=self.initial).set_index("name")
+        records = []
+        for row in frame.to_dict("records"):
+            record = {c: _plain(row[c]) for c in HISTORY_COLUMNS + ("rand_distance", "num_traps") if c in row}
+            if record.get("rand_distance") is not None:
+                record["neg_rand_distance"] = -record["rand_distance"]
+            if delta is not None and row["name"] in delta.index:
+                d = delta.loc[row["name"]]
+                for column in ("entropy", "stable_rank", "alpha", "num_spikes"):
+                    record[f"delta_{column}"] = _plain(d[column])
+            records.append(record)
+        self.analyses.append({"analysis": len(self.analyses), "epoch": trainer.current_epoch,
+                              "step": trainer.global_step, "trigger": trigger, "records": records})
+
+
+def study_run(name: str, seed: int, quick: bool = False) -> dict[str, Any]:
+    """One task x seed for its full budget (``quick``: the benchmark's smoke-test budget), with
+    :class:`StudyAnalyses`."""
+    quiet()
+    torch.set_num_threads(1)
+    task = TASKS[name]
+    epochs = QUICK_EPOCHS if quick else task.epochs
+    study = StudyAnalyses()
+    with tempfile.TemporaryDirectory() as root:
+        recorder, _ = train(task, seed, epochs, [study], root, quick=quick)
+    return {"task": name, "seed": seed, "epochs": epochs, "curve": recorder.epochs, "analyses": study.analyses}
+
+
+def study_key() -> str:
+    """The study runs' code: this script, the tasks and runs, and the package."""
+    return code_key([HERE / f for f in ("stopping_weight_study.py", "stopping_tasks.py", "stopping_runs.py")]
+                    + list(PACKAGE.rglob("*.py")))
+
+
+def _one(name: str, seed: int, cache: Path | None, quick: bool) -> dict[str, Any]:
+    return cached(cache, f"{name}-{seed}-study-{study_key()}", lambda: study_run(name, seed, quick), quick)
+
+
+#: The candidates: the yardstick (the default rule's entropy turn), then the trap and delta families.
+SIGNALS: dict[str, Signal] = {
+    "entropy above its minimum by 1 %, half (the default rule's)": turning("entropy", 0.01, 0.5, patience=1),
+    "num_traps > 0 on a learning matrix, 2 analyses": threshold("neg_num_traps", 0.0),
+    "num_traps above its minimum (+1), half of matrices": turning("num_traps", 0.0, 0.5, absolute=1.0),
+    "num_traps above its minimum (+1), any matrix": turning("num_traps", 0.0, 1e-9, absolute=1.0),
+    "rand_distance below its maximum by 5 %, half of matrices": turning("neg_rand_distance", 0.05, 0.5),
+    "rand_distance below its maximum by 10 %, half of matrices": turning("neg_rand_distance", 0.10, 0.5),
+    "delta entropy above its minimum by 1 %, half of matrices": turning("delta_entropy", 0.01, 0.5),
+    "delta stable rank above its minimum by 10 %, half of matrices": turning("delta_stable_rank", 0.10, 0.5),
+    "delta stable rank above its minimum by 25 %, half of matrices": turning("delta_stable_rank", 0.25, 0.5),
+    "delta alpha above its minimum by 10 %, half of matrices": turning("delta_alpha", 0.10, 0.5),
+}
+
+
+def _with_negated_traps(run: dict[str, Any]) -> dict[str, Any]:
+    for a in run["analyses"]:
+        for r in a["records"]:
+            traps = r.get("num_traps")
+            r["neg_num_traps"] = -traps if isinstance(traps, (int, float)) else None
+    return run
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--jobs", type=int, default=1, help="task x seed pairs trained in parallel processes")
+    parser.add_argument("--cache", type=Path, help="directory to keep runs in, keyed by the code that made them")
+    parser.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test of the script)")
+    args = parser.parse_args(argv)
+    quiet()
+    pairs = [(t, s) for t in args.tasks for s in args.seeds]
+    if args.jobs <= 1:
+        runs = [_one(t, s, args.cache, args.quick) for t, s in pairs]
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            runs = [f.result() for f in [pool.submit(_one, t, s, args.cache, args.quick) for t, s in pairs]]
+    runs = [_with_negated_traps(r) for r in runs]
+    traps = sum((r.get("num_traps") or 0) > 0 for run in runs for a in run["analyses"] for r in a["records"])
+    records = sum(len(a["records"]) for run in runs for a in run["analyses"])
+    print(f"{len(runs)} runs ({', '.join(args.tasks)}; seeds {' '.join(map(str, args.seeds))}); records with a "
+          f"correlation trap: {traps} of {records}")
+    signal_rows(runs, OVERFITTING, lambda run: run["analyses"], SIGNALS)
+    return runs
+
+
+if __name__ == "__main__":
+    main()
