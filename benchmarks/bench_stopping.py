@@ -215,8 +215,9 @@ def summary(rows: Sequence[Row]) -> dict[str, float]:
 
 
 def print_table(rows: Sequence[Row], methods: Sequence[str]) -> None:
-    print(f"\n{'task':<16} {'seed':>4} {'best':>6} {'@ep':>4} | " + " | ".join(f"{m[:22]:>22}" for m in methods))
-    print(f"{'':<16} {'':>4} {'':>6} {'':>4} | " + " | ".join(f"{'epochs   acc   loss':>22}" for _ in methods))
+    width = max(16, *(len(r.task) for r in rows))
+    print(f"\n{'task':<{width}} {'seed':>4} {'best':>6} {'@ep':>4} | " + " | ".join(f"{m[:22]:>22}" for m in methods))
+    print(f"{'':<{width}} {'':>4} {'':>6} {'':>4} | " + " | ".join(f"{'epochs   acc   loss':>22}" for _ in methods))
     keyed = {(r.task, r.seed, r.method): r for r in rows}
     for task, seed in sorted({(r.task, r.seed) for r in rows}, key=lambda k: (list(TASKS).index(k[0]), k[1])):
         ref = keyed[(task, seed, methods[0])]
@@ -225,7 +226,7 @@ def print_table(rows: Sequence[Row], methods: Sequence[str]) -> None:
             r = keyed[(task, seed, m)]
             run = f"{r.epochs_run:.1f}" if r.stopped else f"{r.budget}*"
             cells.append(f"{run:>6}/{r.budget:<3} {r.test_acc:5.1f} {r.loss:+5.1f}")
-        print(f"{task:<16} {seed:>4} {ref.best:6.1f} {ref.best_epoch:>4} | " + " | ".join(f"{c:>22}" for c in cells))
+        print(f"{task:<{width}} {seed:>4} {ref.best:6.1f} {ref.best_epoch:>4} | " + " | ".join(f"{c:>22}" for c in cells))
     print("(* = never stopped; loss = reference best - accuracy at the stop, points)\n")
     print(f"{'method':<28} {'runs':>5} {'within 1pt':>11} {'epochs saved':>13} {'never stopped':>14} {'mean loss':>10}"
           f" {'max loss':>9}")
