@@ -377,13 +377,19 @@ def run_task_seed(name: str, seed: int, rule: dict[str, Any], live: str, cache: 
 def run_all(pairs: Sequence[tuple[str, int]], rule: dict[str, Any], live: str, cache: Path | None, quick: bool,
             jobs: int) -> list[dict[str, Any]]:
     """:func:`run_task_seed` for every pair, in ``jobs`` processes (one thread each), in order."""
+    return in_processes(run_task_seed, [(n, s, rule, live, cache, quick) for n, s in pairs], jobs)
+
+
+def in_processes(function: Callable[..., Any], calls: Sequence[tuple[Any, ...]], jobs: int) -> list[Any]:
+    """``function(*args)`` for every ``args`` in ``calls``, results in order: here when ``jobs <= 1``, otherwise in
+    ``jobs`` spawned processes (``function`` must be importable by name from a module)."""
     if jobs <= 1:
-        return [run_task_seed(n, s, rule, live, cache, quick) for n, s in pairs]
+        return [function(*args) for args in calls]
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(run_task_seed, n, s, rule, live, cache, quick) for n, s in pairs]
+        futures = [pool.submit(function, *args) for args in calls]
         return [f.result() for f in futures]
 
 

@@ -38,6 +38,7 @@ from bench_stopping import (
     Row,
     cached,
     code_key,
+    in_processes,
     live_key,
     peer_key,
     print_table,
@@ -122,15 +123,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     quiet()
     pairs = [(t, s) for t in args.tasks for s in args.seeds]
-    if args.jobs <= 1:
-        results = [run_pair(t, s, args.rule, args.cache, args.quick) for t, s in pairs]
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(run_pair, t, s, args.rule, args.cache, args.quick) for t, s in pairs]
-            results = [f.result() for f in futures]
+    results = in_processes(run_pair, [(t, s, args.rule, args.cache, args.quick) for t, s in pairs], args.jobs)
     rows: list[Row] = []
     mismatches = []
     for (name, seed), result in zip(pairs, results):

@@ -36,16 +36,15 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_stopping import HERE, PACKAGE, cached, code_key, quiet  # noqa: E402
+from bench_stopping import HERE, PACKAGE, cached, code_key, in_processes, quiet  # noqa: E402
 from stopping_runs import HISTORY_COLUMNS, QUICK_EPOCHS, _plain, train  # noqa: E402
 from stopping_signals import Signal, signal_rows, threshold, turning  # noqa: E402
 from stopping_tasks import OVERFITTING, TASKS  # noqa: E402
 
 from lightning_htsr import analyze  # noqa: E402
 
-#: The extra columns each epoch-end record carries (``delta_*``: of ``W - W0``).
-STUDY_COLUMNS = ("rand_distance", "num_traps", "neg_rand_distance", "delta_entropy", "delta_stable_rank",
-                 "delta_alpha", "delta_num_spikes")
+#: Trap columns kept, each also negated (``neg_<column>``: the signals fire on rises and on values below a limit).
+TRAP_COLUMNS = ("rand_distance", "num_traps")
 
 
 class StudyAnalyses(pl.Callback):
@@ -71,9 +70,10 @@ class StudyAnalyses(pl.Callback):
                 delta = analyze(pl_module, base_model=self.initial).set_index("name")
         records = []
         for row in frame.to_dict("records"):
-            record = {c: _plain(row[c]) for c in HISTORY_COLUMNS + ("rand_distance", "num_traps") if c in row}
-            if record.get("rand_distance") is not None:
-                record["neg_rand_distance"] = -record["rand_distance"]
+            record = {c: _plain(row[c]) for c in HISTORY_COLUMNS + TRAP_COLUMNS if c in row}
+            for column in TRAP_COLUMNS:
+                if record.get(column) is not None:
+                    record[f"neg_{column}"] = -record[column]
             if delta is not None and row["name"] in delta.index:
                 d = delta.loc[row["name"]]
                 for column in ("entropy", "stable_rank", "alpha", "num_spikes"):
@@ -121,14 +121,6 @@ SIGNALS: dict[str, Signal] = {
 }
 
 
-def _with_negated_traps(run: dict[str, Any]) -> dict[str, Any]:
-    for a in run["analyses"]:
-        for r in a["records"]:
-            traps = r.get("num_traps")
-            r["neg_num_traps"] = -traps if isinstance(traps, (int, float)) else None
-    return run
-
-
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
@@ -139,15 +131,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     args = parser.parse_args(argv)
     quiet()
     pairs = [(t, s) for t in args.tasks for s in args.seeds]
-    if args.jobs <= 1:
-        runs = [_one(t, s, args.cache, args.quick) for t, s in pairs]
-    else:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            runs = [f.result() for f in [pool.submit(_one, t, s, args.cache, args.quick) for t, s in pairs]]
-    runs = [_with_negated_traps(r) for r in runs]
+    runs = in_processes(_one, [(t, s, args.cache, args.quick) for t, s in pairs], args.jobs)
     traps = sum((r.get("num_traps") or 0) > 0 for run in runs for a in run["analyses"] for r in a["records"])
     records = sum(len(a["records"]) for run in runs for a in run["analyses"])
     print(f"{len(runs)} runs ({', '.join(args.tasks)}; seeds {' '.join(map(str, args.seeds))}); records with a "
