@@ -7,7 +7,8 @@ constant and decaying learning rates) the script trains:
    accuracy after every epoch (and at every step-triggered analysis), the validation loss, and the HT-SR history;
 2. a run with **the stop rule**: ``HTSRCallback(stop_on="heavy_tailed")`` with its defaults (weights only: no
    labels, no loss, no validation data enter the rule);
-3. a run with the peer, Lightning's ``EarlyStopping(monitor="val_loss", patience=5)`` (it needs a validation set).
+3. runs with the peers, Lightning's ``EarlyStopping(monitor="val_loss", patience=5)`` and the same on ``val_acc``
+   (they need a validation set).
 
 Runs are seeded and deterministic on CPU (one thread), so the stopped runs follow the reference run's trajectory up
 to their stop: the script checks that the rule replayed on the reference history stops at the same epoch as the live
@@ -50,6 +51,11 @@ from lightning_htsr.spectra.phases import PhaseTracker  # noqa: E402
 from lightning_htsr.training.stopping import StopCriteria, over_trained, replay_stop  # noqa: E402
 
 WITHIN_POINTS = 1.0
+#: The peers, Lightning's ``EarlyStopping`` with patience 5: name -> (cache slug, (monitor, mode)).
+PEERS: dict[str, tuple[str, tuple[str, str]]] = {
+    "EarlyStopping(val_loss, 5)": ("early_stopping", ("val_loss", "min")),
+    "EarlyStopping(val_acc, 5)": ("early_stopping_val_acc", ("val_acc", "max")),
+}
 #: Seeds the thresholds were chosen on; the others are held out (the figure that counts).
 TUNING_SEEDS: tuple[int, ...] = (0, 1, 2)
 #: The groups every summary is split by: which tasks, which seeds.
@@ -77,7 +83,8 @@ def replay(reference: dict[str, Any], rule: dict[str, Any], schedule: str = "epo
     rule = dict(rule)
     restore = rule.pop("restore_best_weights", None)
     restore = rule.get("monitor") is not None if restore is None else restore  # the callback's default
-    val = {c["step"]: c["val_loss"] for c in reference["curve"]} if rule.get("monitor") == "val_loss" else {}
+    monitor = rule.get("monitor")
+    val = {c["step"]: c.get(monitor) for c in reference["curve"]} if monitor else {}  # a missing metric: None
     stop = replay_stop([{**a, "progress": a["step"] / spe, "monitored": val.get(a["step"])} for a in analyses],
                        **rule)
     curve = reference["curve"]
@@ -96,12 +103,14 @@ def epoch_end_analyses(reference: dict[str, Any]) -> list[dict[str, Any]]:
     return [a for a in reference["analyses"] if a["trigger"] == "train_start" or a["step"] in ends]
 
 
-def early_stopping_replay(reference: dict[str, Any], patience: int = 5, min_delta: float = 0.0) -> dict[str, Any]:
-    """``EarlyStopping(monitor="val_loss", mode="min", patience, min_delta)`` on the reference validation curve."""
+def early_stopping_replay(reference: dict[str, Any], patience: int = 5, min_delta: float = 0.0,
+                          monitor: str = "val_loss", mode: str = "min") -> dict[str, Any]:
+    """``EarlyStopping(monitor, mode, patience, min_delta)`` on the reference validation curve."""
+    sign = 1.0 if mode == "min" else -1.0
     best, wait = math.inf, 0
     for point in reference["curve"]:
-        if point["val_loss"] < best - min_delta:
-            best, wait = point["val_loss"], 0
+        if sign * point[monitor] < best - min_delta:
+            best, wait = sign * point[monitor], 0
         else:
             wait += 1
             if wait >= patience:
@@ -369,8 +378,9 @@ def run_task_seed(name: str, seed: int, rule: dict[str, Any], live: str, cache: 
         out["rule"] = cached(cache, f"{base}-rule-{rule_key(rule)}-{live_key()}",
                              lambda: rule_run(task, seed, epochs, rule, quick), quick)
     if live in ("all", "peer"):
-        out["peer"] = cached(cache, f"{base}-early_stopping-{peer_key()}",
-                             lambda: early_stopping_run(task, seed, epochs, quick), quick)
+        out["peers"] = {name: cached(cache, f"{base}-{slug}-{peer_key()}",
+                                     lambda m=monitor: early_stopping_run(task, seed, epochs, quick, *m), quick)
+                        for name, (slug, monitor) in PEERS.items()}
     return out
 
 
@@ -439,11 +449,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows.append(row(reference, "htsr stop rule", {**live, "replay_stop_epoch": replayed["stop_epoch"]}))
         else:
             rows.append(row(reference, "htsr stop rule", replayed))
-        rows.append(row(reference, "EarlyStopping(val_loss, 5)", result.get("peer") or early_stopping_replay(reference)))
+        for name, (_, monitor) in PEERS.items():
+            rows.append(row(reference, name, result["peers"][name] if "peers" in result
+                            else early_stopping_replay(reference, 5, 0.0, *monitor)))
         best = max(c["test_acc"] for c in reference["curve"])
         print(f"{name} seed {seed}: reference {reference['seconds']:.0f} s, best {best:.1f}, rule stops at "
               f"{replayed['stop_epoch']}", flush=True)
-    methods = ["reference (full budget)", "htsr stop rule", "htsr (every 1/3 epoch)", "EarlyStopping(val_loss, 5)"]
+    methods = ["reference (full budget)", "htsr stop rule", "htsr (every 1/3 epoch)", *PEERS]
     print_table(rows, methods)
     print_groups(rows, methods)
     if args.study:

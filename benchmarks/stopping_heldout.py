@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stopping_tasks
 from bench_stopping import (
     HERE,
+    PEERS,
     REFERENCE_CODE,
     Row,
     cached,
@@ -108,8 +109,9 @@ def run_pair(name: str, seed: int, rule: dict[str, Any], cache: Path | None, qui
                                 lambda: reference_run(task, seed, epochs, quick), quick),
             "rule": cached(cache, f"{base}-rule-{rule_key(rule)}-{_key(live_key())}",
                            lambda: rule_run(task, seed, epochs, rule, quick), quick),
-            "peer": cached(cache, f"{base}-early_stopping-{_key(peer_key())}",
-                           lambda: early_stopping_run(task, seed, epochs, quick), quick)}
+            "peers": {name: cached(cache, f"{base}-{slug}-{_key(peer_key())}",
+                                   lambda m=monitor: early_stopping_run(task, seed, epochs, quick, *m), quick)
+                      for name, (slug, monitor) in PEERS.items()}}
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -136,8 +138,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         rows.append(row(reference, "reference (full budget)", {"epochs_run": epochs, "stopped": False,
                                                                  "test_acc": reference["curve"][-1]["test_acc"]}))
         rows.append(row(reference, "htsr stop rule", live))
-        rows.append(row(reference, "EarlyStopping(val_loss, 5)", result["peer"]))
-    methods = ["reference (full budget)", "htsr stop rule", "EarlyStopping(val_loss, 5)"]
+        rows.extend(row(reference, name, peer) for name, peer in result["peers"].items())
+    methods = ["reference (full budget)", "htsr stop rule", *PEERS]
     print_table(rows, methods)
     groups = {"held-out over-fitting tasks": lambda r: r.task in HELD_OUT_OVERFITTING,
               "held-out plateau task": lambda r: r.task not in HELD_OUT_OVERFITTING}

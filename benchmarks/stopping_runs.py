@@ -47,7 +47,10 @@ class Classifier(pl.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        self.log("val_loss", nn.functional.cross_entropy(self(x), y), prog_bar=False)
+        logits = self(x)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y), prog_bar=False)
+        # argmax over dim 1: the classes of (batch, classes) and of a language model's (batch, vocab, length)
+        self.log("val_acc", 100.0 * (logits.argmax(1) == y).float().mean(), prog_bar=False)
 
     def configure_optimizers(self):
         opt, sched = self.task.optimizer(self.parameters(), self.epochs)
@@ -78,10 +81,10 @@ class Recorder(pl.Callback):
             self.steps.append({"step": step, "epoch": trainer.current_epoch, "test_acc": self._accuracy(pl_module)})
 
     def on_train_epoch_end(self, trainer, pl_module):
-        val = trainer.callback_metrics.get("val_loss")
+        val = {k: trainer.callback_metrics.get(k) for k in ("val_loss", "val_acc")}
         self.epochs.append({"epoch": trainer.current_epoch, "step": trainer.global_step,
                             "test_acc": self._accuracy(pl_module),
-                            "val_loss": float(val) if val is not None else math.nan})
+                            **{k: float(v) if v is not None else math.nan for k, v in val.items()}})
 
 
 def _loader(split: tuple[torch.Tensor, torch.Tensor], batch_size: int, shuffle: bool, seed: int) -> DataLoader:
@@ -166,9 +169,10 @@ def rule_run(task: Task, seed: int, epochs: int, rule: dict[str, Any], quick: bo
             "restored_step": best.step if best is not None and htsr.restored else None}
 
 
-def early_stopping_run(task: Task, seed: int, epochs: int, quick: bool = False) -> dict[str, Any]:
-    """The peer: Lightning's ``EarlyStopping(monitor="val_loss", patience=5)``."""
+def early_stopping_run(task: Task, seed: int, epochs: int, quick: bool = False, monitor: str = "val_loss",
+                       mode: str = "min") -> dict[str, Any]:
+    """The peer: Lightning's ``EarlyStopping(monitor, mode=mode, patience=5)`` (``val_loss`` or ``val_acc``)."""
     with tempfile.TemporaryDirectory() as root:
-        es = EarlyStopping(monitor="val_loss", patience=5)
+        es = EarlyStopping(monitor=monitor, mode=mode, patience=5)
         recorder, final = train(task, seed, epochs, [es], root, quick=quick)
     return {"epochs_run": len(recorder.epochs), "stopped": es.stopped_epoch > 0, "test_acc": final}

@@ -56,6 +56,22 @@ def test_quick_run_of_the_default_rule_matches_its_replay_on_a_plateau_and_an_ov
         assert live["epochs_run"] == 2 and not live["stopped"]  # 2 epochs: too short for the default rule
         assert live["test_acc"] == rows[(task, "reference (full budget)")]["test_acc"]  # same weights as the replay
         assert rows[(task, "EarlyStopping(val_loss, 5)")]["epochs_run"] == 2
+        assert rows[(task, "EarlyStopping(val_acc, 5)")]["epochs_run"] == 2
+
+
+def test_a_monitored_validation_accuracy_is_recorded_and_replayed_like_the_live_run(bench) -> None:
+    """The reference curve records ``val_acc`` (a percentage, logged by the benchmark's module) and the rule
+    ``monitor="val_acc"`` (mode max) replayed on it stops where the live run stops."""
+    rule = {"monitor": "val_acc", "monitor_mode": "max", "monitor_patience": 1}
+    result = bench.run_task_seed("mlp_digits", 0, rule, "all", None, True)
+    curve = result["reference"]["curve"]
+    assert len(curve) == 2 and all(0.0 <= c["val_acc"] <= 100.0 and c["val_loss"] > 0 for c in curve)
+    replayed, live = bench.replay(result["reference"], rule), result["rule"]
+    assert live["epochs_run"] == (replayed["stop_epoch"] + 1 if replayed["stopped"] else 2)
+    assert live["test_acc"] == pytest.approx(replayed["test_acc"])
+    for name, (_, (monitor, mode)) in bench.PEERS.items():  # the live peers equal their replays too
+        peer = bench.early_stopping_replay(result["reference"], 5, 0.0, monitor, mode)
+        assert result["peers"][name]["epochs_run"] == peer["epochs_run"] == 2
 
 
 def test_every_task_builds_and_trains_one_step(bench) -> None:
@@ -106,3 +122,21 @@ def test_the_held_out_tasks_run_live_and_match_their_replay(bench) -> None:
     assert out["mismatches"] == [] and out["rule"] == {}
     assert out["summary"]["held-out over-fitting tasks / htsr stop rule"]["runs"] == 1
     assert out["summary"]["held-out plateau task / EarlyStopping(val_loss, 5)"]["runs"] == 1
+
+
+def test_twin_tasks_share_the_training_trajectory_and_relabel_only_held_out_data(bench) -> None:
+    """``stopping_twins.py --quick``: a twin keeps the training split (so the HT-SR history is identical, record for
+    record) and labels held-out data by the nearest training example (a training input gets its own label)."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import stopping_twins as twins
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    for name in twins.TWINNED:
+        original, twin = bench.TASKS[name].data(0), twins.TWINS[f"{name}_twin"].data(0)
+        assert all(a.equal(b) for a, b in zip(original[0], twin[0]))  # the training split, noisy labels included
+        assert twins.nearest_labels(original[0], original[0][0][:50]).equal(original[0][1][:50])
+        assert not twin[2][1].equal(original[2][1]) and twin[2][0].equal(original[2][0])
+    out = twins.main(["--quick", "--seeds", "0", "--tasks", "mlp_digits_noisy", "transformer_noisy"])
+    assert out["pairs"] == 2 and out["same_trajectory"] == 2
+    assert set(out["rules"]) == set(twins.RULES) and all(0 <= r["both"] <= 1 for r in out["rules"].values())
