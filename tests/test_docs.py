@@ -184,7 +184,8 @@ NOT_DEFAULTS = {
     "restore_best_weights=True", "restore_best_weights=False", "stop_on_over_trained=True", "print_summary=False",
     "background_figures=False", "ww_compat=True", "randomize=True", "progress=True", "detect_overfitting=False",
     "precision=\"float64\"", "fit=\"exact\"", "stop_on=None", "device=\"cuda\"", "backend=\"cupy\"",
-    "stop_rule=\"phase_fraction\"", "monitor=\"val_loss\"", "fix_fingers=\"clip_xmax\"", "fix_fingers=\"xmin_peak\"",
+    "stop_rule=\"phase_fraction\"", "monitor=\"val_loss\"", "monitor=\"val_acc\"", "monitor_mode=\"max\"",
+    "fix_fingers=\"clip_xmax\"", "fix_fingers=\"xmin_peak\"",
     "trust_pickle=True", "stop_on=\"heavy_tailed\"", "log_fit_diagnostics=True", "fit=\"TPL\"",
     "lora=\"delta\"", "lora=\"base\"", "reuse_unchanged=False",
 }

@@ -309,6 +309,29 @@ def test_a_monitored_validation_metric_stops_and_restores_its_best_weights(tmp_p
     assert "val_err has not improved for 2 analyses" in callback.stopping_reason_message
 
 
+class RepeatingAccuracyNet(ValidatedShiftNet):
+    """:class:`ValidatedShiftNet` logging an accuracy-like metric that rises until epoch 3 and then repeats exactly,
+    as a discrete validation accuracy does on a plateau."""
+
+    def validation_step(self, batch: torch.Tensor, batch_idx: int) -> None:
+        self.log("val_acc", float(min(self.current_epoch, 3)))
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_monitored_accuracy_that_repeats_exactly_still_counts_towards_the_patience(tmp_path, every) -> None:
+    """An unchanged value after a new validation is a stale epoch (it once read as "no new value", and a monitored
+    accuracy never stopped training); an epoch without validation is not (``check_val_every_n_epoch``)."""
+    callback = HTSRCallback(stop_on="heavy_tailed", monitor="val_acc", monitor_mode="max", monitor_patience=2,
+                            detect_overfitting=False, history_file=None, spectra_file=None, print_summary=False)
+    snapshots = Snapshots()
+    model = RepeatingAccuracyNet(switch=None)
+    _fit(tmp_path, model, callback, callbacks=[snapshots], limit_val_batches=None, check_val_every_n_epoch=every)
+    # every epoch: 0, 1, 2, 3, 3, 3 -> best at 3, stop after 5; every second epoch (1, 3, 5, 7): 1, 3, 3, 3 -> after 7
+    assert callback.stopping_reason is StopReason.MONITOR and callback.stopped_epoch == 3 + 2 * every
+    assert callback.best_analysis.epoch == 3 and callback.restored
+    assert torch.equal(model.layer.weight, snapshots.weights[3])
+
+
 def test_a_monitor_that_is_never_logged_warns_once_and_the_weights_rule_goes_on(tmp_path) -> None:
     callback = HTSRCallback(stop_on="heavy_tailed", monitor="val_missing", history_file=None, spectra_file=None,
                             print_summary=False)

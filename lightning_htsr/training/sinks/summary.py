@@ -85,8 +85,9 @@ def fit_summary(records: Sequence[Mapping[str, Any]], smoothed: Mapping[str, str
 
 #: Printed when the run ended with learning matrices still moving under the weights-only rule (no ``monitor``).
 MOVING_HINT = ("Weights still moving at the end: a network still learning and one memorizing noisy labels look the "
-               "same to the weights (measured on MLPs); if held-out accuracy peaked earlier, pass "
-               "monitor=\"val_loss\" (or use EarlyStopping) to stop there and get that epoch's weights back.")
+               "same to the weights (measured on MLPs, CNNs and transformers); if held-out accuracy peaked earlier, "
+               "pass the validation metric you score (e.g. monitor=\"val_acc\", monitor_mode=\"max\") to stop "
+               "there and get that epoch's weights back.")
 
 
 def _still_moving(learning: set[str], state: StopState, criteria: StopCriteria) -> bool:
