@@ -74,11 +74,12 @@ class _HTSRCallbackImpl(_CallbackHooks):
     ``docs/guide/early-stopping.md``): on the held-out seeds 59 % of the runs ended within 1 accuracy point of
     their best (94 % of the runs on tasks that do not over-fit), and it does not see an MLP over-fitting label
     noise. With a validation metric it also stops when that metric stalls and hands back the best weights (held
-    out: 73 % with ``monitor="val_acc", monitor_mode="max"``, 68 % with ``monitor="val_loss"``). ``stop_rule="phase_fraction"`` is the rule of version 0.1 (stop when
-    ``stop_fraction`` of the matrices are in ``stop_on``), which stops too early or never. When it stops, one line
-    says why (at INFO, rank zero); at the end of ``fit`` a short summary is printed (``print_summary``). Under DDP
-    each rank analyzes a share of the matrices and all ranks receive all results; the stop decision is reduced
-    across ranks; FSDP2/DTensor weights are gathered with ``full_tensor()``.
+    out: 73 % with ``monitor="val_acc", monitor_mode="max"``, 68 % with ``monitor="val_loss"``).
+    ``stop_rule="phase_fraction"`` is the rule of version 0.1 (stop when ``stop_fraction`` of the matrices are in
+    ``stop_on``), which stops too early or never. When it stops, one line says why (at INFO, rank zero); at the end
+    of ``fit`` a short summary is printed (``print_summary``). Under DDP each rank analyzes a share of the matrices
+    and all ranks receive all results; the stop decision is reduced across ranks; FSDP2/DTensor weights are gathered
+    with ``full_tensor()``.
 
     Args:
         every_n_epochs: Analyze at the end of every n-th epoch; 0 disables epoch-based analyses.
