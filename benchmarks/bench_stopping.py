@@ -411,17 +411,23 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", message=".*deterministic.*")
 
 
+def pair_arguments(parser: argparse.ArgumentParser, tasks: Sequence[str],
+                   seeds: Sequence[int] = (0, 1, 2, 3, 4)) -> None:
+    """The options every stopping script shares: the task x seed pairs to run, processes, the cache, quick mode."""
+    parser.add_argument("--tasks", nargs="+", default=list(tasks), choices=list(tasks))
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(seeds))
+    parser.add_argument("--jobs", type=int, default=1, help="task x seed pairs trained in parallel processes")
+    parser.add_argument("--cache", type=Path, help="directory to keep runs in, keyed by the code that made them")
+    parser.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test of the script)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test of the script)")
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    pair_arguments(parser, list(TASKS))
     parser.add_argument("--rule", type=json.loads, default={}, help="HTSRCallback stop arguments as JSON")
     parser.add_argument("--live", choices=["all", "peer", "none"], default="all",
                         help="train the rule and the EarlyStopping peer live (all), only the peer, or replay both on "
                         "the reference runs (none: same results when training is deterministic)")
-    parser.add_argument("--jobs", type=int, default=1, help="task x seed pairs trained in parallel processes")
-    parser.add_argument("--cache", type=Path, help="directory to keep runs in, keyed by the code that made them")
     parser.add_argument("--json", type=Path, help="write every run and the summary here")
     parser.add_argument("--figure", type=Path, help="write the accuracy curves with the stop points (PNG) here")
     parser.add_argument("--study", action="store_true", help="also replay the candidate rules and signals on the "

@@ -41,6 +41,7 @@ from bench_stopping import (
     code_key,
     in_processes,
     live_key,
+    pair_arguments,
     peer_key,
     print_table,
     quiet,
@@ -116,12 +117,8 @@ def run_pair(name: str, seed: int, rule: dict[str, Any], cache: Path | None, qui
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("--tasks", nargs="+", default=list(HELD_OUT), choices=list(HELD_OUT))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
+    pair_arguments(parser, list(HELD_OUT))
     parser.add_argument("--rule", type=json.loads, default={}, help="HTSRCallback stop arguments as JSON")
-    parser.add_argument("--jobs", type=int, default=1, help="task x seed pairs trained in parallel processes")
-    parser.add_argument("--cache", type=Path, help="directory to keep runs in, keyed by the code that made them")
-    parser.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test of the script)")
     args = parser.parse_args(argv)
     quiet()
     pairs = [(t, s) for t in args.tasks for s in args.seeds]

@@ -39,7 +39,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import stopping_heldout  # (registers the held-out tasks by name, here and in worker processes)
 import stopping_tasks
-from bench_stopping import HERE, WITHIN_POINTS, cached, early_stopping_replay, in_processes, quiet, reference_key
+from bench_stopping import (
+    HERE,
+    WITHIN_POINTS,
+    cached,
+    code_key,
+    early_stopping_replay,
+    in_processes,
+    pair_arguments,
+    quiet,
+    reference_key,
+)
 from bench_stopping import replay as replay_rule
 from stopping_heldout import _key as heldout_key
 from stopping_runs import QUICK_EPOCHS, reference_run
@@ -94,7 +104,7 @@ def _key(name: str) -> str:
     if name in stopping_heldout.HELD_OUT:
         return heldout_key(reference_key())
     if name in TWINS:
-        return f"{reference_key()}t{stopping_heldout.code_key([HERE / 'stopping_twins.py'])[:6]}"
+        return f"{reference_key()}t{code_key([HERE / 'stopping_twins.py'])[:6]}"
     return reference_key()
 
 
@@ -115,9 +125,13 @@ def same_trajectory(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return [x["records"] for x in a["analyses"]] == [x["records"] for x in b["analyses"]]
 
 
+def best_accuracy(reference: dict[str, Any]) -> float:
+    return max(c["test_acc"] for c in reference["curve"])
+
+
 def losses(reference: dict[str, Any]) -> dict[int, float]:
     """Points below the run's best test accuracy, per epoch."""
-    best = max(c["test_acc"] for c in reference["curve"])
+    best = best_accuracy(reference)
     return {c["epoch"]: best - c["test_acc"] for c in reference["curve"]}
 
 
@@ -130,7 +144,7 @@ def pair_row(original: dict[str, Any], twin_ref: dict[str, Any]) -> dict[str, An
            "best_epoch": (best_o, best_t), "cross_loss": (lt[best_o], lo[best_t]),
            "minimax": (minimax_epoch, max(lo[minimax_epoch], lt[minimax_epoch])),
            "both_within": sum(max(lo[e], lt[e]) <= WITHIN_POINTS + 1e-9 for e in lo), "rules": {}}
-    best_a, best_b = (max(c["test_acc"] for c in ref["curve"]) for ref in (original, twin_ref))
+    best_a, best_b = best_accuracy(original), best_accuracy(twin_ref)
     for name, rule in RULES.items():
         a, b = rule(original), rule(twin_ref)
         row["rules"][name] = {"epochs": (a["epochs_run"], b["epochs_run"]),
@@ -169,11 +183,7 @@ def print_rows(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("--tasks", nargs="+", default=list(TWINNED), choices=list(TWINNED))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
-    parser.add_argument("--jobs", type=int, default=1, help="task x seed pairs trained in parallel processes")
-    parser.add_argument("--cache", type=Path, help="directory to keep runs in, keyed by the code that made them")
-    parser.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test of the script)")
+    pair_arguments(parser, list(TWINNED))
     args = parser.parse_args(argv)
     quiet()
     pairs = [(t, s) for t in args.tasks for s in args.seeds]

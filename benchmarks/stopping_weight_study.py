@@ -36,7 +36,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_stopping import HERE, PACKAGE, cached, code_key, in_processes, quiet  # noqa: E402
+from bench_stopping import HERE, PACKAGE, cached, code_key, in_processes, pair_arguments, quiet  # noqa: E402
 from stopping_runs import HISTORY_COLUMNS, QUICK_EPOCHS, _plain, train  # noqa: E402
 from stopping_signals import Signal, signal_rows, threshold, turning  # noqa: E402
 from stopping_tasks import OVERFITTING, TASKS  # noqa: E402
@@ -123,11 +123,7 @@ SIGNALS: dict[str, Signal] = {
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--jobs", type=int, default=1, help="task x seed pairs trained in parallel processes")
-    parser.add_argument("--cache", type=Path, help="directory to keep runs in, keyed by the code that made them")
-    parser.add_argument("--quick", action="store_true", help="tiny budgets (a smoke test of the script)")
+    pair_arguments(parser, list(TASKS), seeds=(0, 1, 2))
     args = parser.parse_args(argv)
     quiet()
     pairs = [(t, s) for t in args.tasks for s in args.seeds]
