@@ -140,3 +140,32 @@ def test_twin_tasks_share_the_training_trajectory_and_relabel_only_held_out_data
     out = twins.main(["--quick", "--seeds", "0", "--tasks", "mlp_digits_noisy", "transformer_noisy"])
     assert out["pairs"] == 2 and out["same_trajectory"] == 2
     assert set(out["rules"]) == set(twins.RULES) and all(0 <= r["both"] <= 1 for r in out["rules"].values())
+
+
+def test_the_gradient_study_records_training_signals_from_real_runs(bench, capsys) -> None:
+    """``stopping_gradient_study.py --quick``: real Trainer runs record, per epoch, the training loss, the gradient's
+    signal-to-noise and the weights' path coherence; the displacement of an epoch can never exceed the length of the
+    path the weights took (the triangle inequality), and the rules fire where their series says."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import stopping_gradient_study as study
+        from stopping_runs import steps_per_epoch
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    runs = study.main(["--quick", "--seeds", "0", "--tasks", "mlp_digits", "gru_lm", "cnn2d_digits_noisy"])
+    assert [r["task"] for r in runs] == ["mlp_digits", "gru_lm", "cnn2d_digits_noisy"]
+    for run in runs:
+        assert [e["epoch"] for e in run["signals"]] == [0, 1] and len(run["curve"]) == 2
+        for e in run["signals"]:
+            assert e["steps"] == steps_per_epoch(bench.TASKS[run["task"]], 0, quick=True)
+            assert 0 < e["coherence"] <= 1 + 1e-9 and 0 < e["coherence_matrices"] <= 1 + 1e-9
+            assert e["gsnr"] > 0 and e["snr_elements"] > 0 and e["train_loss"] > 0
+            assert -1 - 1e-9 <= e["agreement"] <= 1 + 1e-9  # <g_t, g_t-1> <= (|g_t|^2 + |g_t-1|^2) / 2
+    assert runs[0]["signals"][1]["train_loss"] < runs[0]["signals"][0]["train_loss"]  # the weights really moved
+    series = [{"epoch": i, "x": v} for i, v in enumerate([1.0, 4.0, 3.0, 1.5, 1.0, 0.9, 5.0])]
+    assert study.falls("x", 0.5, patience=1)(series) == 3  # 1.5 < 0.5 * 4
+    assert study.falls("x", 0.5, patience=2)(series) == 4
+    assert study.falls("x", 0.1)(series) is None
+    assert study.below("x", 1.2, patience=2)(series) == 5 and study.below("x", 0.5)(series) is None
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in study.RULES)
