@@ -15,6 +15,10 @@ Every mode trains the same seeded model with lr = 0 (weights never change), so a
 per-matrix results. Then every mode trains ``conftest.ShiftNet`` (moving weights that over-fit) with
 ``restore_best_weights=True``; each rank writes ``OUT_DIR/MODE/restore_rank<r>.json``: the stop, the analysis judged
 best, and whether its weights (this rank's local shard under FSDP2) equal the ones it held at that analysis.
+Last, every mode but ``ddp_spawn`` fine-tunes a tiny ``transformers`` Llama with ``peft`` LoRA (sharded per decoder
+layer under FSDP2) on identical examples, so that one process and two see the same gradients and follow the same
+trajectory: ``OUT_DIR/MODE/lora/htsr_history.csv``, and ``lora_final.json``, the adapted matrices' merged weights
+``W + scale * B A`` computed by hand from the gathered factors at the end.
 """
 
 from __future__ import annotations
@@ -177,6 +181,77 @@ def run_restore(mode: str, out: str) -> None:
         json.dump(report, handle)
 
 
+class LoraLlama(pl.LightningModule):
+    """A tiny Llama with LoRA on ``q_proj``/``v_proj``; under FSDP2 each decoder layer is sharded, LoRA factors
+    included (DTensors), and the frozen base weights with them."""
+
+    def __init__(self, shard: bool) -> None:
+        super().__init__()
+        import peft
+        import transformers
+
+        self.shard = shard
+        torch.manual_seed(0)
+        config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                          num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+        base = transformers.LlamaForCausalLM(config)
+        self.model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+
+    def configure_model(self) -> None:
+        if self.shard:
+            from torch.distributed._composable.fsdp import fully_shard
+
+            for layer in self.model.base_model.model.model.layers:
+                fully_shard(layer, mesh=self.device_mesh["data_parallel"])
+            fully_shard(self.model, mesh=self.device_mesh["data_parallel"])  # the module whose forward runs
+
+    def training_step(self, batch, batch_idx):
+        (tokens,) = batch
+        return self.model(input_ids=tokens, labels=tokens).loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.5)
+
+    def train_dataloader(self) -> DataLoader:
+        # 64 copies of one sequence: every batch has the same mean gradient, on one rank or split over two
+        tokens = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(0)).repeat(64, 1)
+        per_rank = 16 // max(self.trainer.world_size, 1)  # the same global batch (and steps) in every mode
+        return DataLoader(torch.utils.data.TensorDataset(tokens), batch_size=per_rank)
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor).detach().double()
+
+
+def _has_peft() -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("peft", "transformers"))
+
+
+def run_lora(mode: str, out: str) -> None:
+    """Fine-tune :class:`LoraLlama` with the callback under ``mode``; rank 0 writes the merged adapted weights."""
+    out = os.path.join(out, "lora")
+    os.makedirs(out, exist_ok=True)
+    callback = HTSRCallback(history_file=os.path.join(out, "htsr_history.csv"), spectra_file=None,
+                            log_figures_every=None, print_summary=False)
+    trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=[callback], **strategy_kwargs(mode))
+    module = LoraLlama(shard=mode == "fsdp2")
+    trainer.fit(module)
+    merged = {}
+    for i, layer in enumerate(module.model.base_model.model.model.layers):
+        for proj in ("q_proj", "v_proj"):
+            lora = getattr(layer.self_attn, proj)  # collectives: every rank gathers every factor
+            weight, a, b = (_full(t) for t in (lora.base_layer.weight, lora.lora_A["default"].weight,
+                                               lora.lora_B["default"].weight))
+            merged[f"model.model.layers.{i}.self_attn.{proj}"] = (weight + lora.scaling["default"] * b @ a).tolist()
+    sharded = any(type(p).__name__ == "DTensor" for p in module.parameters())
+    if trainer.is_global_zero:
+        with open(os.path.join(out, "lora_final.json"), "w") as handle:
+            json.dump({"merged": merged, "dtensor": sharded, "world_size": trainer.world_size}, handle)
+
+
 def main(out: str) -> None:
     torch.set_num_threads(1)
     relaunched = "LOCAL_RANK" in os.environ  # rank 1 of the ddp launcher
@@ -185,6 +260,8 @@ def main(out: str) -> None:
             continue
         run(mode, os.path.join(out, mode))
         run_restore(mode, os.path.join(out, mode))
+        if mode != "ddp_spawn" and _has_peft():  # ddp_spawn's module stays in the workers: nothing to read back
+            run_lora(mode, os.path.join(out, mode))
         if mode == "ddp_spawn":
             os.environ.pop("MASTER_PORT", None)  # ddp_spawn's launcher left its port here: let ddp pick a fresh one
 

@@ -1,5 +1,6 @@
 """DDP (2 CPU processes, gloo) and FSDP2 (ModelParallelStrategy, DTensor weights) give the same per-matrix results as
-one process, each rank analyzes its own share, and all ranks stop together.
+one process, each rank analyzes its own share, and all ranks stop together; a peft LoRA fine-tune too (the factors
+sharded under FSDP2), whose live analysis is that of the weights merged by hand.
 
 All four configurations run in one invocation of tests/distributed_run.py in a subprocess (Lightning's ``ddp`` and
 ``ModelParallelStrategy`` launchers re-execute ``sys.argv``, which inside pytest would re-run the test session); ddp and
@@ -102,3 +103,45 @@ def test_every_rank_hands_back_the_best_weights_after_an_over_fitting_stop_also_
         assert all(r["kept_bytes"] == full - 128 * 128 * 4 for r in reports)
     else:
         assert all(r["kept_bytes"] == full for r in reports)
+
+
+LORA_ADAPTED = [f"model.model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+LORA_COMPARED = ["analysis", "epoch", "trigger", "name", "N", "M", "status", "alpha", "D", "entropy", "stable_rank",
+                 "num_spikes", "phase"]
+
+
+def lora_history(folder: Path) -> pd.DataFrame:
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    return pd.read_csv(folder / "lora" / "htsr_history.csv").sort_values(["analysis", "name"]).reset_index(drop=True)
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_a_lora_fine_tune_gives_the_same_per_matrix_results_as_one_process(runs: dict[str, Path], mode: str) -> None:
+    """A peft LoRA fine-tune of a tiny Llama (the factors sharded per decoder layer under FSDP2) on identical
+    examples follows the same trajectory in one process and two: the adapted matrices' merged spectra agree."""
+    single, other = lora_history(runs["single"]), lora_history(runs[mode])
+    assert len(single) == len(other) == 4 * 16
+    assert not other["name"].str.contains("lora_|base_layer|base_model").any()  # one row per merged matrix
+    pd.testing.assert_frame_equal(single[LORA_COMPARED], other[LORA_COMPARED], check_exact=False, rtol=1e-5)
+    assert set(other[other.analysis == 0]["rank"]) == {0, 1}
+    alpha = other.pivot(index="analysis", columns="name", values="alpha")
+    assert all(alpha[name].nunique() == 4 for name in LORA_ADAPTED)  # every analysis sees the adapters move
+
+
+@pytest.mark.parametrize("mode", ["single", "ddp", "fsdp2"])
+def test_the_live_lora_analysis_is_that_of_the_hand_merged_weights(runs: dict[str, Path], mode: str) -> None:
+    """The last analysis of each adapted matrix equals an offline analysis of ``W + scale * B A``, computed by hand
+    from the gathered factors at the end of training (DTensors under FSDP2)."""
+    import torch
+
+    from lightning_htsr import analyze_state_dict
+
+    last = lora_history(runs[mode]).query("analysis == 3").set_index("name")
+    final = json.loads((runs[mode] / "lora" / "lora_final.json").read_text())
+    assert final["dtensor"] is (mode == "fsdp2") and final["world_size"] == (1 if mode == "single" else 2)
+    merged = {f"{name}.weight": torch.tensor(w, dtype=torch.float32) for name, w in final["merged"].items()}
+    offline = analyze_state_dict(merged).set_index("name")
+    assert sorted(offline.index) == sorted(LORA_ADAPTED)
+    for column in ("alpha", "entropy", "stable_rank"):
+        assert offline[column].to_numpy() == pytest.approx(last.loc[offline.index, column].to_numpy(), rel=1e-5)
