@@ -18,7 +18,8 @@ best, and whether its weights (this rank's local shard under FSDP2) equal the on
 Last, every mode but ``ddp_spawn`` fine-tunes a tiny ``transformers`` Llama with ``peft`` LoRA (sharded per decoder
 layer under FSDP2) on identical examples, so that one process and two see the same gradients and follow the same
 trajectory: ``OUT_DIR/MODE/lora/htsr_history.csv``, and ``lora_final.json``, the adapted matrices' merged weights
-``W + scale * B A`` computed by hand from the gathered factors at the end.
+``W + scale * B A`` computed by hand from the gathered factors at the end; then the same with DoRA (``OUT_DIR/MODE/dora``;
+its magnitude vectors sharded too).
 """
 
 from __future__ import annotations
@@ -185,7 +186,7 @@ class LoraLlama(pl.LightningModule):
     """A tiny Llama with LoRA on ``q_proj``/``v_proj``; under FSDP2 each decoder layer is sharded, LoRA factors
     included (DTensors), and the frozen base weights with them."""
 
-    def __init__(self, shard: bool) -> None:
+    def __init__(self, shard: bool, dora: bool = False) -> None:
         super().__init__()
         import peft
         import transformers
@@ -195,7 +196,8 @@ class LoraLlama(pl.LightningModule):
         config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
         base = transformers.LlamaForCausalLM(config)
-        self.model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+        config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_dora=dora)
+        self.model = peft.get_peft_model(base, config)
 
     def configure_model(self) -> None:
         if self.shard:
@@ -229,16 +231,19 @@ def _has_peft() -> bool:
     return all(importlib.util.find_spec(m) is not None for m in ("peft", "transformers"))
 
 
-def run_lora(mode: str, out: str) -> None:
-    """Fine-tune :class:`LoraLlama` with the callback under ``mode``; rank 0 writes the merged adapted weights."""
-    out = os.path.join(out, "lora")
+def run_lora(mode: str, out: str, dora: bool = False) -> None:
+    """Fine-tune :class:`LoraLlama` with the callback under ``mode``; rank 0 writes the LoRA run's adapted weights
+    merged by hand."""
+    out = os.path.join(out, "dora" if dora else "lora")
     os.makedirs(out, exist_ok=True)
     callback = HTSRCallback(history_file=os.path.join(out, "htsr_history.csv"), spectra_file=None,
                             log_figures_every=None, print_summary=False)
     trainer = pl.Trainer(max_epochs=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, callbacks=[callback], **strategy_kwargs(mode))
-    module = LoraLlama(shard=mode == "fsdp2")
+    module = LoraLlama(shard=mode == "fsdp2", dora=dora)
     trainer.fit(module)
+    if dora:
+        return
     merged = {}
     for i, layer in enumerate(module.model.base_model.model.model.layers):
         for proj in ("q_proj", "v_proj"):
@@ -262,6 +267,7 @@ def main(out: str) -> None:
         run_restore(mode, os.path.join(out, mode))
         if mode != "ddp_spawn" and _has_peft():  # ddp_spawn's module stays in the workers: nothing to read back
             run_lora(mode, os.path.join(out, mode))
+            run_lora(mode, os.path.join(out, mode), dora=True)
         if mode == "ddp_spawn":
             os.environ.pop("MASTER_PORT", None)  # ddp_spawn's launcher left its port here: let ddp pick a fresh one
 

@@ -110,17 +110,20 @@ LORA_COMPARED = ["analysis", "epoch", "trigger", "name", "N", "M", "status", "al
                  "num_spikes", "phase"]
 
 
-def lora_history(folder: Path) -> pd.DataFrame:
+def lora_history(folder: Path, tuner: str = "lora") -> pd.DataFrame:
     pytest.importorskip("peft")
     pytest.importorskip("transformers")
-    return pd.read_csv(folder / "lora" / "htsr_history.csv").sort_values(["analysis", "name"]).reset_index(drop=True)
+    return pd.read_csv(folder / tuner / "htsr_history.csv").sort_values(["analysis", "name"]).reset_index(drop=True)
 
 
+@pytest.mark.parametrize("tuner", ["lora", "dora"])
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
-def test_a_lora_fine_tune_gives_the_same_per_matrix_results_as_one_process(runs: dict[str, Path], mode: str) -> None:
-    """A peft LoRA fine-tune of a tiny Llama (the factors sharded per decoder layer under FSDP2) on identical
-    examples follows the same trajectory in one process and two: the adapted matrices' merged spectra agree."""
-    single, other = lora_history(runs["single"]), lora_history(runs[mode])
+def test_a_lora_fine_tune_gives_the_same_per_matrix_results_as_one_process(runs: dict[str, Path], mode: str,
+                                                                            tuner: str) -> None:
+    """A peft LoRA (and DoRA) fine-tune of a tiny Llama (the factors sharded per decoder layer under FSDP2) on
+    identical examples follows the same trajectory in one process and two: the adapted matrices' merged spectra
+    agree."""
+    single, other = lora_history(runs["single"], tuner), lora_history(runs[mode], tuner)
     assert len(single) == len(other) == 4 * 16
     assert not other["name"].str.contains("lora_|base_layer|base_model").any()  # one row per merged matrix
     pd.testing.assert_frame_equal(single[LORA_COMPARED], other[LORA_COMPARED], check_exact=False, rtol=1e-5)
