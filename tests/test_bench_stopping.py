@@ -160,12 +160,17 @@ def test_the_gradient_study_records_training_signals_from_real_runs(bench, capsy
             assert e["steps"] == steps_per_epoch(bench.TASKS[run["task"]], 0, quick=True)
             assert 0 < e["coherence"] <= 1 + 1e-9 and 0 < e["coherence_matrices"] <= 1 + 1e-9
             assert e["gsnr"] > 0 and e["snr_elements"] > 0 and e["train_loss"] > 0
-            assert -1 - 1e-9 <= e["agreement"] <= 1 + 1e-9  # <g_t, g_t-1> <= (|g_t|^2 + |g_t-1|^2) / 2
+            assert -1 - 1e-9 <= e["agreement"] <= 1 + 1e-9  # |<g_t, g_t-1>| <= (|g_t|^2 + |g_t-1|^2) / 2
+            assert -1 - 1e-9 <= e["agreement_matrices"] <= 1 + 1e-9
     assert runs[0]["signals"][1]["train_loss"] < runs[0]["signals"][0]["train_loss"]  # the weights really moved
     series = [{"epoch": i, "x": v} for i, v in enumerate([1.0, 4.0, 3.0, 1.5, 1.0, 0.9, 5.0])]
     assert study.falls("x", 0.5, patience=1)(series) == 3  # 1.5 < 0.5 * 4
     assert study.falls("x", 0.5, patience=2)(series) == 4
     assert study.falls("x", 0.1)(series) is None
     assert study.below("x", 1.2, patience=2)(series) == 5 and study.below("x", 0.5)(series) is None
+    # scored like the benchmark: the accuracy at the end of the epoch it fires, epochs saved after that epoch
+    run = {"epochs": 7, "signals": series, "curve": [{"test_acc": a} for a in (50, 70, 80, 78, 75, 74, 72)]}
+    assert study.score(run, study.falls("x", 0.5)) == (80 - 78, 1 - 4 / 7, True)
+    assert study.score(run, study.falls("x", 0.1)) == (80 - 72, 0.0, False)  # never fired: the last epoch's model
     printed = capsys.readouterr().out
     assert all(name in printed for name in study.RULES)
