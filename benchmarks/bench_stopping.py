@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -43,7 +44,7 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stopping_runs import QUICK_EPOCHS, early_stopping_run, reference_run, rule_run, splits  # noqa: E402,F401
+from stopping_runs import QUICK_EPOCHS, early_stopping_run, reference_run, rule_run, splits, train  # noqa: E402,F401
 from stopping_signals import signal_table  # noqa: E402
 from stopping_tasks import OVERFITTING, TASKS  # noqa: E402
 
@@ -382,6 +383,18 @@ def run_task_seed(name: str, seed: int, rule: dict[str, Any], live: str, cache: 
                                      lambda m=monitor: early_stopping_run(task, seed, epochs, quick, *m), quick)
                         for name, (slug, monitor) in PEERS.items()}
     return out
+
+
+def observed_run(name: str, seed: int, observer: pl.Callback, quick: bool = False) -> dict[str, Any]:
+    """One task x seed for its full budget (``quick``: the smoke-test budget) with ``observer`` beside the test
+    recorder: the study scripts' runs (task, seed, epochs and the test-accuracy curve; the observer keeps the rest)."""
+    quiet()
+    torch.set_num_threads(1)
+    task = TASKS[name]
+    epochs = QUICK_EPOCHS if quick else task.epochs
+    with tempfile.TemporaryDirectory() as root:
+        recorder, _ = train(task, seed, epochs, [observer], root, quick=quick)
+    return {"task": name, "seed": seed, "epochs": epochs, "curve": recorder.epochs}
 
 
 def run_all(pairs: Sequence[tuple[str, int]], rule: dict[str, Any], live: str, cache: Path | None, quick: bool,

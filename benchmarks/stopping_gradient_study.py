@@ -31,7 +31,6 @@ import math
 import os
 import statistics
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,10 +49,10 @@ from bench_stopping import (  # noqa: E402
     cached,
     code_key,
     in_processes,
+    observed_run,
     pair_arguments,
     quiet,
 )
-from stopping_runs import QUICK_EPOCHS, train  # noqa: E402
 from stopping_tasks import OVERFITTING, TASKS  # noqa: E402
 
 BENCHMARK = [t for t in TASKS if t not in stopping_heldout.HELD_OUT]
@@ -143,14 +142,8 @@ def _median(values: Sequence[float]) -> float:
 
 def study_run(name: str, seed: int, quick: bool = False) -> dict[str, Any]:
     """One task x seed for its full budget with :class:`TrainingSignals` (and the test-accuracy curve)."""
-    quiet()
-    torch.set_num_threads(1)
-    task = TASKS[name]
-    epochs = QUICK_EPOCHS if quick else task.epochs
     signals = TrainingSignals()
-    with tempfile.TemporaryDirectory() as root:
-        recorder, _ = train(task, seed, epochs, [signals], root, quick=quick)
-    return {"task": name, "seed": seed, "epochs": epochs, "curve": recorder.epochs, "signals": signals.epochs}
+    return {**observed_run(name, seed, signals, quick), "signals": signals.epochs}
 
 
 def study_key() -> str:

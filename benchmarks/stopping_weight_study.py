@@ -24,7 +24,6 @@ import argparse
 import copy
 import os
 import sys
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,8 +35,17 @@ import lightning.pytorch as pl  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_stopping import HERE, PACKAGE, cached, code_key, in_processes, pair_arguments, quiet  # noqa: E402
-from stopping_runs import HISTORY_COLUMNS, QUICK_EPOCHS, _plain, train  # noqa: E402
+from bench_stopping import (  # noqa: E402
+    HERE,
+    PACKAGE,
+    cached,
+    code_key,
+    in_processes,
+    observed_run,
+    pair_arguments,
+    quiet,
+)
+from stopping_runs import HISTORY_COLUMNS, _plain  # noqa: E402
 from stopping_signals import Signal, signal_rows, threshold, turning  # noqa: E402
 from stopping_tasks import OVERFITTING, TASKS  # noqa: E402
 
@@ -86,14 +94,8 @@ class StudyAnalyses(pl.Callback):
 def study_run(name: str, seed: int, quick: bool = False) -> dict[str, Any]:
     """One task x seed for its full budget (``quick``: the benchmark's smoke-test budget), with
     :class:`StudyAnalyses`."""
-    quiet()
-    torch.set_num_threads(1)
-    task = TASKS[name]
-    epochs = QUICK_EPOCHS if quick else task.epochs
     study = StudyAnalyses()
-    with tempfile.TemporaryDirectory() as root:
-        recorder, _ = train(task, seed, epochs, [study], root, quick=quick)
-    return {"task": name, "seed": seed, "epochs": epochs, "curve": recorder.epochs, "analyses": study.analyses}
+    return {**observed_run(name, seed, study, quick), "analyses": study.analyses}
 
 
 def study_key() -> str:
