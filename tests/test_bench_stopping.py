@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -118,9 +119,10 @@ def test_the_held_out_tasks_run_live_and_match_their_replay(bench) -> None:
         import stopping_heldout as heldout
     finally:
         sys.path.remove(str(BENCHMARKS))
-    out = heldout.main(["--quick", "--seeds", "0", "--tasks", "cnn2d_digits_noisy", "cnn1d_mnist1d_small"])
+    out = heldout.main(["--quick", "--seeds", "0", "--tasks", "cnn2d_digits_noisy", "cnn1d_mnist1d_small",
+                        "mlp_teacher_sampled", "cnn1d_mnist1d_pairflip", "lstm_lm"])
     assert out["mismatches"] == [] and out["rule"] == {}
-    assert out["summary"]["held-out over-fitting tasks / htsr stop rule"]["runs"] == 1
+    assert out["summary"]["held-out over-fitting tasks / htsr stop rule"]["runs"] == 4
     assert out["summary"]["held-out plateau task / EarlyStopping(val_loss, 5)"]["runs"] == 1
 
 
@@ -162,15 +164,50 @@ def test_the_gradient_study_records_training_signals_from_real_runs(bench, capsy
             assert e["gsnr"] > 0 and e["snr_elements"] > 0 and e["train_loss"] > 0
             assert -1 - 1e-9 <= e["agreement"] <= 1 + 1e-9  # |<g_t, g_t-1>| <= (|g_t|^2 + |g_t-1|^2) / 2
             assert -1 - 1e-9 <= e["agreement_matrices"] <= 1 + 1e-9
+            assert e["update_stable_rank"] >= 1 - 1e-9 and 0 <= e["update_spike_share"] <= 1 + 1e-9
+            assert -1 - 1e-9 <= e["update_alignment"] <= 1 + 1e-9
     assert runs[0]["signals"][1]["train_loss"] < runs[0]["signals"][0]["train_loss"]  # the weights really moved
     series = [{"epoch": i, "x": v} for i, v in enumerate([1.0, 4.0, 3.0, 1.5, 1.0, 0.9, 5.0])]
     assert study.falls("x", 0.5, patience=1)(series) == 3  # 1.5 < 0.5 * 4
     assert study.falls("x", 0.5, patience=2)(series) == 4
     assert study.falls("x", 0.1)(series) is None
     assert study.below("x", 1.2, patience=2)(series) == 5 and study.below("x", 0.5)(series) is None
+    assert study.above("x", 3.5)(series) == 1 and study.above("x", 3.5, patience=2)(series) is None
+    assert study.rises("x", 2.0)(series) == 1 and study.rises("x", 5.0)(series) == 6  # 5.0 > 5 * 0.9
+    # the update's shape: a step along W's top singular pair is rank 1 and all inside; growing W is aligned with it
+    w = torch.randn(40, 30, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    u, _, vh = torch.linalg.svd(w, full_matrices=False)
+    rank, inside, cosine = study.update_shape(w, w + 0.1 * torch.outer(u[:, 0], vh[0]))
+    assert rank == pytest.approx(1) and inside == pytest.approx(1) and cosine > 0
+    rank, inside, cosine = study.update_shape(w, 1.1 * w)
+    assert cosine == pytest.approx(1) and inside < 0.5 and rank > 1
+    rank, inside, _ = study.update_shape(w, w + 0.1 * torch.outer(u[:, -1], vh[-1]))  # the weakest pair: outside
+    assert rank == pytest.approx(1) and inside == pytest.approx(0, abs=1e-12)
+    assert study.update_shape(w, w) is None and study.update_shape(w[:4], w[:4] + 1) is None
     # scored like the benchmark: the accuracy at the end of the epoch it fires, epochs saved after that epoch
     run = {"epochs": 7, "signals": series, "curve": [{"test_acc": a} for a in (50, 70, 80, 78, 75, 74, 72)]}
     assert study.score(run, study.falls("x", 0.5)) == (80 - 78, 1 - 4 / 7, True)
     assert study.score(run, study.falls("x", 0.1)) == (80 - 72, 0.0, False)  # never fired: the last epoch's model
     printed = capsys.readouterr().out
     assert all(name in printed for name in study.RULES)
+
+
+def test_the_held_out_over_fitting_data_are_what_their_docs_say(bench) -> None:
+    """Class-dependent noise moves a label to the next class only (about 35 % of them) and the test stays clean; the
+    sampled teacher's splits have the documented sizes; the LM's target is its input shifted by one."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import stopping_heldout as heldout
+        from stopping_tasks import mnist1d
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    (x, y), (_, yv), (_, ys) = heldout.mnist1d_pairflip(0)
+    (cx, cy), (_, cyv), (_, cys) = mnist1d(0)
+    assert torch.equal(x.squeeze(1), cx) and torch.equal(ys, cys)
+    shift = (y - cy) % 10
+    assert set(shift.tolist()) == {0, 1} and 0.3 < shift.float().mean() < 0.4
+    assert set(((yv - cyv) % 10).tolist()) == {0, 1}
+    (xt, _), _, (_, likeliest) = heldout.teacher_sampled(0)
+    assert xt.shape == (1000, 24) and len(likeliest) == 1200 and len(set(likeliest.tolist())) == 10
+    (tokens, targets), _, _ = heldout.markov_text_order1(0)
+    assert torch.equal(tokens[:, 1:], targets[:, :-1]) and int(tokens.max()) < 24
