@@ -1,4 +1,5 @@
-"""Over-fitting signals from the training run itself, without validation data: gradient noise and path coherence.
+"""Over-fitting signals from the training run itself, without validation data: gradient noise, path coherence and
+the shape of each epoch's weight update.
 
 Every HT-SR signal measured so far (``bench_stopping.py --study``, ``stopping_weight_study.py``) fails to tell an MLP
 memorizing label noise from one still learning slowly. This script measures three families of training-only signals
@@ -14,6 +15,11 @@ that theory ties to memorization, on the benchmark's 11 tasks and the 3 held-out
   the weights' drift).
 * **path coherence** (weights only): how far the weights moved in an epoch against the length of the path they took
   (sum of the per-step moves). Learning walks somewhere; memorization and a converged plateau wander.
+* **the shape of the epoch's update** ``dW = W_end - W_start`` of each weight matrix (weights only): its stable rank
+  (``|dW|_F^2 / |dW|_2^2``), the share of its energy inside the top singular subspace of ``W_start`` (the top 5 % of
+  the directions on each side: where the heavy tail's spikes live) and its cosine with ``W_start`` (growth of the
+  weights already there). Learning should strengthen the few directions that carry the signal; memorizing individual
+  examples should spread the update over many directions, out of the spikes.
 
 Each signal fires at the first epoch its value has fallen below ``fraction`` of its running maximum for ``patience``
 epochs (or below an absolute limit); the rule it implies stops there and keeps that epoch's weights. Scored like the
@@ -37,12 +43,12 @@ from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
+import lightning.pytorch as pl
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import stopping_heldout  # noqa: E402  (registers the held-out tasks in stopping_tasks.TASKS)
-from bench_stopping import (  # noqa: E402
+import stopping_heldout
+from bench_stopping import (
     HERE,
     TUNING_SEEDS,
     WITHIN_POINTS,
@@ -53,7 +59,7 @@ from bench_stopping import (  # noqa: E402
     pair_arguments,
     quiet,
 )
-from stopping_tasks import OVERFITTING, TASKS  # noqa: E402
+from stopping_tasks import OVERFITTING, TASKS
 
 BENCHMARK = [t for t in TASKS if t not in stopping_heldout.HELD_OUT]
 OVERFITS = (*OVERFITTING, *stopping_heldout.HELD_OUT_OVERFITTING)
@@ -108,6 +114,7 @@ class TrainingSignals(pl.Callback):
         s = max(self.steps, 1)
         signal = noise = displacement = 0.0
         per_matrix_snr, per_matrix_coherence, per_matrix_agreement, elem = [], [], [], []
+        update: dict[str, tuple[float, float, float] | None] = {}
         inner, pair_square = sum(self.inner.values()), sum(self.pair_square.values())
         for n, p in self.params.items():
             mean = self.g_sum[n] / s
@@ -117,6 +124,7 @@ class TrainingSignals(pl.Callback):
             d = float((p.detach() - self.start[n]).pow(2).sum())
             displacement += d
             if p.ndim >= 2:
+                update[n] = update_shape(self.start[n], p.detach())
                 per_matrix_snr.append(m2 / v if v > 0 else math.nan)
                 per_matrix_coherence.append(math.sqrt(d) / self.path[n] if self.path[n] > 0 else math.nan)
                 per_matrix_agreement.append(self.inner[n] / self.pair_square[n] if self.pair_square[n] > 0 else math.nan)
@@ -132,7 +140,30 @@ class TrainingSignals(pl.Callback):
             "coherence_matrices": _median(per_matrix_coherence),
             "agreement": inner / pair_square if pair_square > 0 else math.nan,
             "agreement_matrices": _median(per_matrix_agreement),
+            **{column: _median([u[i] for u in update.values() if u is not None])
+               for i, column in enumerate(UPDATE_COLUMNS)},
         })
+
+
+#: The update-shape columns :func:`update_shape` returns, in its order (medians over the weight matrices).
+UPDATE_COLUMNS = ("update_stable_rank", "update_spike_share", "update_alignment")
+
+
+def update_shape(start: torch.Tensor, end: torch.Tensor, share: float = 0.05) -> tuple[float, float, float] | None:
+    """The shape of one matrix's update ``dW = end - start`` (each viewed as ``rows x rest``): its stable rank, the
+    share of ``|dW|^2`` in ``U_k^T dW V_k`` (the top ``k = share * min(rows, rest)`` singular directions of ``start``
+    on both sides; at least 1) and the cosine of ``dW`` with ``start``. ``None`` for matrices with a side under 8 or
+    no update."""
+    w0 = start.reshape(start.shape[0], -1).double()
+    d = end.reshape(end.shape[0], -1).double() - w0
+    energy = float(d.pow(2).sum())
+    if min(w0.shape) < 8 or energy == 0.0:
+        return None
+    u, _, vh = torch.linalg.svd(w0, full_matrices=False)
+    k = max(1, int(share * min(w0.shape)))
+    inside = float((u[:, :k].T @ d @ vh[:k].T).pow(2).sum())
+    top = float(torch.linalg.matrix_norm(d, 2)) ** 2
+    return energy / top, inside / energy, float((d * w0).sum()) / math.sqrt(energy * float(w0.pow(2).sum()))
 
 
 def _median(values: Sequence[float]) -> float:
@@ -182,11 +213,39 @@ def falls(column: str, fraction: float, patience: int = 1, warmup: int = 1) -> R
 
 def below(column: str, limit: float, patience: int = 1, warmup: int = 1) -> Rule:
     """Fires at the first epoch (after ``warmup``) where ``column < limit`` for ``patience`` consecutive epochs."""
+    return _streak(column, lambda v: v < limit, patience, warmup)
 
+
+def above(column: str, limit: float, patience: int = 1, warmup: int = 1) -> Rule:
+    """Fires at the first epoch (after ``warmup``) where ``column > limit`` for ``patience`` consecutive epochs."""
+    return _streak(column, lambda v: v > limit, patience, warmup)
+
+
+def _streak(column: str, condition: Callable[[float], bool], patience: int, warmup: int) -> Rule:
     def rule(series: Sequence[dict[str, float]]) -> int | None:
         run = 0
         for i, e in enumerate(series):
-            run = run + 1 if math.isfinite(e[column]) and e[column] < limit else 0
+            run = run + 1 if math.isfinite(e[column]) and condition(e[column]) else 0
+            if i >= warmup and run >= patience:
+                return int(e["epoch"])
+        return None
+
+    return rule
+
+
+def rises(column: str, factor: float, patience: int = 1, warmup: int = 1) -> Rule:
+    """Fires at the first epoch (after ``warmup``) where a positive ``column`` has been above ``factor`` times its
+    running minimum for ``patience`` consecutive epochs (a NaN resets the streak, as in :func:`below`)."""
+
+    def rule(series: Sequence[dict[str, float]]) -> int | None:
+        low, run = math.inf, 0
+        for i, e in enumerate(series):
+            v = e[column]
+            if not math.isfinite(v):
+                run = 0
+                continue
+            low = min(low, v)
+            run = run + 1 if v > factor * low else 0
             if i >= warmup and run >= patience:
                 return int(e["epoch"])
         return None
@@ -196,9 +255,9 @@ def below(column: str, limit: float, patience: int = 1, warmup: int = 1) -> Rule
 
 #: The recorded series, each a family of rules.
 COLUMNS = ("gsnr", "gsnr_matrices", "snr_elements", "agreement", "agreement_matrices", "coherence",
-           "coherence_matrices")
+           "coherence_matrices", *UPDATE_COLUMNS)
 RULES: dict[str, Rule] = {}
-for _column in COLUMNS:
+for _column in (*COLUMNS[:7], "update_spike_share"):
     for _fraction in (0.5, 0.3, 0.2, 0.1, 0.05):
         for _patience in (1, 2):
             RULES[f"{_column} < {_fraction:g} x its max, {_patience} ep"] = falls(_column, _fraction, _patience)
@@ -207,6 +266,12 @@ for _limit in (1.0, 0.5, 0.2, 0.1, 0.05):
     RULES[f"snr_elements < {_limit:g}, 2 ep"] = below("snr_elements", _limit, 2)
 for _limit in (0.2, 0.1, 0.05, 0.02, 0.01):
     RULES[f"agreement < {_limit:g}, 2 ep"] = below("agreement", _limit, 2)
+for _patience in (1, 2):  # memorizing spreads the update (its stable rank rises) and grows the weights there
+    for _factor in (1.25, 1.5, 2.0):
+        RULES[f"update_stable_rank > {_factor:g} x its min, {_patience} ep"] = rises("update_stable_rank", _factor,
+                                                                                    _patience)
+    for _limit in (0.3, 0.4, 0.5):
+        RULES[f"update_alignment > {_limit:g}, {_patience} ep"] = above("update_alignment", _limit, _patience)
 
 
 def score(run: dict[str, Any], rule: Rule) -> tuple[float, float, bool]:
