@@ -2,8 +2,8 @@
 the shape of each epoch's weight update.
 
 Every HT-SR signal measured so far (``bench_stopping.py --study``, ``stopping_weight_study.py``) fails to tell an MLP
-memorizing label noise from one still learning slowly. This script measures three families of training-only signals
-that theory ties to memorization, on the benchmark's 11 tasks and the 3 held-out tasks:
+memorizing label noise from one still learning slowly. This script measures four families of training-only signals
+that theory ties to memorization, on the benchmark's 11 tasks and the 6 held-out tasks:
 
 * **gradient signal-to-noise** (the "evidence-based" criterion of Mahsereci et al. 2017, "Early stopping without a
   validation set", and the GSNR of Liu et al. 2020): over one epoch, the squared norm of the mean mini-batch gradient
@@ -22,7 +22,8 @@ that theory ties to memorization, on the benchmark's 11 tasks and the 3 held-out
   examples should spread the update over many directions, out of the spikes.
 
 Each signal fires at the first epoch its value has fallen below ``fraction`` of its running maximum for ``patience``
-epochs (or below an absolute limit); the rule it implies stops there and keeps that epoch's weights. Scored like the
+epochs (or below an absolute limit; the update's stable rank when it has risen above a multiple of its running
+minimum, its alignment when above a limit); the rule it implies stops there and keeps that epoch's weights. Scored like the
 benchmark: the test accuracy at the stop against the run's best, thresholds chosen on seeds 0-2 of the 11 tasks and
 reported on seeds 3-4 and on the held-out tasks (the plateau and over-fitting columns are the 11 tasks' seeds 0-4,
 tuning seeds included).
