@@ -131,7 +131,8 @@ class _HTSRCallbackImpl(_CallbackHooks):
         detect_overfitting: ``"settled"`` rule: also stop when at least half of the learning matrices' spectral
             entropy has turned back up (above its lowest value by ``overfit_tolerance`` for ``overfit_patience``
             epochs): the spectra drifting back toward random as the network memorizes noise (measured to catch the
-            recurrent networks that memorize, not MLPs fitting label noise, whose spectra keep getting heavier).
+            GRUs that memorize; not an LSTM language model, nor MLPs, CNNs or transformers fitting label noise, whose
+            spectra keep getting heavier).
         overfit_tolerance: Relative rise of a matrix's spectral entropy above its lowest value that counts as turned.
         overfit_patience: Epochs a matrix's entropy must stay turned.
         monitor: Optional logged metric (e.g. ``"val_loss"``, never required): with it the best analysis is the one
