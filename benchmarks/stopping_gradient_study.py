@@ -23,10 +23,10 @@ that theory ties to memorization, on the benchmark's 11 tasks and the 6 held-out
 
 Each signal fires at the first epoch its value has fallen below ``fraction`` of its running maximum for ``patience``
 epochs (or below an absolute limit; the update's stable rank when it has risen above a multiple of its running
-minimum, its alignment when above a limit); the rule it implies stops there and keeps that epoch's weights. Scored like the
-benchmark: the test accuracy at the stop against the run's best, thresholds chosen on seeds 0-2 of the 11 tasks and
-reported on seeds 3-4 and on the held-out tasks (the plateau and over-fitting columns are the 11 tasks' seeds 0-4,
-tuning seeds included).
+minimum, its alignment when above a limit); the rule it implies stops there and keeps that epoch's weights. Scored
+like the benchmark: the test accuracy at the stop against the run's best, thresholds chosen on seeds 0-2 of the 11
+tasks and reported on seeds 3-4 and on the held-out tasks (the plateau and over-fitting columns are the 11 tasks'
+seeds 0-4, tuning seeds included).
 
     python benchmarks/stopping_gradient_study.py --jobs 2 --cache .stop_cache
 """
@@ -48,7 +48,7 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import stopping_heldout
+import stopping_heldout  # registers the held-out tasks in stopping_tasks.TASKS (here and in worker processes)
 from bench_stopping import (
     HERE,
     TUNING_SEEDS,
