@@ -195,58 +195,40 @@ Rule = Callable[[Sequence[dict[str, float]]], int | None]
 def falls(column: str, fraction: float, patience: int = 1, warmup: int = 1) -> Rule:
     """Fires at the first epoch (after ``warmup`` epochs) where ``column`` has been below ``fraction`` of its running
     maximum for ``patience`` consecutive epochs."""
-
-    def rule(series: Sequence[dict[str, float]]) -> int | None:
-        high, run = -math.inf, 0
-        for i, e in enumerate(series):
-            v = e[column]
-            if not math.isfinite(v):  # no reading: not below (as in :func:`below`)
-                run = 0
-                continue
-            high = max(high, v)
-            run = run + 1 if v < fraction * high else 0
-            if i >= warmup and run >= patience:
-                return int(e["epoch"])
-        return None
-
-    return rule
-
-
-def below(column: str, limit: float, patience: int = 1, warmup: int = 1) -> Rule:
-    """Fires at the first epoch (after ``warmup``) where ``column < limit`` for ``patience`` consecutive epochs."""
-    return _streak(column, lambda v: v < limit, patience, warmup)
-
-
-def above(column: str, limit: float, patience: int = 1, warmup: int = 1) -> Rule:
-    """Fires at the first epoch (after ``warmup``) where ``column > limit`` for ``patience`` consecutive epochs."""
-    return _streak(column, lambda v: v > limit, patience, warmup)
-
-
-def _streak(column: str, condition: Callable[[float], bool], patience: int, warmup: int) -> Rule:
-    def rule(series: Sequence[dict[str, float]]) -> int | None:
-        run = 0
-        for i, e in enumerate(series):
-            run = run + 1 if math.isfinite(e[column]) and condition(e[column]) else 0
-            if i >= warmup and run >= patience:
-                return int(e["epoch"])
-        return None
-
-    return rule
+    return _streak(column, lambda v, high: v < fraction * high, patience, warmup, running=max)
 
 
 def rises(column: str, factor: float, patience: int = 1, warmup: int = 1) -> Rule:
     """Fires at the first epoch (after ``warmup``) where a positive ``column`` has been above ``factor`` times its
-    running minimum for ``patience`` consecutive epochs (a NaN resets the streak, as in :func:`below`)."""
+    running minimum for ``patience`` consecutive epochs."""
+    return _streak(column, lambda v, low: v > factor * low, patience, warmup, running=min)
+
+
+def below(column: str, limit: float, patience: int = 1, warmup: int = 1) -> Rule:
+    """Fires at the first epoch (after ``warmup``) where ``column < limit`` for ``patience`` consecutive epochs."""
+    return _streak(column, lambda v, _: v < limit, patience, warmup)
+
+
+def above(column: str, limit: float, patience: int = 1, warmup: int = 1) -> Rule:
+    """Fires at the first epoch (after ``warmup``) where ``column > limit`` for ``patience`` consecutive epochs."""
+    return _streak(column, lambda v, _: v > limit, patience, warmup)
+
+
+def _streak(column: str, condition: Callable[[float, float], bool], patience: int, warmup: int,
+            running: Callable[[float, float], float] | None = None) -> Rule:
+    """The rule every family shares: fires at the first epoch (after ``warmup``) where ``condition(value, extreme)``
+    has held for ``patience`` consecutive epochs, ``extreme`` being the ``running`` max or min of the readings so far
+    (this one included; the value itself without ``running``). A NaN is no reading: it resets the streak."""
 
     def rule(series: Sequence[dict[str, float]]) -> int | None:
-        low, run = math.inf, 0
+        extreme, run = math.nan, 0
         for i, e in enumerate(series):
             v = e[column]
             if not math.isfinite(v):
                 run = 0
                 continue
-            low = min(low, v)
-            run = run + 1 if v > factor * low else 0
+            extreme = v if running is None or math.isnan(extreme) else running(extreme, v)
+            run = run + 1 if condition(v, extreme) else 0
             if i >= warmup and run >= patience:
                 return int(e["epoch"])
         return None
