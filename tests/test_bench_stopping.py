@@ -5,6 +5,7 @@ memory) equals the rule replayed on the reference run."""
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -211,3 +212,42 @@ def test_the_held_out_over_fitting_data_are_what_their_docs_say(bench) -> None:
     assert xt.shape == (1000, 24) and len(likeliest) == 1200 and len(set(likeliest.tolist())) == 10
     (tokens, targets), _, _ = heldout.markov_text_order1(0)
     assert torch.equal(tokens[:, 1:], targets[:, :-1]) and int(tokens.max()) < 24
+
+
+def test_the_prediction_study_counts_changed_training_predictions_without_touching_the_run(bench, capsys) -> None:
+    """``stopping_prediction_study.py --quick``: real Trainer runs (a classifier, a language model read per token, a
+    2-D CNN) record, per epoch, the share of training predictions that changed, which way, and the fit to the training
+    labels; reading them does not change the run (the test-accuracy curve is that of a run without the observer);
+    Label Wave's rule keeps the epoch of fewest changes and stops ``patience`` epochs after it."""
+    import lightning.pytorch as pl
+
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import stopping_prediction_study as study
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    tasks = ["mlp_digits", "gru_lm", "cnn2d_digits_noisy"]
+    runs = study.main(["--quick", "--seeds", "0", "--tasks", *tasks])
+    assert [r["task"] for r in runs] == tasks
+    for run in runs:
+        first, second = run["signals"]
+        assert [first["epoch"], second["epoch"]] == [0, 1]
+        assert all(math.isnan(first[c]) for c in ("wave", "flips", "flips_to_label", "flips_from_label"))
+        assert 0 < second["wave"] <= 1 and 0 <= second["flips"] <= 1  # the weights moved, so predictions did
+        # a changed prediction moves onto its label or off it (never both: it differs from the one before)
+        assert second["flips_to_label"] + second["flips_from_label"] <= second["flips"] + 1e-12
+        assert all(0 <= e["train_fit"] <= 1 for e in run["signals"])
+        bare = bench.observed_run(run["task"], 0, pl.Callback(), quick=True)
+        assert [c["test_acc"] for c in bare["curve"]] == [c["test_acc"] for c in run["curve"]]
+    # the rule: the lowest (smoothed) value from epoch 2 on is kept; it stops once `patience` epochs had none lower
+    series = [{"epoch": i, "x": v} for i, v in enumerate([0.9, 0.5, 0.3, 0.2, 0.25, 0.3, 0.1, 0.4, 0.5, 0.6])]
+    assert study.fewest("x", patience=2)(series) == (5, 3)  # 0.2 at 3, then 0.25 and 0.3
+    assert study.fewest("x", patience=3)(series) == (9, 6)  # 0.1 at 6 comes in time
+    assert study.fewest("x", patience=5)(series) == (-1, 6)  # never stops; would restore epoch 6 at the end
+    assert study.fewest("x", patience=2, window=3)(series) == (8, 6)  # means of 3: .57 .33 .25 .25 .22 .27 .33
+    run = {"epochs": 10, "signals": series, "curve": [{"test_acc": a} for a in range(50, 60)]}
+    assert study.score(run, study.fewest("x", 2), restore_at_end=False) == (9 - 3, 1 - 6 / 10, True)
+    assert study.score(run, study.fewest("x", 5), restore_at_end=False) == (0, 0.0, False)  # the last epoch's model
+    assert study.score(run, study.fewest("x", 5), restore_at_end=True) == (9 - 6, 0.0, False)
+    printed = capsys.readouterr().out
+    assert all(name in printed for name in study.RULES)
