@@ -30,6 +30,7 @@ seeds 3-4 and on the held-out tasks.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -43,8 +44,19 @@ import lightning.pytorch as pl
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import stopping_heldout  # noqa: F401  (registers the held-out tasks in stopping_tasks.TASKS, here and in workers)
-from bench_stopping import HERE, WITHIN_POINTS, cached, code_key, in_processes, observed_run, pair_arguments, quiet
+import stopping_heldout  # registers the held-out tasks in stopping_tasks.TASKS (here and in worker processes)
+from bench_stopping import (
+    HERE,
+    WITHIN_POINTS,
+    cached,
+    code_key,
+    in_processes,
+    observed_run,
+    pair_arguments,
+    quiet,
+    reference_key,
+    replay,
+)
 from stopping_gradient_study import GROUPS
 from stopping_tasks import TASKS
 
@@ -193,6 +205,40 @@ def print_rules(runs: Sequence[dict[str, Any]], rules: dict[str, Rule]) -> None:
                   + "".join(f"{f'{a:4.0%} / {b:4.0%} / {c:4.0%}':>26}" for a, b, c in cells))
 
 
+#: The rule chosen on the tuning seeds (most runs within 1 point, then most epochs saved).
+CHOSEN = "fewest wave, patience 5, mean of 1"
+
+
+def combined(run: dict[str, Any], reference: dict[str, Any], rule: Rule) -> tuple[float, float]:
+    """(loss of the default rule, loss of the default rule or ``rule``, whichever stops first), in points: the
+    default ``HTSRCallback(stop_on="heavy_tailed")`` replayed on the run's reference history (the same trajectory)."""
+    accs = [c["test_acc"] for c in run["curve"]]
+    default = replay(reference, {"stop_on": "heavy_tailed"})
+    fired = rule(run["signals"])
+    first = fired is not None and fired[0] >= 0 and (not default["stopped"] or fired[0] < default["stop_epoch"])
+    return max(accs) - default["test_acc"], max(accs) - (accs[fired[1]] if first else default["test_acc"])
+
+
+def print_combined(runs: Sequence[dict[str, Any]], cache: Path, rule_name: str) -> None:
+    """Within 1 point per group: the default rule alone and with ``rule_name`` beside it (whichever stops first),
+    replayed on the reference runs ``bench_stopping.py`` and ``stopping_heldout.py`` left in ``cache``."""
+    pairs = []
+    for run in runs:
+        name, seed = run["task"], run["seed"]
+        key = stopping_heldout._key(reference_key()) if name in stopping_heldout.HELD_OUT else reference_key()
+        path = cache / f"{name}-{seed}-{run['epochs']}-reference-{key}.json"
+        if not path.exists():
+            print(f"\n(no reference run of {name} seed {seed} in {cache}: run bench_stopping.py and stopping_heldout.py "
+                  "with this cache to compare with the default rule)")
+            return
+        pairs.append((run, combined(run, json.loads(path.read_text()), RULES[rule_name])))
+    print(f"\nwithin 1 pt: the default rule, and with `{rule_name}` beside it (whichever stops first)")
+    for group, keep in GROUPS.items():
+        losses = [c for r, c in pairs if keep(r)]
+        print(f"{group:<24}{len(losses):>4} runs {sum(a <= WITHIN_POINTS + 1e-9 for a, _ in losses):>5} "
+              f"{sum(b <= WITHIN_POINTS + 1e-9 for _, b in losses):>5}")
+
+
 def print_runs(runs: Sequence[dict[str, Any]]) -> None:
     """Per run: the accuracy peak against the epochs of fewest changes."""
     print(f"\n{'task':<24}{'seed':>5}{'peak':>6}{'@ep':>5} | fewest wave @ep | fewest flips @ep | train_fit at peak / end")
@@ -216,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     runs = in_processes(_one, [(t, s, args.cache, args.quick) for t, s in pairs], args.jobs)
     print_runs(runs)
     print_rules(runs, RULES)
+    if args.cache is not None and not args.quick:
+        print_combined(runs, args.cache, CHOSEN)
     return runs
 
 

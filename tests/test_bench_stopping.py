@@ -249,5 +249,17 @@ def test_the_prediction_study_counts_changed_training_predictions_without_touchi
     assert study.score(run, study.fewest("x", 2), restore_at_end=False) == (9 - 3, 1 - 6 / 10, True)
     assert study.score(run, study.fewest("x", 5), restore_at_end=False) == (0, 0.0, False)  # the last epoch's model
     assert study.score(run, study.fewest("x", 5), restore_at_end=True) == (9 - 6, 0.0, False)
+    # beside the default rule (replayed on a reference run of the same trajectory): the first to stop decides
+    from stopping_runs import QUICK_EPOCHS, reference_run
+
+    reference = reference_run(bench.TASKS["mlp_digits"], 0, QUICK_EPOCHS, quick=True)
+    accs = [c["test_acc"] for c in runs[0]["curve"]]
+    assert [c["test_acc"] for c in reference["curve"]] == accs
+    default = bench.replay(reference, {"stop_on": "heavy_tailed"})
+    alone, first = study.combined(runs[0], reference, lambda series: (0, 0))  # a rule that stops after epoch 0
+    assert alone == pytest.approx(max(accs) - default["test_acc"])
+    assert first == pytest.approx(max(accs) - (accs[0] if not default["stopped"] or default["stop_epoch"] > 0
+                                               else default["test_acc"]))
+    assert study.combined(runs[0], reference, lambda series: None) == (alone, alone)  # a rule that never stops
     printed = capsys.readouterr().out
     assert all(name in printed for name in study.RULES)
