@@ -55,8 +55,11 @@ from stopping_heldout import _key as heldout_key
 from stopping_runs import QUICK_EPOCHS, reference_run
 from stopping_tasks import Data, Task
 
-#: The label-noise tasks that over-fit: two of the benchmark's and two held-out ones (MLPs, a 2-D CNN, a transformer).
-TWINNED = ("mlp_digits_noisy", "mlp_tabular_small", "cnn2d_digits_noisy", "transformer_noisy")
+#: The label-noise tasks that over-fit: two of the benchmark's and four held-out ones (MLPs, a 2-D and a 1-D CNN, a
+#: transformer; random labels, labels sampled from a noisy teacher, class-dependent flips). Not the language models:
+#: a window's next tokens copied from its nearest training window are not a task's held-out data.
+TWINNED = ("mlp_digits_noisy", "mlp_tabular_small", "cnn2d_digits_noisy", "transformer_noisy", "mlp_teacher_sampled",
+           "cnn1d_mnist1d_pairflip")
 #: The rules replayed on both twins: weights only (one stop for both), and two that read each twin's validation labels.
 RULES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "htsr (weights only)": lambda ref: replay_rule(ref, {}),
