@@ -275,9 +275,9 @@ GROUPS: dict[str, Callable[[dict[str, Any]], bool]] = {
 }
 
 
-def rates(runs: Sequence[dict[str, Any]], rule: Rule) -> tuple[float, float, float]:
-    """(within 1 point, epochs saved, never stopped) of ``rule`` over ``runs``, as fractions."""
-    scored = [score(r, rule) for r in runs]
+def rates(scored: Sequence[tuple[float, float, bool]]) -> tuple[float, float, float]:
+    """(within 1 point, epochs saved, never stopped), as fractions, of runs scored ``(loss, saved, stopped)`` (what
+    :func:`score` returns)."""
     n = max(len(scored), 1)
     return (sum(s[0] <= WITHIN_POINTS + 1e-9 for s in scored) / n, sum(s[1] for s in scored) / n,
             sum(not s[2] for s in scored) / n)
@@ -289,7 +289,7 @@ def print_rules(runs: Sequence[dict[str, Any]], rules: dict[str, Rule]) -> None:
     groups = {g: [r for r in runs if keep(r)] for g, keep in GROUPS.items()}
     header = f"{'rule (within 1 pt / epochs saved / never stopped)':<50}" + "".join(
         f"{g + f' ({len(rs)})':>26}" for g, rs in groups.items())
-    table = {name: [rates(rs, rule) for rs in groups.values()] for name, rule in rules.items()}
+    table = {name: [rates([score(r, rule) for r in rs]) for rs in groups.values()] for name, rule in rules.items()}
 
     def line(name: str) -> str:
         return f"{name:<50}" + "".join(f"{f'{a:4.0%} / {b:4.0%} / {c:4.0%}':>26}" for a, b, c in table[name])

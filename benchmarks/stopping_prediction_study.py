@@ -57,7 +57,7 @@ from bench_stopping import (
     reference_key,
     replay,
 )
-from stopping_gradient_study import GROUPS
+from stopping_gradient_study import GROUPS, rates
 from stopping_tasks import TASKS
 
 
@@ -184,14 +184,6 @@ def score(run: dict[str, Any], rule: Rule, restore_at_end: bool) -> tuple[float,
     return max(accs) - accs[keep], 1.0 - (stop + 1) / run["epochs"], True
 
 
-def rates(runs: Sequence[dict[str, Any]], rule: Rule, restore_at_end: bool) -> tuple[float, float, float]:
-    """(within 1 point, epochs saved, never stopped) of ``rule`` over ``runs``, as fractions."""
-    scored = [score(r, rule, restore_at_end) for r in runs]
-    n = max(len(scored), 1)
-    return (sum(s[0] <= WITHIN_POINTS + 1e-9 for s in scored) / n, sum(s[1] for s in scored) / n,
-            sum(not s[2] for s in scored) / n)
-
-
 def print_rules(runs: Sequence[dict[str, Any]], rules: dict[str, Rule]) -> None:
     """Every rule (without and with a restore at the end of training) on every group."""
     groups = {g: [r for r in runs if keep(r)] for g, keep in GROUPS.items()}
@@ -200,7 +192,7 @@ def print_rules(runs: Sequence[dict[str, Any]], rules: dict[str, Rule]) -> None:
     print("\n" + header)
     for restore in (False, True):
         for name, rule in rules.items():
-            cells = [rates(rs, rule, restore) for rs in groups.values()]
+            cells = [rates([score(r, rule, restore) for r in rs]) for rs in groups.values()]
             print(f"{name + (' +restore' if restore else ''):<52}"
                   + "".join(f"{f'{a:4.0%} / {b:4.0%} / {c:4.0%}':>26}" for a, b, c in cells))
 
