@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 import warnings
 
 import numpy as np
@@ -778,3 +779,59 @@ def test_a_weight_of_another_rank_gets_a_row_with_a_skip_reason() -> None:
     # a state dict cannot tell (out, in, k) from a Conv1d; rank 6+ has no reading at all
     sd = htsr.analyze_state_dict({"odd.weight": torch.randn(2, 3, 4, 5, 6, 7)})
     assert sd["status"].tolist() == ["skipped"] and "weight of rank 6" in sd["skip_reason"][0]
+
+
+class _Experts(nn.Module):
+    """A mixture-of-experts block as ``transformers`` keeps one: stacked ``(experts, rows, cols)`` parameters and no
+    ``weight`` of its own."""
+
+    def __init__(self, experts: int, hidden: int, inner: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.randn(experts, 2 * inner, hidden))
+        self.down_proj = nn.Parameter(torch.randn(experts, hidden, inner))
+
+
+def test_mixture_of_experts_stacks_are_one_matrix_per_expert() -> None:
+    """Each expert of a stacked parameter is its own matrix, live and through a state dict (3-D weights outside
+    convolutions were dropped without a row before); a fused gate/up projection says so in its note."""
+    seeded(23)
+    model = nn.ModuleDict({"experts": _Experts(3, 12, 20), "fc": nn.Linear(12, 7)})
+    stacks = {"experts.gate_up_proj": model["experts"].gate_up_proj, "experts.down_proj": model["experts"].down_proj}
+    expected: Expected = [(f"{name}.{e}", "experts", [npw(p[e])]) for name, p in stacks.items() for e in range(3)]
+    expected.append(("fc", "linear", [npw(model["fc"].weight)]))
+    mats = weight_matrices(model)
+    assert_matrices(mats, expected)
+    assert_analyze(model, expected)
+    assert all("fused gate and up" in m.note for m in mats if "gate_up" in m.name)
+    assert_matrices(state_dict_matrices(model.state_dict()), expected)
+    assert [m.name for m in weight_matrices(model, layer_types=["experts"])] == [e[0] for e in expected[:-1]]
+
+
+def test_transformers_mixtral_experts_live_and_from_its_checkpoint(tmp_path) -> None:
+    """A real ``transformers`` Mixtral: every expert is analyzed live (one row each, none dropped), and each
+    expert's down projection has the alpha of the same expert's ``w2`` in the checkpoint ``save_pretrained`` writes
+    (which stores the experts one matrix each)."""
+    transformers = pytest.importorskip("transformers")
+    seeded(0)
+    config = transformers.MixtralConfig(hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                                        num_key_value_heads=2, vocab_size=128, num_local_experts=4, num_hidden_layers=1)
+    model = transformers.MixtralForCausalLM(config)
+    stacks = {name: p for name, p in model.named_parameters() if p.dim() == 3}
+    live = lightning_htsr.analyze(model)
+    expert_rows = live[live["layer_type"] == "experts"]
+    if not stacks:  # this transformers keeps one Linear per expert: nothing stacked to check
+        assert expert_rows.empty
+        return
+    assert sorted(expert_rows["name"]) == sorted(f"{n}.{e}" for n, p in stacks.items() for e in range(p.shape[0]))
+    assert (expert_rows["status"] == "success").all()
+    model.save_pretrained(tmp_path)
+    disk = lightning_htsr.analyze_checkpoint(tmp_path).set_index("name")["alpha"]
+    per_expert = [name for name in disk.index if re.search(r"experts\.0\.w2$", name)]
+    if not per_expert:  # saved stacked too: the same rows as live
+        assert sorted(n for n in disk.index if "expert" in n) == sorted(expert_rows["name"])
+        return
+    downs = expert_rows[expert_rows["name"].str.contains("down_proj")].set_index("name")["alpha"]
+    for name, alpha in downs.items():
+        expert = name.rsplit(".", 1)[1]
+        match = [n for n in disk.index if n.endswith(f"experts.{expert}.w2")]
+        assert len(match) == 1 and disk[match[0]] == pytest.approx(alpha, rel=1e-9), name

@@ -4,7 +4,8 @@ Each :class:`WeightMatrix` is one ESD: a stack of equally shaped slices ``(num_s
 (tall orientation, ``Q = N / M``) whose eigenvalues are pooled. A ``Linear`` is one slice; a ``Conv2d`` with a
 ``kh x kw`` kernel is ``kh * kw`` slices ``out x in`` (one per kernel position, the method of Martin & Mahoney and of
 weightwatcher), per group for grouped convolutions; fused attention and recurrent weights are split into their
-q/k/v or gate blocks, each its own matrix. An :class:`Entry` says how one weight becomes matrices; the two ways of
+q/k/v or gate blocks, each its own matrix; a mixture-of-experts stack (one ``(experts, rows, cols)`` parameter, as
+``transformers`` keeps Mixtral's or Qwen-MoE's experts) is one matrix per expert. An :class:`Entry` says how one weight becomes matrices; the two ways of
 finding weights build entries: :mod:`~lightning_htsr.weights.modules` (an ``nn.Module``) and
 :mod:`~lightning_htsr.weights.state_dict` (tensors by name and shape).
 
@@ -49,6 +50,7 @@ LAYER_TYPES: tuple[str, ...] = (
     "rnn",
     "quantized_linear",
     "script",
+    "experts",
     "other",
 )
 
@@ -323,6 +325,30 @@ def flat_view(w: Tensor) -> list[tuple[str, Tensor]]:
 def rank_problem(weight: Tensor) -> str:
     shape = "x".join(str(d) for d in weight.shape)
     return f"weight of rank {weight.dim()} (shape {shape}) is not a matrix; not analyzed"
+
+
+def is_expert_stack(name: str, shape: Sequence[int]) -> bool:
+    """Whether a parameter is a stack of mixture-of-experts matrices: rank 3 and ``expert`` in its path (as in
+    ``transformers``' fused ``mlp.experts.gate_up_proj`` / ``down_proj``, ``(experts, rows, cols)``).
+
+    Example:
+        >>> is_expert_stack("model.layers.0.mlp.experts.down_proj", (8, 64, 128))
+        True
+    """
+    return len(shape) == 3 and "expert" in name.lower()
+
+
+def expert_note(name: str) -> str:
+    """The record note of an expert stack: a fused gate/up projection is analyzed as one matrix per expert."""
+    if "gate_up" not in name:
+        return ""
+    return ("one matrix per expert: the fused gate and up projections together (a checkpoint in the per-expert "
+            "format has them apart)")
+
+
+def per_expert(w: Tensor) -> list[tuple[str, Tensor]]:
+    """Builder: a ``(experts, rows, cols)`` stack as one matrix per expert, named ``.<expert index>``."""
+    return [(f".{e}", w[e].unsqueeze(0)) for e in range(w.shape[0])]
 
 
 def conv_builder(groups: int) -> Callable[[Tensor], list[tuple[str, Tensor]]]:

@@ -22,10 +22,13 @@ from .matrix import (
     WeightAccess,
     WeightMatrix,
     conv_builder,
+    expert_note,
     flat_view,
+    is_expert_stack,
     join_name,
     layer_type_of,
     matrices_of,
+    per_expert,
     rank_problem,
     single_slice,
     split_rows,
@@ -81,6 +84,16 @@ def _entries(name: str, module: nn.Module, layer_type: str) -> list[Entry]:
     if layer_type == "script":
         return _script_entries(name, module)
     return []
+
+
+def _expert_entries(name: str, module: nn.Module) -> list[Entry]:
+    """A module's own mixture-of-experts stacks (:func:`~lightning_htsr.weights.matrix.is_expert_stack`), one
+    matrix per expert: the experts of ``transformers``' MoE blocks, which have no ``weight`` of their own."""
+    module_type = type(module).__name__
+    return [Entry(join_name(name, pname), "experts", module_type, param, per_expert, id(param),
+                  note=expert_note(pname))
+            for pname, param in module._parameters.items()
+            if param is not None and is_expert_stack(join_name(name, pname), param.shape)]
 
 
 def _script_entries(name: str, module: nn.Module) -> list[Entry]:
@@ -160,9 +173,14 @@ def weight_matrices(
     for module_name, module in model.named_modules():
         target = view.target(module_name, module)  # a LoRA layer's base layer; None inside a LoRA layer
         layer_type = layer_type_of(target) if target is not None else None
-        if layer_type is None or not _type_selected(layer_type, target, layer_types):
+        name = clean_name(view.name(module_name))
+        if layer_type is None and target is not None:
+            layer_type, entries = "experts", _expert_entries(name, target)
+        else:
+            entries = _entries(name, target, layer_type) if layer_type is not None else []
+        if not entries or not _type_selected(layer_type, target, layer_types):
             continue
-        entries = view.adapt(module_name, module, _entries(clean_name(view.name(module_name)), target, layer_type))
+        entries = view.adapt(module_name, module, entries)
         for entry in entries:
             out.extend(matrices_of(entry, selection, access, select, materialize, seen))
     return out

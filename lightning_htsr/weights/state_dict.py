@@ -20,8 +20,11 @@ from .matrix import (
     WeightAccess,
     WeightMatrix,
     conv_builder,
+    expert_note,
     flat_view,
+    is_expert_stack,
     matrices_of,
+    per_expert,
     rank_problem,
     single_slice,
     split_rows,
@@ -40,7 +43,7 @@ def _is_weight_key(key: str) -> bool:
 
 def is_weight_entry(key: str, shape: Sequence[int]) -> bool:
     """Whether a state-dict entry is read as a weight (by name and rank; see :func:`state_dict_matrices`)."""
-    return len(shape) >= 2 and _is_weight_key(key)
+    return len(shape) >= 2 and (_is_weight_key(key) or is_expert_stack(key, shape))
 
 
 class ShapeAccess(WeightAccess):
@@ -72,19 +75,21 @@ def state_dict_entry(key: str, value: Tensor, gates: Mapping[str, int], tie_key:
         return None
     name = key[: -len(".weight")] if key.endswith(".weight") else key
     rnn = _RNN_KEY.match(key)
-    problem = None
+    problem, note = None, ""
     if key.endswith("in_proj_weight") and value.dim() == 2 and value.shape[0] == 3 * value.shape[1]:
         name, layer_type, build = key[: -len("_weight")], "attention_in_proj", split_rows(QKV)
     elif rnn and value.dim() == 2 and f"{rnn['module']}|{rnn['param']}" in gates:
         layer_type, names = GATES_BY_COUNT.get(gates[f"{rnn['module']}|{rnn['param']}"], ("rnn", None))
         build = split_rows(names) if names else single_slice
+    elif is_expert_stack(key, value.shape):
+        layer_type, build, note = "experts", per_expert, expert_note(key)
     elif value.dim() == 2:
         layer_type, build = "linear", single_slice
     elif value.dim() in _STATE_DICT_CONV:
         layer_type, build = _STATE_DICT_CONV[value.dim()], conv_builder(1)
     else:
         layer_type, build, problem = "other", flat_view, rank_problem(value)
-    return Entry(name, layer_type, module_type, value, build, tie_key, problem)
+    return Entry(name, layer_type, module_type, value, build, tie_key, problem, note=note)
 
 
 def _storage_key(value: Tensor) -> Hashable:
@@ -159,8 +164,9 @@ def state_dict_matrices(
     matrices (``layer_type "linear"``: a state dict cannot tell a Linear from an Embedding), 3/4/5-D tensors are
     convolutions (``(out, in, *kernel)`` -> one slice per kernel position, groups assumed 1), ``*in_proj_weight``
     is split into q/k/v, recurrent ``weight_ih_l*``/``weight_hh_l*`` (and the cells' ``weight_ih``/``weight_hh``)
-    are split per gate (4 gates for LSTM, 3 for GRU, read off the ``weight_hh`` shape). Weights of higher rank get
-    a skipped row saying so. Tensors sharing storage (tied weights) appear once.
+    are split per gate (4 gates for LSTM, 3 for GRU, read off the ``weight_hh`` shape), and a 3-D tensor with
+    ``expert`` in its name (a mixture-of-experts stack such as ``mlp.experts.gate_up_proj``, whatever its last
+    part) is one matrix per expert. Weights of higher rank get a skipped row saying so. Tensors sharing storage (tied weights) appear once.
 
     Args:
         state_dict: ``{name: tensor}`` (e.g. ``torch.load(path)``, a Lightning checkpoint's ``"state_dict"``, or
