@@ -131,6 +131,62 @@ def test_delta_and_base_modes() -> None:
         htsr.analyze(model, lora="both")
 
 
+OTHER_TUNERS = {
+    "loha": lambda t: peft.LoHaConfig(r=4, alpha=8, target_modules=t, init_weights=False),
+    "lokr": lambda t: peft.LoKrConfig(r=4, alpha=8, target_modules=t, init_weights=False),
+    "ia3": lambda t: peft.IA3Config(target_modules=t, feedforward_modules=[], init_ia3_weights=False),
+    "adalora": lambda t: peft.AdaLoraConfig(init_r=8, target_r=4, lora_alpha=8, target_modules=t, total_step=10,
+                                            init_lora_weights=False),
+    "vera": lambda t: peft.VeraConfig(r=8, target_modules=t, init_weights=False),
+    "oft": lambda t: peft.OFTConfig(r=0, oft_block_size=8, target_modules=t, init_weights=False),
+    "boft": lambda t: peft.BOFTConfig(boft_block_size=8, target_modules=t, init_weights=False),
+}
+
+
+@pytest.mark.parametrize("tuner", list(OTHER_TUNERS))
+def test_other_peft_tuners_equal_merge_and_unload(tuner: str) -> None:
+    """LoHa, LoKr, IA3, AdaLoRA, VeRA, OFT, BOFT layers (additive, multiplicative, rotations) are merged by peft's
+    own ``merge()`` on a copy: the merged rows equal ``merge_and_unload()``'s, named as in the base model, the base
+    rows the frozen model's, the delta rows ``merged - W``; the module is not modified (these were analyzed as the
+    unadapted base weight, named ``...q_proj.base_layer``, with no note)."""
+    frozen = tiny_llama()
+    torch.manual_seed(1)
+    model = peft.get_peft_model(copy.deepcopy(frozen), OTHER_TUNERS[tuner](["q_proj", "v_proj"]))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    live = htsr.analyze(model)
+    assert_same_rows(live, htsr.analyze(merged_copy(model)))
+    q = live.set_index("name").loc["model.layers.0.self_attn.q_proj"]
+    assert q["note"].startswith(f"peft {tuner.upper()} merged")
+    assert q["alpha"] != pytest.approx(htsr.analyze(frozen).set_index("name").loc[q.name, "alpha"], rel=1e-6)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert_same_rows(htsr.analyze(model, lora="base"), htsr.analyze(frozen))
+    delta = htsr.analyze(model, lora="delta", min_evals=4)
+    assert delta["name"].tolist() == [f"model.layers.{i}.self_attn.{p}" for i in range(2) for p in ("q_proj", "v_proj")]
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    update = (merged_copy(model).model.layers[0].self_attn.q_proj.weight - layer.get_base_layer().weight).detach()
+    expected = analyze_matrices([WeightMatrix.from_tensor("d", update)], resolve_options(min_evals=4))[0].record
+    assert delta.iloc[0]["matrix_rank"] == expected["matrix_rank"]
+    np.testing.assert_allclose(delta.iloc[0]["entropy"], expected["entropy"], rtol=1e-6)
+
+
+def test_other_tuner_merged_in_place_and_disabled() -> None:
+    """A tuner layer peft has merged into W is analyzed as it is (base: ``unmerge()`` on a copy); with the adapters
+    disabled, W, and the note says so."""
+    frozen = tiny_llama()
+    torch.manual_seed(1)
+    model = peft.get_peft_model(copy.deepcopy(frozen), OTHER_TUNERS["loha"](["q_proj"]))
+    expected = htsr.analyze(merged_copy(model))
+    model.merge_adapter()
+    assert_same_rows(htsr.analyze(model), expected)
+    np.testing.assert_allclose(htsr.analyze(model, lora="base")["alpha"].to_numpy(float),
+                               htsr.analyze(frozen)["alpha"].to_numpy(float), rtol=1e-4)
+    model.unmerge_adapter()
+    with model.disable_adapter():
+        live = htsr.analyze(model)
+        assert_same_rows(live, htsr.analyze(frozen))
+        assert "no active adapter" in live.set_index("name").loc["model.layers.0.self_attn.q_proj", "note"]
+
+
 def test_state_dict_needs_the_adapter_config(tmp_path) -> None:
     model = lora_model(tiny_llama(), ["q_proj", "v_proj"])
     sd = model.state_dict()
@@ -228,6 +284,17 @@ def test_mismatched_adapter_is_one_line_and_exit_2(saved, tmp_path, capsys, how,
     assert words in err and len(err.strip().splitlines()) == 1
     assert main(["analyze", str(saved / "base"), "--adapter", str(tmp_path / "nowhere")]) == 2
     assert "no such adapter directory" in capsys.readouterr().err
+
+
+def test_other_tuner_on_disk_is_refused_for_what_it_is(saved, tmp_path, capsys) -> None:
+    """A saved LoHa adapter: refused by its peft_type (not by the LoRA config keys it lacks), in one line, exit 2."""
+    model = peft.get_peft_model(tiny_llama(), OTHER_TUNERS["loha"](["q_proj"]))
+    model.save_pretrained(tmp_path / "loha")
+    with pytest.raises(CheckpointError, match="peft_type 'LOHA' is not LORA"):
+        htsr.analyze_checkpoint(saved / "base", adapter=tmp_path / "loha")
+    assert main(["analyze", str(saved / "base"), "--adapter", str(tmp_path / "loha")]) == 2
+    err = capsys.readouterr().err
+    assert "is not LORA" in err and len(err.strip().splitlines()) == 1
 
 
 def test_modules_to_save_live_and_on_disk(tmp_path) -> None:

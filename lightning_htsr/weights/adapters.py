@@ -6,8 +6,9 @@ A LoRA-wrapped layer holds a frozen weight ``W`` and per adapter two factors ``A
 * :class:`LoraView`: ``named_modules()`` of a Hugging Face ``peft`` model seen through its LoRA layers (``Linear``,
   ``Embedding``, ``Conv1d/2d/3d`` and ``transformers``' ``Conv1D`` base layers): each is one entry named by the base
   model's path (the name it has after ``merge_and_unload()``: without ``base_model.model.`` and ``.base_layer``), its
-  factors are not entries of their own; a ``modules_to_save`` copy in use is named as the module it replaces. Detected
-  by duck typing: ``peft`` is never imported.
+  factors are not entries of their own; a ``modules_to_save`` copy in use is named as the module it replaces. Layers of
+  the other tuners (LoHa, LoKr, IA3, AdaLoRA, VeRA, OFT, BOFT, ...) are named the same way and computed by peft's own
+  ``merge()``/``unmerge()`` on a copy of the layer. Detected by duck typing: ``peft`` is never imported.
 * :func:`effective_weight`: the merge math (``lora="merged"``: ``W + sum scaling * B @ A`` over the active adapters,
   DoRA's magnitude for ``Linear`` layers; ``"delta"``: the update alone, rank ``r``; ``"base"``: ``W``), computed
   on copies: the module is never modified.
@@ -21,6 +22,7 @@ LitGPT's ``LoRALinear``/``LoRAQKVLinear`` are not covered: ``pip install litgpt`
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -40,8 +42,8 @@ from .checkpoints import CheckpointError
 if TYPE_CHECKING:
     from .matrix import WeightAccess
 
-__all__ = ["LORA_MODES", "AdapterFiles", "LoraFactors", "LoraMode", "LoraView", "effective_weight", "read_adapter",
-           "state_dict_adapter"]
+__all__ = ["LORA_MODES", "AdapterFiles", "LoraFactors", "LoraMode", "LoraView", "effective_weight",
+           "is_peft_tuner_layer", "read_adapter", "state_dict_adapter"]
 
 LoraMode = Literal["merged", "delta", "base"]
 #: The values of the ``lora=`` option.
@@ -238,6 +240,7 @@ class LoraView:
         self.mode = check_lora_mode(mode)
         self._drops: list[str] = []  # paths of wrapper levels to drop from names (PeftModel, LoraModel)
         self._layers: set[str] = set()
+        self._tuners: set[str] = set()  # layers of other peft tuners (LoHa, IA3, AdaLoRA, ...): merged by peft
         self._hidden: list[str] = []  # subtrees not listed: a LoRA layer's parts, modules_to_save's unused copy
         for path, module in model.named_modules():
             child = _wrapped_child(module)
@@ -245,6 +248,9 @@ class LoraView:
                 self._drops.append(f"{path}.{child}" if path else child)
             if is_lora_layer(module) and _layer_type(base_layer(module)) in _MERGEABLE:
                 self._layers.add(path)
+                self._hidden.append(path)
+            elif is_peft_tuner_layer(module) and not self._inside_hidden(path):
+                self._tuners.add(path)
                 self._hidden.append(path)
             elif _is_modules_to_save(module):
                 drops, hidden = _modules_to_save_paths(path, module)
@@ -270,15 +276,20 @@ class LoraView:
     def target(self, path: str, module: nn.Module) -> nn.Module | None:
         """The module whose weight the entry at ``path`` analyzes: the base layer of a LoRA layer, ``module``
         itself, or ``None`` (inside a LoRA layer, or not adapted under ``"delta"``)."""
-        if path in self._layers:
+        if path in self._layers or path in self._tuners:
             return base_layer(module)
-        if any(path == hidden or path.startswith(hidden + ".") for hidden in self._hidden):
+        if self._inside_hidden(path):
             return None
         return None if self.mode == "delta" else module
+
+    def _inside_hidden(self, path: str) -> bool:
+        return any(path == hidden or path.startswith(hidden + ".") for hidden in self._hidden)
 
     def adapt(self, path: str, module: nn.Module, entries: list[Any]) -> list[Any]:
         """The entries of a LoRA layer with the merge attached (``adapt``, ``note``, ``extra`` fields); others
         unchanged."""
+        if path in self._tuners:
+            return _tuner_entries(module, self.mode, entries)
         if path not in self._layers:
             return entries
         factors, note = live_factors(module, _layer_type(base_layer(module)))
@@ -306,6 +317,62 @@ class LoraView:
         needed = mode != "base" or merged_in
         return [dataclasses.replace(e, adapt=adapt if needed else None, note=note, extra=extra if needed else (),
                                     problem=e.problem or problem) for e in entries]
+
+
+def is_peft_tuner_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is a layer of another ``peft`` tuner than the LoRA this module merges itself (LoHa, LoKr,
+    IA3, AdaLoRA, VeRA, OFT, BOFT, ...; also LoRA on a base layer :data:`_MERGEABLE` does not cover): a
+    ``base_layer`` with a weight, ``merge``/``unmerge`` and ``active_adapters``, by duck typing."""
+    base = getattr(module, "base_layer", None)
+    return (isinstance(base, nn.Module) and callable(getattr(module, "merge", None))
+            and callable(getattr(module, "unmerge", None)) and hasattr(module, "active_adapters")
+            and _layer_type(base_layer(module)) is not None)
+
+
+def _tuner_kind(module: nn.Module) -> str:
+    """``"LOHA"`` for ``peft.tuners.loha.layer.Linear`` (peft's ``peft_type`` spelling), else the class name."""
+    parts = type(module).__module__.split(".")
+    return parts[2].upper() if parts[:2] == ["peft", "tuners"] and len(parts) > 2 else type(module).__name__
+
+
+def _tuner_entries(module: nn.Module, mode: str, entries: list[Any]) -> list[Any]:
+    """The entries of another tuner's layer: its weights computed by ``peft``'s own ``merge()`` / ``unmerge()`` on a
+    copy of the layer (the module is never modified), or a ``problem`` saying why they cannot be."""
+    kind, active = _tuner_kind(module), _active(module)
+    merged_in = bool(getattr(module, "merged", False))
+    if not active and not merged_in:
+        return [dataclasses.replace(e, note=f"peft {kind}: no active adapter, analyzed W") for e in entries]
+    adapters = ", ".join(active) or "merged"
+    what = {"merged": "the merged weight", "delta": "merged weight - W", "base": "the frozen W"}[mode]
+    note = f"peft {kind} {mode}: {what}, by peft's merge() ({adapters})"
+    if mode == "base" and not merged_in:
+        return [dataclasses.replace(e, note=note) for e in entries]
+    if any(hasattr(p, "full_tensor") for p in module.parameters()):
+        problem = f"peft {kind} layer with sharded weights: not merged (only LoRA layers are merged when sharded)"
+        return [dataclasses.replace(e, problem=e.problem or problem, note=note) for e in entries]
+    try:
+        base, merged = _peft_weights(module, active, merged_in)
+    except Exception as exc:  # noqa: BLE001 - whatever peft raises, the row says why and the run goes on
+        problem = f"peft {kind}: merge() failed ({type(exc).__name__}: {exc})"
+        return [dataclasses.replace(e, problem=e.problem or problem, note=note) for e in entries]
+    result = {"merged": merged, "base": base}.get(mode)
+    if result is None:
+        result = merged.to(_compute_dtype(merged)) - base.to(_compute_dtype(merged))
+    extra = tuple(p for n, p in module.named_parameters() if not n.startswith("base_layer."))
+    return [dataclasses.replace(e, adapt=lambda weight, access, wanted: result if wanted else weight, note=note,
+                                extra=extra) for e in entries]
+
+
+def _peft_weights(module: nn.Module, active: list[str], merged_in: bool) -> tuple[Tensor, Tensor]:
+    """``(W, merged W)`` of a ``peft`` tuner layer, from ``merge()`` (or ``unmerge()`` when merged) on a copy."""
+    twin = copy.deepcopy(module)
+    weight = base_layer(module).weight.detach()
+    with torch.no_grad():
+        if merged_in:
+            twin.unmerge()
+            return base_layer(twin).weight.detach(), weight
+        twin.merge(adapter_names=active)
+        return weight, base_layer(twin).weight.detach()
 
 
 def _is_modules_to_save(module: nn.Module) -> bool:
@@ -480,12 +547,13 @@ def _read_config(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path}: expected a JSON object (peft's LoraConfig)")
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":  # before the keys: other tuners have other keys
+        raise CheckpointError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA; only LoRA adapters merge "
+                              "from files (load it with peft and analyze the model: other tuners merge live)")
     unknown = sorted(set(config) - KNOWN_CONFIG_KEYS)
     if unknown:
         raise CheckpointError(f"{path}: unknown adapter config key(s) {', '.join(unknown)} (known: peft 0.21's "
                               "LoraConfig); refusing to guess what they change")
-    if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise CheckpointError(f"{path}: peft_type {config.get('peft_type')!r} is not LORA; only LoRA adapters merge")
     for key in _UNSUPPORTED_KEYS:
         if config.get(key):
             raise CheckpointError(f"{path}: {key}={config[key]!r} is not supported (plain LoRA only)")
