@@ -28,13 +28,16 @@ def trainer_kwargs(tmp_path, **kwargs):
 class LoraLlama(pl.LightningModule):
     """A tiny Llama with LoRA on q_proj/v_proj learning random token sequences."""
 
-    def __init__(self) -> None:
+    def __init__(self, tuner: str = "lora") -> None:
         super().__init__()
         torch.manual_seed(0)
         config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                           num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
         base = transformers.LlamaForCausalLM(config)
-        self.model = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+        targets = ["q_proj", "v_proj"]
+        adapter = (peft.LoraConfig(r=8, lora_alpha=16, target_modules=targets) if tuner == "lora"
+                   else peft.LoHaConfig(r=8, alpha=16, target_modules=targets))
+        self.model = peft.get_peft_model(base, adapter)
 
     def training_step(self, batch, batch_idx):
         (tokens,) = batch
@@ -63,11 +66,13 @@ class Reused(pl.Callback):
         self.per_analysis.append(self.htsr.last_reused)
 
 
-def test_lora_fine_tune_moves_the_adapted_alphas_in_history_and_tensorboard(tmp_path) -> None:
+@pytest.mark.parametrize("tuner", ["lora", "loha"])
+def test_lora_fine_tune_moves_the_adapted_alphas_in_history_and_tensorboard(tmp_path, tuner) -> None:
+    """LoRA (merged here) and LoHa (merged by peft's merge()) alike."""
     logger = TensorBoardLogger(str(tmp_path), name="tb")
     callback = HTSRCallback(log_figures_every=None, log_histograms=False, print_summary=False)
     reused = Reused(callback)
-    module = LoraLlama()
+    module = LoraLlama(tuner)
     trainer = pl.Trainer(max_epochs=3, callbacks=[callback, reused], logger=logger, **trainer_kwargs(tmp_path))
     trainer.fit(module, token_data())
     history = read_history(callback.history_path)
