@@ -484,7 +484,9 @@ class AdapterFiles:
         for name, factors in self.factors.items():
             if name not in shapes:
                 raise CheckpointError(f"{self.source}: adapts {name!r}, which the base checkpoint does not have "
-                                      "(a different base model?)")
+                                      "(a different base model, or one whose checkpoint names its weights otherwise "
+                                      "than the model in memory, as transformers 5 does for a few architectures: "
+                                      "then load both with peft and analyze the model)")
             for f in factors:
                 try:
                     lora_delta(dataclasses.replace(f, A=torch.empty(f.A.shape, device="meta"),
