@@ -8,6 +8,7 @@ import html
 import json
 import os
 import pathlib
+import pickle
 import re
 import subprocess
 import sys
@@ -260,6 +261,18 @@ def test_bad_files_exit_2_with_a_clear_message(name, tmp_path, capsys) -> None:
     assert out == ""
     assert err.startswith(f"lightning-htsr: error: {path}: ") and message in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_a_plain_pickle_is_one_line_in_a_real_process(tmp_path) -> None:
+    """A pickle written by ``pickle`` (not ``torch.save``): torch's protocol warning does not reach the terminal,
+    only the one error line (checked in a subprocess: pytest would capture the warning)."""
+    path = tmp_path / "weights.bin"
+    path.write_bytes(pickle.dumps({"fc.weight": [[1.0, 2.0]]}, protocol=4))
+    out = subprocess.run([sys.executable, "-m", "lightning_htsr", "analyze", str(path)], capture_output=True,
+                         text=True)
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"lightning-htsr: error: {path}: not a readable checkpoint")
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -24,6 +24,7 @@ import json
 import os
 import pickle
 import re
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -162,7 +163,9 @@ def _torch_load(path: Path, kind: str, trust_pickle: bool) -> Any:
     try:
         if kind == "torchscript":
             return torch.jit.load(str(path), map_location="cpu")
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=kind == "zip")
+        with warnings.catch_warnings():  # a legacy pickle's protocol warning: the error (if any) says it all
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle, mmap=kind == "zip")
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if found and not trust_pickle:
