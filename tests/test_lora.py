@@ -286,6 +286,15 @@ def test_mismatched_adapter_is_one_line_and_exit_2(saved, tmp_path, capsys, how,
     assert "no such adapter directory" in capsys.readouterr().err
 
 
+def test_an_adapter_alone_on_the_command_line_gets_a_hint(saved, capsys) -> None:
+    """``analyze ADAPTER_DIR`` lists the factors (they are tensors) and says how to analyze the adapted model."""
+    assert main(["analyze", str(saved / "adapter")]) == 0
+    err = capsys.readouterr().err
+    assert f"{saved / 'adapter'} is a peft adapter" in err and "--adapter" in err
+    assert main(["analyze", str(saved / "base"), "--adapter", str(saved / "adapter")]) == 0
+    assert "is a peft adapter" not in capsys.readouterr().err
+
+
 def test_other_tuner_on_disk_is_refused_for_what_it_is(saved, tmp_path, capsys) -> None:
     """A saved LoHa adapter: refused by its peft_type (not by the LoRA config keys it lacks), in one line, exit 2."""
     model = peft.get_peft_model(tiny_llama(), OTHER_TUNERS["loha"](["q_proj"]))

@@ -129,6 +129,8 @@ def _run_analyze(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> in
     _check_backend(options.backend, device)
     checkpoint = open_checkpoint(args.paths, trust_pickle=args.trust_pickle)
     adapter = _adapter(args, checkpoint)
+    if adapter is None and not args.quiet:
+        _adapter_hint(checkpoint.paths, stderr)
     if not checkpoint_plan(checkpoint, options, include=include, exclude=exclude, adapter=adapter, lora=args.lora):
         _no_matrices(checkpoint, options, include or exclude)
     base = _base_source(args, options, include, exclude)
@@ -155,6 +157,14 @@ def _adapter(args: argparse.Namespace, checkpoint: Any) -> Any:
     adapter = read_adapter(args.adapter)
     adapter.check(checkpoint.shapes())
     return adapter
+
+
+def _adapter_hint(paths: Sequence[Path], stderr: TextIO) -> None:
+    """A note when the checkpoint analyzed is a peft adapter on its own (its factors would be listed one by one)."""
+    for folder in dict.fromkeys(Path(p).parent for p in paths):
+        if (folder / "adapter_config.json").is_file():
+            stderr.write(f"{PROG}: note: {folder} is a peft adapter (adapter_config.json): its factors are listed one "
+                         f"by one; to analyze the adapted model: {PROG} analyze BASE_MODEL_DIR --adapter {folder}\n")
 
 
 def _base_source(args: argparse.Namespace, options: Any, include: Any, exclude: Any) -> Any:
