@@ -149,6 +149,72 @@ def test_fast_dev_run_computes_but_never_stops(tmp_path) -> None:
     assert callback.analysis_count == 2  # baseline + the single epoch
     assert callback.stopping_reason is StopReason.NOT_STOPPED
     assert "htsr/alpha_mean" in trainer.callback_metrics
+    assert os.listdir(tmp_path) == []  # like Lightning's loggers and checkpoints: a smoke run writes no files
+
+
+def test_two_callbacks_with_different_prefixes_write_their_own_files(tmp_path) -> None:
+    """A second callback's default history and spectra files carry its prefix (they once shared one file, their rows
+    interleaved with nothing to tell them apart)."""
+    first = HTSRCallback(include="net.0", print_summary=False, log_figures_every=None)
+    second = HTSRCallback(exclude="net.0", prefix="hb", print_summary=False, log_figures_every=None)
+    fit(tmp_path, TinyNet(lr=0.05), [first, second], max_epochs=2, logger=CSVLogger(str(tmp_path), name="csv"))
+    assert os.path.basename(first.history_path) == "htsr_history.csv"
+    assert os.path.basename(second.history_path) == "htsr_history-hb.csv"
+    assert os.path.basename(second.spectra_path) == "htsr_spectra-hb.npz"
+    assert set(read_history(first.history_path)["name"]) == {"net.0"}
+    assert set(read_history(second.history_path)["name"]) == {"net.2", "net.4", "net.6"}
+    assert set(htsr.training.sinks.read_spectra(second.spectra_path)[0]) <= {"net.2", "net.4", "net.6"}
+
+
+def test_a_fresh_run_never_appends_to_an_earlier_runs_history(tmp_path) -> None:
+    """Two fresh runs into one directory (``logger=False``): the first run's history is moved aside, not mixed."""
+    paths = []
+    for _ in range(2):
+        callback = HTSRCallback(print_summary=False, log_figures_every=None)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(tmp_path, TinyNet(lr=0.05), [callback], max_epochs=2, logger=False)
+        paths.append(callback.history_path)
+    assert paths[0] == paths[1]
+    assert [w for w in caught if "held an earlier run's history; moved to" in str(w.message)]
+    for path in (paths[1], os.path.join(tmp_path, "htsr_history.1.csv")):
+        history = read_history(path)
+        assert history.groupby("analysis").size().tolist() == [len(MATRICES) + 1] * 3  # baseline + 2 epochs
+
+
+class TwoOptimizers(pl.LightningModule):
+    """Manual optimization with two optimizers stepped every batch: ``global_step`` advances by 2 per batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        torch.manual_seed(0)
+        self.a, self.b = torch.nn.Linear(64, 128), torch.nn.Linear(128, 64)
+        self.data = torch.randn(64, 64)
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        for opt in self.optimizers():
+            opt.zero_grad()
+            loss = (self.b(self.a(x)) - x).pow(2).mean()
+            self.manual_backward(loss)
+            opt.step()
+
+    def configure_optimizers(self):
+        return [torch.optim.SGD(self.a.parameters(), lr=0.01), torch.optim.SGD(self.b.parameters(), lr=0.01)]
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(self.data), batch_size=8)
+
+
+def test_every_n_steps_counts_optimizer_steps_when_they_jump(tmp_path) -> None:
+    """Two optimizer steps per batch: every_n_steps=3 analyzes once per 3 steps (at 4, 6, 10, 12, 16), not only at
+    the multiples of 6 a modulo of the step count hits."""
+    callback = HTSRCallback(every_n_epochs=0, every_n_steps=3, print_summary=False, log_figures_every=None,
+                            analyze_on_train_start=False)
+    fit(tmp_path, TwoOptimizers(), [callback], max_epochs=1, logger=False)
+    steps = sorted(set(read_history(callback.history_path)["global_step"]))
+    assert steps == [4, 6, 10, 12, 16]
 
 
 # -------------------------------------------------------------------------------------- early stopping

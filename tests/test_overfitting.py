@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import os
+import warnings
 
 import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import ShiftNet, trainer_kwargs
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lightning_htsr import HTSRCallback
 from lightning_htsr.training.best_weights import KeptWeights
@@ -134,6 +135,19 @@ def test_kept_weights_copy_back_exactly_and_survive_a_file(tmp_path) -> None:
 
 
 # ------------------------------------------------------------------------------------ real Trainer runs
+
+
+def test_kept_weights_follow_a_module_that_lost_a_layer() -> None:
+    """A copy taken after a layer was removed holds only the layers the module has (it once kept the removed one's
+    tensors too, so restoring found the copy "not fitting" and kept the last weights)."""
+    kept = KeptWeights()
+    kept.take(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)), analysis=1)
+    smaller = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    kept.take(smaller, analysis=2)
+    expected = smaller[0].weight.detach().clone()
+    with torch.no_grad():
+        smaller[0].weight.add_(1.0)
+    assert kept.restore(smaller) and torch.equal(smaller[0].weight, expected)
 
 
 def _fit(tmp_path, model, callback, **kwargs) -> pl.Trainer:
@@ -325,7 +339,11 @@ def test_a_monitored_accuracy_that_repeats_exactly_still_counts_towards_the_pati
                             detect_overfitting=False, history_file=None, spectra_file=None, print_summary=False)
     snapshots = Snapshots()
     model = RepeatingAccuracyNet(switch=None)
-    _fit(tmp_path, model, callback, callbacks=[snapshots], limit_val_batches=None, check_val_every_n_epoch=every)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(tmp_path, model, callback, callbacks=[snapshots], limit_val_batches=None, check_val_every_n_epoch=every)
+    # an epoch end before the first validation is not a missing metric (it once warned "not among the logged")
+    assert not [w for w in caught if "not among the logged metrics" in str(w.message)]
     # every epoch: 0, 1, 2, 3, 3, 3 -> best at 3, stop after 5; every second epoch (1, 3, 5, 7): 1, 3, 3, 3 -> after 7
     assert callback.stopping_reason is StopReason.MONITOR and callback.stopped_epoch == 3 + 2 * every
     assert callback.best_analysis.epoch == 3 and callback.restored
@@ -340,3 +358,39 @@ def test_a_monitor_that_is_never_logged_warns_once_and_the_weights_rule_goes_on(
     assert sum("val_missing" in str(w.message) for w in caught) == 1
     assert callback.stopping_reason is StopReason.OVERFITTING  # the spectra's own signal still stops it
     assert not callback.restored  # with a monitor, only the monitor's own stop hands its best back
+    assert "Keeping the last weights (no analysis was judged best)" in callback.stopping_reason_message
+
+
+def test_a_run_resumed_from_a_checkpoint_saved_at_validation_end_stops_at_the_same_epoch(tmp_path) -> None:
+    """``ModelCheckpoint(save_on_train_epoch_end=False)`` saves after validation, before the epoch end where the
+    callback counts the monitored value: the value read after validation is in the checkpoint, so the resumed run
+    still counts it (it once stopped an epoch later, warning that the metric was not logged), and the history rows
+    written after that checkpoint are moved aside, not duplicated."""
+
+    def run(root, max_epochs, ckpt_path=None):
+        callback = HTSRCallback(stop_on="heavy_tailed", monitor="val_err", monitor_patience=2,
+                                detect_overfitting=False, print_summary=False, log_figures_every=None)
+        checkpoint = ModelCheckpoint(dirpath=str(root / "ckpt"), save_last=True, save_on_train_epoch_end=False)
+        model = ValidatedShiftNet(switch=5)
+        trainer = pl.Trainer(callbacks=[callback, checkpoint], **trainer_kwargs(
+            root, logger=CSVLogger(str(root), name="", version=0), max_epochs=max_epochs, limit_val_batches=None,
+            enable_checkpointing=True))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(model, ckpt_path=ckpt_path)
+        messages = [str(w.message) for w in caught]
+        assert not [m for m in messages if "not among the logged metrics" in m]
+        return callback, model, messages
+
+    full, full_model, _ = run(tmp_path / "full", 20)
+    assert full.stopping_reason is StopReason.MONITOR and full.stopped_epoch == 7 and full.best_analysis.epoch == 5
+    run(tmp_path / "cut", 7)  # epochs 0-6; the last checkpoint is epoch 6's validation end
+    resumed, resumed_model, messages = run(tmp_path / "cut", 20, ckpt_path="last")
+    assert [m for m in messages if "written after the checkpoint this run resumes from" in m]
+    assert (resumed.stopped_epoch, resumed.best_analysis, resumed.restored) == (7, full.best_analysis, True)
+    assert torch.equal(resumed_model.layer.weight, full_model.layer.weight)  # the same epoch-5 weights handed back
+    columns = ["analysis", "epoch", "global_step", "name", "alpha", "best_analysis"]
+    history = read_history(resumed.history_path)[columns]
+    assert history.equals(read_history(full.history_path)[columns])
+    assert (tmp_path / "cut" / "version_0" / "htsr_history.superseded1.csv").is_file()
+

@@ -84,7 +84,10 @@ class KeptWeights:
     @torch.no_grad()
     def take(self, module: nn.Module, analysis: int) -> None:
         """Copy the module's current parameters and buffers (this rank's local parts) into the kept copy."""
-        for name, tensor in _named_tensors(module):
+        current = dict(_named_tensors(module))
+        for name in set(self._tensors) - set(current):  # a layer removed since the last copy
+            del self._tensors[name]
+        for name, tensor in current.items():
             local = _local(tensor.detach())
             kept = self._tensors.get(name)
             if kept is None or kept.shape != local.shape or kept.dtype != local.dtype:

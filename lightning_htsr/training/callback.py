@@ -26,7 +26,7 @@ from .best_weights import KeptWeights, rank_file
 from .live import analyze_live
 from .reuse import ResultCache
 from .schedule import AnalysisSchedule
-from .sinks.history import HISTORY_FILE, SPECTRA_FILE, HistoryWriter, write_spectra
+from .sinks.history import HISTORY_FILE, SPECTRA_FILE, HistoryWriter, set_aside, split_after, write_spectra
 from .sinks.scalars import is_model_key, scalar_metrics
 from .sinks.summary import fit_summary
 from .sinks.tensorboard import TensorBoardSink, tensorboard_writer
@@ -260,8 +260,9 @@ class _HTSRCallbackImpl(_CallbackHooks):
         self.kept = KeptWeights()
         self._restore_pending = False
         self._root: str | None = None
-        self._validations = 0  # validation runs seen this fit (not the sanity check)
-        self._validations_read = 0  # ... when the monitored metric was last read
+        self._validated = False  # whether a validation (not the sanity check) has run: the monitor is read after it
+        self._fresh_monitor: float | None = None  # the value read after the latest validation, not yet counted
+        self._last_step_seen = 0  # global_step at the previous batch end (every_n_steps counts crossings)
         self._warned_monitor = False
         self.latest_records: list[dict[str, Any]] = []
         self.latest_smoothed: dict[str, str | None] = {}
@@ -293,30 +294,63 @@ class _HTSRCallbackImpl(_CallbackHooks):
         if stage != "fit":
             return
         self._root = trainer.log_dir or trainer.default_root_dir  # collective: every rank must call it (all do)
-        if self.history_file or self.spectra_file:
-            root = self._root
-            if self.history_file:
-                self.history_path = os.path.join(root, self.history_file)  # join keeps an absolute history_file
-            if self.spectra_file:
-                self.spectra_path = os.path.join(root, self.spectra_file)
+        if getattr(trainer, "fast_dev_run", False):
+            return  # like Lightning's loggers and checkpoints: a smoke run writes no files
+        if self.history_file:  # join keeps an absolute history_file
+            self.history_path = os.path.join(self._root, self._tagged(self.history_file, HISTORY_FILE))
+        if self.spectra_file:
+            self.spectra_path = os.path.join(self._root, self._tagged(self.spectra_file, SPECTRA_FILE))
+
+    def _tagged(self, name: str, default: str) -> str:
+        """A default file name with a second callback's :attr:`prefix_tag` (``htsr_history-hb.csv``), so that two
+        callbacks in one Trainer never write one file; a name the user chose is kept."""
+        if name != default or not self.prefix_tag:
+            return name
+        stem, dot, suffix = name.rpartition(".")
+        return f"{stem}{self.prefix_tag}{dot}{suffix}"
 
     @override
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if self.schedule.on_train_start and trainer.global_step == 0 and self.analysis_count == 0:
+        self._last_step_seen = int(trainer.global_step)
+        fresh = trainer.global_step == 0 and self.analysis_count == 0
+        if trainer.is_global_zero and self.history_path is not None:
+            self._tidy_history(self.history_path, fresh)
+        if self.schedule.on_train_start and fresh:
             self._run(trainer, pl_module, "train_start")
+
+    def _tidy_history(self, path: str, fresh: bool) -> None:
+        """Never append to rows that are not this run's: a fresh run moves an earlier run's history aside (same
+        directory with ``logger=False`` or a fixed logger version); a resumed run moves the rows written after its
+        checkpoint (they are written again). Both with a warning; nothing is deleted."""
+        try:
+            if fresh:
+                moved = set_aside(path)
+                if moved is not None:
+                    rank_zero_warn(f"HTSRCallback: {path} held an earlier run's history; moved to {moved}")
+                return
+            count, moved = split_after(path, self.analysis_count)
+            if moved is not None:
+                rank_zero_warn(f"HTSRCallback: {count} history rows of analyses from {self.analysis_count} on were "
+                               f"written after the checkpoint this run resumes from; moved to {moved}")
+        except OSError as err:  # bad input never breaks training: the rows are then appended
+            rank_zero_warn(f"HTSRCallback: could not tidy {path} before this run ({err}); appending to it")
 
     @override
     def on_train_batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if self.schedule.step_due(trainer.global_step) and trainer.global_step != self.last_analysis_step:
+        previous, self._last_step_seen = self._last_step_seen, int(trainer.global_step)
+        if self.schedule.step_due(trainer.global_step, previous) and trainer.global_step != self.last_analysis_step:
             batches = trainer.num_training_batches
             fraction = (batch_idx + 1) / batches if isinstance(batches, int) and batches > 0 else 0.0
             self._run(trainer, pl_module, "step", progress=trainer.current_epoch + min(fraction, 1.0))
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._validations += 1
+        if not trainer.sanity_checking and self.criteria.monitor is not None:
+            # read now, at the weights it validated, and checkpointed: a checkpoint saved at validation end (before
+            # the epoch end reads it) resumes with the value still to count
+            self._validated = True
+            self._fresh_monitor = self._read_monitor(trainer, warn=True)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -390,6 +424,8 @@ class _HTSRCallbackImpl(_CallbackHooks):
             "phase_history": pack_phase_history(self.phase_history),
             "restored": self.restored,
             "best_weights_file": self.best_weights_file,
+            "validated": self._validated,
+            "fresh_monitor": self._fresh_monitor,
         }
 
     @override
@@ -404,6 +440,9 @@ class _HTSRCallbackImpl(_CallbackHooks):
         self.phase_history = unpack_phase_history(state_dict.get("phase_history", []))
         self.restored = bool(state_dict.get("restored", False))
         self.best_weights_file = state_dict.get("best_weights_file")
+        self._validated = bool(state_dict.get("validated", False))
+        fresh = state_dict.get("fresh_monitor")
+        self._fresh_monitor = float(fresh) if fresh is not None else None
         self._load_kept()
 
     def _load_kept(self) -> None:
@@ -456,7 +495,7 @@ class _HTSRCallbackImpl(_CallbackHooks):
         if self.verbose and trainer.is_global_zero:
             model_level = {k[len(self.prefix) + 1:]: round(v, 3) for k, v in metrics.items()
                            if is_model_key(k, self.prefix)}
-            self._info(f"HT-SR analysis {self.analysis_count} at step {step} ({trigger}): {model_level}")
+            self._info(f"HT-SR analysis {self.analysis_count - 1} at step {step} ({trigger}): {model_level}")
 
     def _compute(self, trainer: Trainer, pl_module: LightningModule) -> list[MatrixResult]:
         """This analysis' results for every matrix (all ranks, same order): :func:`~.live.analyze_live`."""
@@ -509,25 +548,28 @@ class _HTSRCallbackImpl(_CallbackHooks):
         return should_stop, self.stopping_reason_message
 
     def _monitored_value(self, trainer: Trainer) -> float | None:
-        """The monitored metric if validation ran since it was last read, or every epoch end while no validation has
-        run (a metric logged in training); rank zero's value, on every rank. An accuracy that repeats exactly on a
+        """At an epoch end: the monitored metric read after the latest validation, once (``None`` if it was read
+        already: ``check_val_every_n_epoch > 1``), or, while no validation has run, the metric as logged in training
+        (``None`` without a warning while a validation is still to come). An accuracy that repeats exactly on a
         plateau is a new value: it counts towards ``monitor_patience``."""
-        name = self.criteria.monitor
-        if name is None:
+        if self.criteria.monitor is None:
             return None
+        if self._validated:
+            value, self._fresh_monitor = self._fresh_monitor, None
+            return value
+        return self._read_monitor(trainer, warn=not _validation_ahead(trainer))
+
+    def _read_monitor(self, trainer: Trainer, warn: bool) -> float | None:
+        """The monitored metric as logged now, rank zero's value on every rank; a missing one warns (once)."""
+        name = self.criteria.monitor
         value = trainer.callback_metrics.get(name)
         value = float(value) if value is not None else None
         value = trainer.strategy.broadcast(value, src=0)  # every rank judges the same best analysis
-        if value is None:
-            if not self._warned_monitor:
-                rank_zero_warn(f"HTSRCallback: monitor={name!r} is not among the logged metrics "
-                               f"({', '.join(sorted(trainer.callback_metrics)) or 'none yet'}); until it is, only the "
-                               "weights' signals can stop training")
+        if value is None and warn and not self._warned_monitor:
+            rank_zero_warn(f"HTSRCallback: monitor={name!r} is not among the logged metrics "
+                           f"({', '.join(sorted(trainer.callback_metrics)) or 'none yet'}); until it is, only the "
+                           "weights' signals can stop training")
             self._warned_monitor = True
-            return None
-        if self._validations and self._validations == self._validations_read:  # check_val_every_n_epoch > 1
-            return None
-        self._validations_read = self._validations
         return value
 
     def _plan_restore(self, decision: StopDecision) -> bool:
@@ -535,8 +577,16 @@ class _HTSRCallbackImpl(_CallbackHooks):
         if decision.reason not in (StopReason.OVERFITTING, StopReason.MONITOR):
             return False
         best = self.stop_state.best
-        if not decision.restore_best or best is None:
+        if best is None:
+            self.stopping_reason_message += " Keeping the last weights (no analysis was judged best)."
+            return False
+        if best.analysis == self.analysis_count:  # this very analysis is the best one
             self.stopping_reason_message += " The latest weights are the best analysis' and are kept."
+            return False
+        if not decision.restore_best:
+            self.stopping_reason_message += (f" Keeping the last weights (the best analysis was epoch {best.epoch}; "
+                                             f"with monitor={self.criteria.monitor!r} only the monitor's own stop "
+                                             "hands back its best epoch).")
             return False
         if not self.restore_best_weights:
             self.stopping_reason_message += (" Keeping the last weights (restore_best_weights=False; the best "
@@ -669,6 +719,12 @@ class HTSRCallback(_HTSRCallbackImpl, _Callback):  # type: ignore[misc,valid-typ
 
 _PHASE_CHARS = {**{p.value: str(p.code) for p in Phase}, None: "."}
 _CHAR_PHASES = {c: p for p, c in _PHASE_CHARS.items()}
+
+
+def _validation_ahead(trainer: Trainer) -> bool:
+    """Whether this fit runs validation (a validation loop with batches): until the first one, a validated metric is
+    not missing yet."""
+    return bool(getattr(trainer, "enable_validation", False))
 
 
 def pack_phase_history(history: Sequence[dict[str, Any]]) -> dict[str, Any]:

@@ -48,7 +48,16 @@ class AnalysisSchedule:
             return epoch in set(self.epochs)
         return bool(self.every_n_epochs) and (epoch + 1) % self.every_n_epochs == 0  # type: ignore[operator]
 
-    def step_due(self, global_step: int) -> bool:
-        """Whether optimizer step ``global_step`` (after it was taken) is an analysis point."""
+    def step_due(self, global_step: int, previous: int | None = None) -> bool:
+        """Whether the optimizer steps up to ``global_step`` (after it was taken) crossed an analysis point since
+        step ``previous`` (default ``global_step - 1``): a multiple of ``every_n_steps``, also when the step count
+        jumps by more than one per batch (manual optimization with several optimizers).
+
+        Example:
+            >>> schedule = AnalysisSchedule(every_n_steps=5)
+            >>> [schedule.step_due(s) for s in (4, 5, 6)], schedule.step_due(12, previous=8)
+            ([False, True, False], True)
+        """
         every = self.every_n_steps
-        return every is not None and every > 0 and global_step > 0 and global_step % every == 0
+        previous = global_step - 1 if previous is None else previous
+        return every is not None and every > 0 and global_step > 0 and global_step // every > previous // every

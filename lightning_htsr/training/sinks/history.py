@@ -19,7 +19,8 @@ HISTORY_FILE = "htsr_history.csv"
 SPECTRA_FILE = "htsr_spectra.npz"
 
 __all__ = [
-    "HISTORY_COLUMNS", "HISTORY_FILE", "SPECTRA_FILE", "HistoryWriter", "read_history", "read_spectra", "write_spectra",
+    "HISTORY_COLUMNS", "HISTORY_FILE", "SPECTRA_FILE", "HistoryWriter", "free_name", "read_history", "read_spectra",
+    "set_aside", "split_after", "write_spectra",
 ]
 
 #: Columns of the history file: when (analysis index, epoch, step, what triggered it), the record, the smoothed
@@ -77,6 +78,68 @@ class HistoryWriter:
                 writer.writerows({c: _plain(row.get(c)) for c in HISTORY_COLUMNS} for row in rows)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+def free_name(path: str | os.PathLike[str], tag: str) -> Path:
+    """``<stem>.<tag><k><suffix>`` next to ``path``, with the first ``k`` (from 1) no file has."""
+    path = Path(path)
+    k = 1
+    while (found := path.with_name(f"{path.stem}.{tag}{k}{path.suffix}")).exists():
+        k += 1
+    return found
+
+
+def set_aside(path: str | os.PathLike[str]) -> Path | None:
+    """Rename a non-empty history that a fresh run finds (an earlier run's) to ``<stem>.<k><suffix>``: never appended
+    to, never overwritten. Returns the new path, ``None`` when there was nothing to move."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return None
+    target = free_name(path, "")
+    os.replace(path, target)
+    return target
+
+
+def split_after(path: str | os.PathLike[str], analysis: int) -> tuple[int, Path | None]:
+    """Move the rows of analyses ``>= analysis`` (written after the checkpoint a run resumes from, and about to be
+    written again) to ``<stem>.superseded<k><suffix>``; the rows before stay, byte for byte. Returns how many rows
+    moved and where (``None``: none)."""
+    path = Path(path)
+    if not path.exists() or path.stat().st_size == 0:
+        return 0, None
+    with open(path, newline="", encoding="utf-8") as handle:
+        lines = handle.read().splitlines(keepends=True)
+    if _is_jsonl(path):
+        keep = [line for line in lines if not line.strip() or _jsonl_analysis(line) < analysis]
+        moved = [line for line in lines if line.strip() and _jsonl_analysis(line) >= analysis]
+    else:
+        rows = list(csv.reader(lines))
+        header, body = lines[:1], list(zip(lines[1:], rows[1:]))
+        keep = header + [line for line, row in body if not row or _int(row[0]) < analysis]
+        moved = header + [line for line, row in body if row and _int(row[0]) >= analysis]
+        moved = moved if len(moved) > 1 else []
+    if not moved:
+        return 0, None
+    target = free_name(path, "superseded")
+    target.write_text("".join(moved), encoding="utf-8")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    os.replace(tmp, path)
+    return len(moved) - (0 if _is_jsonl(path) else 1), target
+
+
+def _int(text: str) -> int:
+    try:
+        return int(float(text))
+    except ValueError:
+        return -1
+
+
+def _jsonl_analysis(line: str) -> int:
+    try:
+        return int(json.loads(line).get("analysis", -1))
+    except (ValueError, TypeError, AttributeError):
+        return -1
 
 
 def read_history(path: str | os.PathLike[str]) -> pd.DataFrame:
