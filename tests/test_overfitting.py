@@ -394,3 +394,32 @@ def test_a_run_resumed_from_a_checkpoint_saved_at_validation_end_stops_at_the_sa
     assert history.equals(read_history(full.history_path)[columns])
     assert (tmp_path / "cut" / "version_0" / "htsr_history.superseded1.csv").is_file()
 
+
+
+class TrainMetricNet(ValidatedShiftNet):
+    """:class:`ValidatedShiftNet` that also logs an epoch-level training metric (what a monitor may name too)."""
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        self.log("train_err", loss, on_step=False, on_epoch=True)
+        return loss
+
+
+def test_a_monitored_training_metric_is_read_at_the_epoch_end_also_with_validation(tmp_path) -> None:
+    """With validation in the run, a monitored epoch-level *training* metric is still the epoch's own value (it is
+    computed after validation ends, so reading it only there lagged an epoch and warned at epoch 0)."""
+    callback = HTSRCallback(stop_on="heavy_tailed", monitor="train_err", monitor_patience=2, detect_overfitting=False,
+                            history_file=None, spectra_file=None, print_summary=False)
+    seen: list[float] = []
+
+    class Watch(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module) -> None:
+            seen.append(float(trainer.callback_metrics["train_err"]))
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit(tmp_path, TrainMetricNet(switch=5), callback, callbacks=[Watch()], limit_val_batches=None)
+    assert not [w for w in caught if "not among the logged metrics" in str(w.message)]
+    best = callback.best_analysis
+    upto = callback.stopped_epoch + 1 if callback.stopped_epoch >= 0 else len(seen)
+    assert best is not None and seen[best.epoch] == min(seen[:upto])  # the best is judged on each epoch's own value

@@ -365,3 +365,22 @@ def test_renderer_pickles_its_settings_only() -> None:
 
     copy = pickle.loads(pickle.dumps(FigureRenderer(background=False, max_pending=3)))
     assert (copy.background, copy.max_pending, copy._pending) == (False, 3, {})
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_split_after_moves_whole_records_even_with_a_multi_line_field(tmp_path, suffix) -> None:
+    """The rows a resumed run writes again are moved aside as records: a skip reason spanning lines (an exception
+    text) stays whole on its side, and both files read back."""
+    from lightning_htsr.training.sinks.history import HistoryWriter, split_after
+
+    path = tmp_path / f"h{suffix}"
+    writer = HistoryWriter(path)
+    for analysis in range(4):
+        writer.append([{"analysis": analysis, "name": "fc", "alpha": 3.0 + analysis,
+                        "skip_reason": "first\nsecond\nthird" if analysis in (1, 3) else ""}])
+    count, moved = split_after(path, 2)
+    assert count == 2 and moved == tmp_path / f"h.superseded1{suffix}"
+    kept, gone = read_history(path), read_history(moved)
+    assert kept["analysis"].tolist() == [0, 1] and gone["analysis"].tolist() == [2, 3]
+    assert kept["skip_reason"].tolist()[1] == gone["skip_reason"].tolist()[1] == "first\nsecond\nthird"
+    assert split_after(path, 2) == (0, None)

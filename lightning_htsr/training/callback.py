@@ -262,8 +262,9 @@ class _HTSRCallbackImpl(_CallbackHooks):
         self.kept = KeptWeights()
         self._restore_pending = False
         self._root: str | None = None
-        self._validated = False  # whether a validation (not the sanity check) has run: the monitor is read after it
-        self._fresh_monitor: float | None = None  # the value read after the latest validation, not yet counted
+        self._validated = False  # whether a validation of this fit (not the sanity check) has run
+        self._pending = False  # ... and one has run since the monitored metric was last counted
+        self._fresh_monitor: float | None = None  # the metric as read right after that validation (checkpointed)
         self._last_step_seen = 0  # global_step at the previous batch end (every_n_steps counts crossings)
         self._warned_monitor = False
         self.latest_records: list[dict[str, Any]] = []
@@ -295,6 +296,7 @@ class _HTSRCallbackImpl(_CallbackHooks):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
+        self._validated = self._pending = False  # a validate() before this fit is not one of its validations
         self._root = trainer.log_dir or trainer.default_root_dir  # collective: every rank must call it (all do)
         if getattr(trainer, "fast_dev_run", False):
             return  # like Lightning's loggers and checkpoints: a smoke run writes no files
@@ -334,7 +336,7 @@ class _HTSRCallbackImpl(_CallbackHooks):
             if moved is not None:
                 rank_zero_warn(f"HTSRCallback: {count} history rows of analyses from {self.analysis_count} on were "
                                f"written after the checkpoint this run resumes from; moved to {moved}")
-        except OSError as err:  # bad input never breaks training: the rows are then appended
+        except Exception as err:  # noqa: BLE001 - bad input never breaks training: the rows are then appended
             rank_zero_warn(f"HTSRCallback: could not tidy {path} before this run ({err}); appending to it")
 
     @override
@@ -348,11 +350,12 @@ class _HTSRCallbackImpl(_CallbackHooks):
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if not trainer.sanity_checking and self.criteria.monitor is not None:
-            # read now, at the weights it validated, and checkpointed: a checkpoint saved at validation end (before
-            # the epoch end reads it) resumes with the value still to count
-            self._validated = True
-            self._fresh_monitor = self._read_monitor(trainer, warn=True)
+        if trainer.sanity_checking or self.criteria.monitor is None or trainer.state.fn != "fit":
+            return
+        # kept (and checkpointed) until the epoch end counts it: a checkpoint saved at validation end, before the
+        # epoch end, resumes with the value still to count
+        self._validated = self._pending = True
+        self._fresh_monitor = self._read_monitor(trainer, warn=False)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -427,6 +430,7 @@ class _HTSRCallbackImpl(_CallbackHooks):
             "restored": self.restored,
             "best_weights_file": self.best_weights_file,
             "validated": self._validated,
+            "pending": self._pending,
             "fresh_monitor": self._fresh_monitor,
         }
 
@@ -443,6 +447,7 @@ class _HTSRCallbackImpl(_CallbackHooks):
         self.restored = bool(state_dict.get("restored", False))
         self.best_weights_file = state_dict.get("best_weights_file")
         self._validated = bool(state_dict.get("validated", False))
+        self._pending = bool(state_dict.get("pending", False))
         fresh = state_dict.get("fresh_monitor")
         self._fresh_monitor = float(fresh) if fresh is not None else None
         self._load_kept()
@@ -556,9 +561,15 @@ class _HTSRCallbackImpl(_CallbackHooks):
         plateau is a new value: it counts towards ``monitor_patience``."""
         if self.criteria.monitor is None:
             return None
-        if self._validated:
-            value, self._fresh_monitor = self._fresh_monitor, None
+        if self._pending:  # read again now (an epoch-level training metric exists only now), else as validated
+            value = self._read_monitor(trainer, warn=False)
+            value = self._fresh_monitor if value is None else value
+            self._pending, self._fresh_monitor = False, None
+            if value is None:
+                self._warn_monitor(trainer)
             return value
+        if self._validated:
+            return None
         return self._read_monitor(trainer, warn=not _validation_ahead(trainer))
 
     def _read_monitor(self, trainer: Trainer, warn: bool) -> float | None:
@@ -567,12 +578,16 @@ class _HTSRCallbackImpl(_CallbackHooks):
         value = trainer.callback_metrics.get(name)
         value = float(value) if value is not None else None
         value = trainer.strategy.broadcast(value, src=0)  # every rank judges the same best analysis
-        if value is None and warn and not self._warned_monitor:
-            rank_zero_warn(f"HTSRCallback: monitor={name!r} is not among the logged metrics "
+        if value is None and warn:
+            self._warn_monitor(trainer)
+        return value
+
+    def _warn_monitor(self, trainer: Trainer) -> None:
+        if not self._warned_monitor:
+            rank_zero_warn(f"HTSRCallback: monitor={self.criteria.monitor!r} is not among the logged metrics "
                            f"({', '.join(sorted(trainer.callback_metrics)) or 'none yet'}); until it is, only the "
                            "weights' signals can stop training")
             self._warned_monitor = True
-        return value
 
     def _plan_restore(self, decision: StopDecision) -> bool:
         """Whether the end of training hands back the kept weights, said in the stop message either way."""

@@ -129,7 +129,7 @@ def _run_analyze(args: argparse.Namespace, stdout: TextIO, stderr: TextIO) -> in
     _check_backend(options.backend, device)
     checkpoint = open_checkpoint(args.paths, trust_pickle=args.trust_pickle)
     adapter = _adapter(args, checkpoint)
-    if adapter is None and not args.quiet:
+    if adapter is None and not args.quiet and os.environ.get("RANK", "0") == "0":  # once under torchrun
         _adapter_hint(checkpoint.paths, stderr)
     if not checkpoint_plan(checkpoint, options, include=include, exclude=exclude, adapter=adapter, lora=args.lora):
         _no_matrices(checkpoint, options, include or exclude)

@@ -39,6 +39,8 @@ from torch import Tensor, nn
 
 from .checkpoints import CheckpointError
 
+from .matrix import AdaptError
+
 if TYPE_CHECKING:
     from .matrix import WeightAccess
 
@@ -326,6 +328,7 @@ def is_peft_tuner_layer(module: nn.Module) -> bool:
     base = getattr(module, "base_layer", None)
     return (isinstance(base, nn.Module) and callable(getattr(module, "merge", None))
             and callable(getattr(module, "unmerge", None)) and hasattr(module, "active_adapters")
+            and isinstance(getattr(base_layer(module), "weight", None), Tensor)  # not MultiheadAttention's in_proj
             and _layer_type(base_layer(module)) is not None)
 
 
@@ -350,29 +353,36 @@ def _tuner_entries(module: nn.Module, mode: str, entries: list[Any]) -> list[Any
     if any(hasattr(p, "full_tensor") for p in module.parameters()):
         problem = f"peft {kind} layer with sharded weights: not merged (only LoRA layers are merged when sharded)"
         return [dataclasses.replace(e, problem=e.problem or problem, note=note) for e in entries]
-    try:
-        base, merged = _peft_weights(module, active, merged_in)
-    except Exception as exc:  # noqa: BLE001 - whatever peft raises, the row says why and the run goes on
-        problem = f"peft {kind}: merge() failed ({type(exc).__name__}: {exc})"
-        return [dataclasses.replace(e, problem=e.problem or problem, note=note) for e in entries]
-    result = {"merged": merged, "base": base}.get(mode)
-    if result is None:
-        result = merged.to(_compute_dtype(merged)) - base.to(_compute_dtype(merged))
+
+    def adapt(weight: Tensor, access: WeightAccess, wanted: bool) -> Tensor:
+        if not wanted:  # merged only where analyzed (not in a plan, nor for another rank's matrix)
+            return weight
+        try:
+            base, merged = _peft_weights(module, active, merged_in)
+        except Exception as exc:  # noqa: BLE001 - whatever peft raises, the row says why and the run goes on
+            raise AdaptError(f"peft {kind}: merge() failed ({type(exc).__name__}: {exc})") from None
+        if mode == "merged":
+            return merged
+        return base if mode == "base" else merged - base
+
     extra = tuple(p for n, p in module.named_parameters() if not n.startswith("base_layer."))
-    return [dataclasses.replace(e, adapt=lambda weight, access, wanted: result if wanted else weight, note=note,
-                                extra=extra) for e in entries]
+    return [dataclasses.replace(e, adapt=adapt, note=note, extra=extra) for e in entries]
 
 
 def _peft_weights(module: nn.Module, active: list[str], merged_in: bool) -> tuple[Tensor, Tensor]:
-    """``(W, merged W)`` of a ``peft`` tuner layer, from ``merge()`` (or ``unmerge()`` when merged) on a copy."""
+    """``(W, merged W)`` of a ``peft`` tuner layer in float32 at least (a bf16 merge would round small updates
+    away), from ``merge()`` (or ``unmerge()`` when merged) on a copy of the layer."""
     twin = copy.deepcopy(module)
-    weight = base_layer(module).weight.detach()
+    weight = base_layer(twin).weight
+    if weight.is_floating_point() and weight.dtype in (torch.float16, torch.bfloat16):
+        twin = twin.float()
     with torch.no_grad():
+        before = base_layer(twin).weight.detach().clone()
         if merged_in:
             twin.unmerge()
-            return base_layer(twin).weight.detach(), weight
+            return base_layer(twin).weight.detach(), before
         twin.merge(adapter_names=active)
-        return weight, base_layer(twin).weight.detach()
+        return before, base_layer(twin).weight.detach()
 
 
 def _is_modules_to_save(module: nn.Module) -> bool:

@@ -4,10 +4,10 @@ Each :class:`WeightMatrix` is one ESD: a stack of equally shaped slices ``(num_s
 (tall orientation, ``Q = N / M``) whose eigenvalues are pooled. A ``Linear`` is one slice; a ``Conv2d`` with a
 ``kh x kw`` kernel is ``kh * kw`` slices ``out x in`` (one per kernel position, the method of Martin & Mahoney and of
 weightwatcher), per group for grouped convolutions; fused attention and recurrent weights are split into their
-q/k/v or gate blocks, each its own matrix; a mixture-of-experts stack (one ``(experts, rows, cols)`` parameter, as
-``transformers`` keeps Mixtral's or Qwen-MoE's experts) is one matrix per expert. An :class:`Entry` says how one weight becomes matrices; the two ways of
-finding weights build entries: :mod:`~lightning_htsr.weights.modules` (an ``nn.Module``) and
-:mod:`~lightning_htsr.weights.state_dict` (tensors by name and shape).
+q/k/v or gate blocks, each its own matrix; a mixture-of-experts stack (one ``(experts, rows, cols)`` parameter,
+as ``transformers`` keeps Mixtral's or Qwen-MoE's experts) is one matrix per expert. An :class:`Entry` says how
+one weight becomes matrices; the two ways of finding weights build entries: :mod:`~lightning_htsr.weights.modules`
+(an ``nn.Module``) and :mod:`~lightning_htsr.weights.state_dict` (tensors by name and shape).
 
 Nothing here computes on or copies the weights beyond the reshape a convolution needs; problems that can be seen
 without touching the values (meta device, integer storage, shards, too few eigenvalues) become a ``skip_reason``.
@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "LAYER_TYPES",
+    "AdaptError",
     "SkipKind",
     "WeightAccess",
     "WeightMatrix",
@@ -94,6 +95,11 @@ class SkipKind(str, enum.Enum):
 
 _ROUTINE_KINDS = frozenset({SkipKind.TOO_FEW_EVALS, SkipKind.TOO_MANY_EVALS, SkipKind.SINGLE_COLUMN,
                             SkipKind.NOT_SELECTED, SkipKind.UNMATCHED, SkipKind.UNCHANGED})
+
+
+class AdaptError(RuntimeError):
+    """An adapted weight (a LoRA or other adapter merge) could not be computed: the matrix becomes a skipped row
+    with this message as its reason."""
 
 
 @dataclass
@@ -460,7 +466,10 @@ def matrices_of(
         if weight.is_quantized and wanted:
             weight = weight.dequantize()
         if entry.adapt is not None:  # LoRA: gathers the factors (collective) and merges when wanted
-            weight = entry.adapt(weight, access, wanted)
+            try:
+                weight = entry.adapt(weight, access, wanted)
+            except AdaptError as err:  # the row says why; the analysis of the others goes on
+                problem, weight = (str(err), SkipKind.UNREADABLE), None
         if not wanted:
             return
     layout = weight if weight is not None else _layout(param, access)

@@ -43,7 +43,13 @@ def _is_weight_key(key: str) -> bool:
 
 def is_weight_entry(key: str, shape: Sequence[int]) -> bool:
     """Whether a state-dict entry is read as a weight (by name and rank; see :func:`state_dict_matrices`)."""
-    return len(shape) >= 2 and (_is_weight_key(key) or is_expert_stack(key, shape))
+    return len(shape) >= 2 and (_is_weight_key(key) or _expert_key(key, shape))
+
+
+def _expert_key(key: str, shape: Sequence[int]) -> bool:
+    """A mixture-of-experts stack by name and shape: 3-D, ``expert`` in the key, and not a ``weight`` (a convolution
+    inside an expert keeps its ``.weight``)."""
+    return is_expert_stack(key, shape) and not _is_weight_key(key)
 
 
 class ShapeAccess(WeightAccess):
@@ -81,7 +87,7 @@ def state_dict_entry(key: str, value: Tensor, gates: Mapping[str, int], tie_key:
     elif rnn and value.dim() == 2 and f"{rnn['module']}|{rnn['param']}" in gates:
         layer_type, names = GATES_BY_COUNT.get(gates[f"{rnn['module']}|{rnn['param']}"], ("rnn", None))
         build = split_rows(names) if names else single_slice
-    elif is_expert_stack(key, value.shape):
+    elif _expert_key(key, value.shape):
         layer_type, build, note = "experts", per_expert, expert_note(key)
     elif value.dim() == 2:
         layer_type, build = "linear", single_slice
@@ -165,8 +171,9 @@ def state_dict_matrices(
     convolutions (``(out, in, *kernel)`` -> one slice per kernel position, groups assumed 1), ``*in_proj_weight``
     is split into q/k/v, recurrent ``weight_ih_l*``/``weight_hh_l*`` (and the cells' ``weight_ih``/``weight_hh``)
     are split per gate (4 gates for LSTM, 3 for GRU, read off the ``weight_hh`` shape), and a 3-D tensor with
-    ``expert`` in its name (a mixture-of-experts stack such as ``mlp.experts.gate_up_proj``, whatever its last
-    part) is one matrix per expert. Weights of higher rank get a skipped row saying so. Tensors sharing storage (tied weights) appear once.
+    ``expert`` in its name that is not a ``weight`` (a mixture-of-experts stack such as
+    ``mlp.experts.gate_up_proj``) is one matrix per expert. Weights of higher rank get a skipped row saying so.
+    Tensors sharing storage (tied weights) appear once.
 
     Args:
         state_dict: ``{name: tensor}`` (e.g. ``torch.load(path)``, a Lightning checkpoint's ``"state_dict"``, or

@@ -102,30 +102,36 @@ def set_aside(path: str | os.PathLike[str]) -> Path | None:
 
 def split_after(path: str | os.PathLike[str], analysis: int) -> tuple[int, Path | None]:
     """Move the rows of analyses ``>= analysis`` (written after the checkpoint a run resumes from, and about to be
-    written again) to ``<stem>.superseded<k><suffix>``; the rows before stay, byte for byte. Returns how many rows
-    moved and where (``None``: none)."""
+    written again) to ``<stem>.superseded<k><suffix>``; the rows before stay. Returns how many rows moved and where
+    (``None``: none). CSV rows are parsed as records (a quoted field may span lines), JSON lines one per line."""
     path = Path(path)
     if not path.exists() or path.stat().st_size == 0:
         return 0, None
     with open(path, newline="", encoding="utf-8") as handle:
-        lines = handle.read().splitlines(keepends=True)
-    if _is_jsonl(path):
-        keep = [line for line in lines if not line.strip() or _jsonl_analysis(line) < analysis]
-        moved = [line for line in lines if line.strip() and _jsonl_analysis(line) >= analysis]
-    else:
-        rows = list(csv.reader(lines))
-        header, body = lines[:1], list(zip(lines[1:], rows[1:]))
-        keep = header + [line for line, row in body if not row or _int(row[0]) < analysis]
-        moved = header + [line for line, row in body if row and _int(row[0]) >= analysis]
-        moved = moved if len(moved) > 1 else []
+        if _is_jsonl(path):
+            records = [line for line in handle if line.strip()]
+            header, number = [], _jsonl_analysis
+        else:
+            rows = list(csv.reader(handle))
+            header, records, number = rows[:1], rows[1:], lambda row: _int(row[0]) if row else -1
+    keep = [r for r in records if number(r) < analysis]
+    moved = [r for r in records if number(r) >= analysis]
     if not moved:
         return 0, None
     target = free_name(path, "superseded")
-    target.write_text("".join(moved), encoding="utf-8")
+    _write_records(target, header + moved, jsonl=_is_jsonl(path))
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(keep), encoding="utf-8")
+    _write_records(tmp, header + keep, jsonl=_is_jsonl(path))
     os.replace(tmp, path)
-    return len(moved) - (0 if _is_jsonl(path) else 1), target
+    return len(moved), target
+
+
+def _write_records(path: Path, records: Sequence[Any], *, jsonl: bool) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        if jsonl:
+            handle.writelines(records)
+        else:
+            csv.writer(handle).writerows(records)
 
 
 def _int(text: str) -> int:
