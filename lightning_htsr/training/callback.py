@@ -72,7 +72,7 @@ class _HTSRCallbackImpl(_CallbackHooks):
     above its lowest value (``detect_overfitting``), as when a network memorizes noise. The rule reads the weights
     only; it was measured on 11 tasks x 10 seeds, 4 of them over-fitting (``benchmarks/bench_stopping.py``;
     ``docs/guide/early-stopping.md``): on the held-out seeds 60 % of the runs ended within 1 accuracy point of
-    their best (94 % of the runs on tasks that do not over-fit), and it does not see an MLP over-fitting label
+    their best (93 % of the runs on tasks that do not over-fit), and it does not see an MLP over-fitting label
     noise. With a validation metric it also stops when that metric stalls and hands back the best weights (held
     out: 70 % with ``monitor="val_acc", monitor_mode="max"``, 75 % with ``monitor="val_loss"``; on six held-out
     tasks 42 and 27 of 60 runs).
