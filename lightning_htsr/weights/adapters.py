@@ -38,7 +38,6 @@ import torch
 from torch import Tensor, nn
 
 from .checkpoints import CheckpointError
-
 from .matrix import AdaptError
 
 if TYPE_CHECKING:

@@ -104,11 +104,11 @@ def split_after(path: str | os.PathLike[str], analysis: int) -> tuple[int, Path 
     """Move the rows of analyses ``>= analysis`` (written after the checkpoint a run resumes from, and about to be
     written again) to ``<stem>.superseded<k><suffix>``; the rows before stay. Returns how many rows moved and where
     (``None``: none). CSV rows are parsed as records (a quoted field may span lines), JSON lines one per line."""
-    path = Path(path)
+    path, jsonl = Path(path), _is_jsonl(Path(path))
     if not path.exists() or path.stat().st_size == 0:
         return 0, None
     with open(path, newline="", encoding="utf-8") as handle:
-        if _is_jsonl(path):
+        if jsonl:
             records = [line for line in handle if line.strip()]
             header, number = [], _jsonl_analysis
         else:
@@ -119,9 +119,9 @@ def split_after(path: str | os.PathLike[str], analysis: int) -> tuple[int, Path 
     if not moved:
         return 0, None
     target = free_name(path, "superseded")
-    _write_records(target, header + moved, jsonl=_is_jsonl(path))
+    _write_records(target, header + moved, jsonl=jsonl)
     tmp = path.with_name(path.name + ".tmp")
-    _write_records(tmp, header + keep, jsonl=_is_jsonl(path))
+    _write_records(tmp, header + keep, jsonl=jsonl)
     os.replace(tmp, path)
     return len(moved), target
 
