@@ -210,7 +210,11 @@ def test_a_run_still_learning_is_not_stopped_and_observing_never_stops(tmp_path,
     assert learning.stopping_reason is StopReason.NOT_STOPPED and trainer.current_epoch == 8
     assert not learning.restored and learning.best_analysis.epoch == 7  # the latest weights are the best ones
     out = capsys.readouterr().out  # weights still moving at the end: the summary says what the rule cannot see
-    assert "Not stopped by HT-SR" in out and MOVING_HINT in out
+    assert "Not stopped by HT-SR" in out and MOVING_HINT in out and "validation metrics" not in out
+    validated = HTSRCallback(stop_on="heavy_tailed", history_file=None, spectra_file=None)
+    _fit(tmp_path / "v", ValidatedShiftNet(switch=None), validated, max_epochs=4, limit_val_batches=1.0)
+    out = capsys.readouterr().out  # ... and names the validation metric the run logs
+    assert MOVING_HINT in out and "Logged validation metrics you could monitor: val_err." in out
     watching = HTSRCallback(history_file=None, spectra_file=None)  # stop_on=None
     trainer = _fit(tmp_path / "b", ShiftNet(switch=5), watching, max_epochs=10)
     assert watching.stopping_reason is StopReason.NOT_STOPPED and trainer.current_epoch == 10
@@ -260,6 +264,47 @@ def test_a_run_resumed_after_the_best_analysis_still_restores_its_weights(tmp_pa
         trainer.fit(ShiftNet(switch=5), ckpt_path=ckpt.last_model_path)
     assert lost.stopping_reason is StopReason.OVERFITTING and not lost.restored
     assert "No kept copy" in lost.stopping_reason_message
+
+
+class GrowingNet(ShiftNet):
+    """``ShiftNet(switch=None)`` whose layer is replaced at epoch ``grow`` by a fresh, narrower one (it reads the first
+    96 inputs only): model surgery mid-training, the new layer learning the same low-rank map from scratch."""
+
+    def __init__(self, grow: int = 6) -> None:
+        super().__init__(switch=None)
+        self.grow = grow
+
+    def on_train_epoch_start(self) -> None:
+        if self.current_epoch == self.grow:
+            torch.manual_seed(1)
+            self.layer = torch.nn.Linear(96, 256, bias=False)
+            self.trainer.strategy.setup_optimizers(self.trainer)  # the optimizer of the new parameters
+
+    def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+        (x,) = batch
+        width = self.layer.in_features
+        return torch.nn.functional.mse_loss(self.layer(x[:, :width]), x[:, :width] @ self.low_rank[:, :width].T)
+
+
+def test_a_replaced_layer_is_judged_afresh_not_against_its_predecessors_spectra(tmp_path, caplog) -> None:
+    records = [{"name": "fc", "alpha": 3.0, "entropy": e, "N": n, "M": 128} for e, n in ((0.6, 256), (0.9, 192))]
+    crit, state = StopCriteria(stop_on="heavy_tailed"), StopState()
+    for epoch, record in enumerate([records[0], records[0], records[1], records[1], records[1]]):
+        decision, state = evaluate_stop(crit, state, [record], {"fc": "heavy_tailed"}, epoch=epoch)
+        assert not decision.should_stop  # the wider entropy belongs to another matrix: no turn
+    assert state.lows["fc"].entropy == 0.9 and state.shapes["fc"] == (192, 128)
+    assert StopState.from_state_dict(state.state_dict()) == state
+
+    callback = HTSRCallback(stop_on="heavy_tailed", restore_best_weights=True, history_file=None, spectra_file=None,
+                            print_summary=False)
+    model = GrowingNet(grow=6)
+    with caplog.at_level("INFO"):
+        trainer = _fit(tmp_path, model, callback, max_epochs=16)
+    assert model.layer.in_features == 96  # the layer was replaced and trained on
+    assert "layer changed shape since the last analysis" in caplog.text
+    # the new layer learns the same low-rank map, its entropy falling from random: never an over-fitting turn
+    assert callback.stopping_reason is not StopReason.OVERFITTING, callback.stopping_reason_message
+    assert trainer.current_epoch >= 12 and callback.stop_state.shapes["layer"] == (256, 96, 1)
 
 
 # ------------------------------------------------------------------------------------- a monitored metric

@@ -28,9 +28,18 @@ from .reuse import ResultCache
 from .schedule import AnalysisSchedule
 from .sinks.history import HISTORY_FILE, SPECTRA_FILE, HistoryWriter, set_aside, split_after, write_spectra
 from .sinks.scalars import is_model_key, scalar_metrics
-from .sinks.summary import fit_summary
+from .sinks.summary import fit_summary, validation_metrics
 from .sinks.tensorboard import TensorBoardSink, tensorboard_writer
-from .stopping import BestAnalysis, StopCriteria, StopDecision, StopReason, StopState, evaluate_stop, update_monitor
+from .stopping import (
+    BestAnalysis,
+    StopCriteria,
+    StopDecision,
+    StopReason,
+    StopState,
+    evaluate_stop,
+    forget_replaced,
+    update_monitor,
+)
 
 if TYPE_CHECKING:  # the same class serves lightning.pytorch and pytorch_lightning; annotations name the former
     from lightning.pytorch import Callback as _CallbackHooks
@@ -392,7 +401,8 @@ class _HTSRCallbackImpl(_CallbackHooks):
         self.tensorboard.close()  # the last figures, before the loggers are finalized
         if self.print_summary and trainer.is_global_zero and self.latest_records:
             print(fit_summary(self.latest_records, self.latest_smoothed, self.stop_state, self.criteria,
-                              self.stopping_reason_message if self.stopped_epoch >= 0 else None))
+                              self.stopping_reason_message if self.stopped_epoch >= 0 else None,
+                              validation_metrics(trainer.callback_metrics)))
             best = self.stop_state.best
             if self.restored and best is not None:
                 print(f"The model now holds the weights of analysis {best.analysis} (epoch {best.epoch}, step "
@@ -480,6 +490,7 @@ class _HTSRCallbackImpl(_CallbackHooks):
         with trainer.profiler.profile(f"[HTSR]{self.prefix}.analyze"):
             results = self._compute(trainer, pl_module)
         records = [dict(r.record) for r in results]
+        self._forget_replaced(trainer, records)
         smoothed = self.tracker.update_records(records)  # None for a matrix this analysis did not classify
         step, epoch = int(trainer.global_step), int(trainer.current_epoch)
         self.phase_history.append({"step": step, "epoch": epoch, "phases": dict(smoothed)})
@@ -503,6 +514,14 @@ class _HTSRCallbackImpl(_CallbackHooks):
             model_level = {k[len(self.prefix) + 1:]: round(v, 3) for k, v in metrics.items()
                            if is_model_key(k, self.prefix)}
             self._info(f"HT-SR analysis {self.analysis_count - 1} at step {step} ({trigger}): {model_level}")
+
+    def _forget_replaced(self, trainer: Trainer, records: list[dict[str, Any]]) -> None:
+        """A matrix whose shape changed since the last analysis (a layer replaced mid-training) starts its phase
+        (and, in :func:`evaluate_stop`, its anchors and entropy low) afresh; said once per replacement."""
+        self.stop_state, replaced = forget_replaced(self.stop_state, records, self.tracker)
+        if replaced and trainer.is_global_zero:
+            self._info(f"HTSRCallback: {', '.join(replaced)} changed shape since the last analysis (a layer replaced?): "
+                       "the stop rule judges them afresh, without their predecessors' spectral history")
 
     def _compute(self, trainer: Trainer, pl_module: LightningModule) -> list[MatrixResult]:
         """This analysis' results for every matrix (all ranks, same order): :func:`~.live.analyze_live`."""

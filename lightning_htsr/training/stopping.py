@@ -50,9 +50,11 @@ __all__ = [
     "StopReason",
     "StopState",
     "evaluate_stop",
+    "forget_replaced",
     "has_settled",
     "over_trained",
     "phase_fraction",
+    "replaced_matrices",
     "replay_stop",
     "rising_matrices",
     "settled_for",
@@ -219,6 +221,8 @@ class StopState:
         best: The analysis judged best so far (:class:`BestAnalysis`), ``None`` before the first.
         monitor_first: The monitored metric's first value (``None``: none seen yet).
         monitor_wait: Monitored values since its best one.
+        shapes: Per-matrix shape (``N``, ``M``, ``rf``) at its latest evaluated analysis: a matrix whose shape
+            changes (a layer replaced mid-training) starts its anchors and entropy low again.
     """
 
     analyses: int = 0
@@ -229,6 +233,7 @@ class StopState:
     best: BestAnalysis | None = None
     monitor_first: float | None = None
     monitor_wait: int = 0
+    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python values (loads with ``torch.load(weights_only=True)``)."""
@@ -236,11 +241,13 @@ class StopState:
                 "anchors": {name: vars(a).copy() for name, a in self.anchors.items()},
                 "lows": {name: vars(low).copy() for name, low in self.lows.items()},
                 "best": vars(self.best).copy() if self.best is not None else None,
-                "monitor_first": self.monitor_first, "monitor_wait": self.monitor_wait}
+                "monitor_first": self.monitor_first, "monitor_wait": self.monitor_wait,
+                "shapes": {name: list(shape) for name, shape in self.shapes.items()}}
 
     @classmethod
     def from_state_dict(cls, state: Mapping[str, Any]) -> StopState:
-        """Inverse of :meth:`state_dict` (missing keys: a fresh state; older checkpoints have no lows nor best)."""
+        """Inverse of :meth:`state_dict` (missing keys: a fresh state; older checkpoints have no lows, best nor
+        shapes)."""
         anchors = {str(n): Anchor(float(a["progress"]), int(a["epoch"]), float(a["alpha"]), float(a["entropy"]))
                    for n, a in dict(state.get("anchors", {})).items()}
         lows = {str(n): EntropyLow(float(low["entropy"]), None if low["above_since"] is None
@@ -250,7 +257,8 @@ class StopState:
                    anchors, lows, BestAnalysis(int(best["analysis"]), int(best["step"]), int(best["epoch"]),
                                                float(best["score"])) if best else None,
                    None if state.get("monitor_first") is None else float(state["monitor_first"]),
-                   int(state.get("monitor_wait", 0)))
+                   int(state.get("monitor_wait", 0)),
+                   {str(n): tuple(int(d) for d in shape) for n, shape in dict(state.get("shapes", {})).items()})
 
 
 @dataclass(frozen=True)
@@ -291,6 +299,47 @@ def over_trained(records: Sequence[Mapping[str, Any]], phases: Mapping[str, str 
         and isinstance(r.get("alpha"), float)
         and r["alpha"] < OVER_TRAINED_ALPHA
     ]
+
+
+def _shape(record: Mapping[str, Any]) -> tuple[int, ...] | None:
+    """A record's matrix shape (``N``, ``M``, and ``rf`` for a convolution), ``None`` when the record has none."""
+    dims = [record.get(key) for key in ("N", "M", "rf")]
+    if not all(finite_number(d) for d in dims[:2]):
+        return None
+    return tuple(int(d) for d in dims if finite_number(d))
+
+
+def replaced_matrices(state: StopState, records: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Matrices whose shape differs from the one an earlier analysis recorded: a layer replaced mid-training (model
+    surgery, a grown or pruned layer). Their spectral history belongs to another matrix and must not judge them.
+
+    Example:
+        >>> state = StopState(shapes={"fc": (256, 128), "out": (10, 256)})
+        >>> replaced_matrices(state, [{"name": "fc", "N": 256, "M": 96}, {"name": "out", "N": 10, "M": 256}])
+        ['fc']
+    """
+    return [r["name"] for r in records if (shape := _shape(r)) is not None
+            and state.shapes.get(r["name"], shape) != shape]
+
+
+def forget_replaced(state: StopState, records: Sequence[Mapping[str, Any]],
+                    tracker: PhaseTracker | None = None) -> tuple[StopState, list[str]]:
+    """Forget what the rule remembers of replaced matrices (:func:`replaced_matrices`): their anchors, entropy lows
+    and, given the ``tracker``, their smoothed phase (their next label is taken at once, no hysteresis against a
+    predecessor's); remember every matrix's current shape. :func:`evaluate_stop` calls it too (a no-op when the
+    caller did already).
+
+    Returns:
+        The new state and the replaced matrices' names.
+    """
+    gone = replaced_matrices(state, records)
+    if tracker is not None:
+        for name in gone:
+            for table in (tracker.smoothed, tracker.candidate, tracker.streak):
+                table.pop(name, None)
+    shapes = {**state.shapes, **{r["name"]: shape for r in records if (shape := _shape(r)) is not None}}
+    return replace(state, shapes=shapes, anchors={n: a for n, a in state.anchors.items() if n not in gone},
+                   lows={n: low for n, low in state.lows.items() if n not in gone}), gone
 
 
 def learning_matrices(records: Iterable[Mapping[str, Any]], phases: Mapping[str, str | None]) -> list[Mapping]:
@@ -535,7 +584,7 @@ def evaluate_stop(
     decision: StopDecision | None = None
     new_best = False
     progress = float(epoch + 1) if progress is None else float(progress)
-    state = replace(state, analyses=state.analyses + 1, progress=progress)
+    state = replace(forget_replaced(state, records)[0], analyses=state.analyses + 1, progress=progress)
     where = (state.analyses - 1 if analysis is None else int(analysis),
              state.analyses - 1 if step is None else int(step), epoch)
     if criteria.detects_overfitting:
@@ -596,6 +645,7 @@ def replay_stop(analyses: Iterable[Mapping[str, Any]], phase_hysteresis: int = 2
     crit, state, tracker = StopCriteria(**criteria), StopState(), PhaseTracker(k=phase_hysteresis)
     for analysis in analyses:
         records = analysis["records"]
+        state = forget_replaced(state, records, tracker)[0]
         smoothed = tracker.update_records(records)
         if analysis.get("trigger") == "train_start":
             continue

@@ -4,13 +4,13 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from ...spectra.phases import Phase
 from ..stopping import StopCriteria, StopState, has_settled, learning_matrices, settled_for
 
-__all__ = ["MOVING_HINT", "fit_summary", "not_stopped_reason"]
+__all__ = ["MOVING_HINT", "fit_summary", "not_stopped_reason", "validation_metrics"]
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -51,7 +51,7 @@ def not_stopped_reason(records: Sequence[Mapping[str, Any]], smoothed: Mapping[s
 
 
 def fit_summary(records: Sequence[Mapping[str, Any]], smoothed: Mapping[str, str | None], state: StopState,
-                criteria: StopCriteria, stop_message: str | None) -> str:
+                criteria: StopCriteria, stop_message: str | None, validation_metrics: Sequence[str] = ()) -> str:
     """Per matrix the phase reached, alpha, entropy and since when it settled; then whether and why training stopped.
 
     Args:
@@ -60,6 +60,7 @@ def fit_summary(records: Sequence[Mapping[str, Any]], smoothed: Mapping[str, str
         state: The stop rule's state after that analysis.
         criteria: The stop rule.
         stop_message: Why training stopped, or ``None`` when it ran to its end.
+        validation_metrics: Logged validation metrics (named in the hint when the weights were still moving).
 
     Returns:
         A few lines of text.
@@ -67,8 +68,8 @@ def fit_summary(records: Sequence[Mapping[str, Any]], smoothed: Mapping[str, str
     learning = {r["name"] for r in learning_matrices(records, smoothed)}
     patience = criteria.settle_patience
     width = max([len(r["name"]) for r in records] + [6])
-    lines = ["HT-SR summary (latest analysis):", f"  {'matrix':<{width}}  {'phase':<16} {'alpha':>6} {'entropy':>8}  "
-             "settled"]
+    header = f"  {'matrix':<{width}}  {'phase':<16} {'alpha':>6} {'entropy':>8}  settled"
+    lines = ["HT-SR summary (latest analysis):", header]
     for r in records:
         phase = smoothed.get(r["name"])
         label = Phase(phase).value if phase else ("(too small)" if r.get("status") == "success" else r.get("status"))
@@ -80,6 +81,8 @@ def fit_summary(records: Sequence[Mapping[str, Any]], smoothed: Mapping[str, str
         lines.append(f"Not stopped by HT-SR: {not_stopped_reason(records, smoothed, state, criteria)}.")
         if _still_moving(learning, state, criteria):
             lines.append(MOVING_HINT)
+            if validation_metrics:
+                lines.append(f"Logged validation metrics you could monitor: {', '.join(validation_metrics)}.")
     return "\n".join(lines)
 
 
@@ -95,3 +98,17 @@ def _still_moving(learning: set[str], state: StopState, criteria: StopCriteria) 
     if criteria.monitor is not None or criteria.stop_on is None or criteria.rule != "settled" or not learning:
         return False
     return any(not has_settled(state.anchors.get(name), state.progress, criteria.settle_patience) for name in learning)
+
+
+#: Name starts of the metrics Lightning users log from ``validation_step`` (``val_loss``, ``val/acc``, ``valid_f1``).
+VALIDATION_PREFIXES = ("val_", "val/", "val.", "valid_", "valid/", "validation_", "validation/")
+
+
+def validation_metrics(names: Iterable[str]) -> list[str]:
+    """The logged metric names that look like validation metrics, sorted.
+
+    Example:
+        >>> validation_metrics(["train_loss", "val_loss", "htsr/alpha_mean", "val/acc", "validation_f1"])
+        ['val/acc', 'val_loss', 'validation_f1']
+    """
+    return sorted(n for n in names if n.lower().startswith(VALIDATION_PREFIXES))
