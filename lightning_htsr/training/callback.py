@@ -24,6 +24,7 @@ from ..spectra.phases import Phase, PhaseConfig, PhaseTracker
 from ..weights.adapters import check_lora_mode
 from .best_weights import KeptWeights, rank_file
 from .live import analyze_live
+from .monitor import MonitorReader
 from .reuse import ResultCache
 from .schedule import AnalysisSchedule
 from .sinks.history import HISTORY_FILE, SPECTRA_FILE, HistoryWriter, set_aside, split_after, write_spectra
@@ -271,11 +272,8 @@ class _HTSRCallbackImpl(_CallbackHooks):
         self.kept = KeptWeights()
         self._restore_pending = False
         self._root: str | None = None
-        self._validated = False  # whether a validation of this fit (not the sanity check) has run
-        self._pending = False  # ... and one has run since the monitored metric was last counted
-        self._fresh_monitor: float | None = None  # the metric as read right after that validation (checkpointed)
+        self.monitor_reader = MonitorReader(self.criteria.monitor)  # its reading state is checkpointed
         self._last_step_seen = 0  # global_step at the previous batch end (every_n_steps counts crossings)
-        self._warned_monitor = False
         self.latest_records: list[dict[str, Any]] = []
         self.latest_smoothed: dict[str, str | None] = {}
         self.history_path: str | None = None
@@ -305,7 +303,7 @@ class _HTSRCallbackImpl(_CallbackHooks):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        self._validated = self._pending = False  # a validate() before this fit is not one of its validations
+        self.monitor_reader.start_fit()  # a validate() before this fit is not one of its validations
         self._root = trainer.log_dir or trainer.default_root_dir  # collective: every rank must call it (all do)
         if getattr(trainer, "fast_dev_run", False):
             return  # like Lightning's loggers and checkpoints: a smoke run writes no files
@@ -359,12 +357,8 @@ class _HTSRCallbackImpl(_CallbackHooks):
 
     @override
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.sanity_checking or self.criteria.monitor is None or trainer.state.fn != "fit":
-            return
-        # kept (and checkpointed) until the epoch end counts it: a checkpoint saved at validation end, before the
-        # epoch end, resumes with the value still to count
-        self._validated = self._pending = True
-        self._fresh_monitor = self._read_monitor(trainer, warn=False)
+        if not trainer.sanity_checking and trainer.state.fn == "fit":
+            self.monitor_reader.after_validation(trainer)
 
     @override
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -439,9 +433,7 @@ class _HTSRCallbackImpl(_CallbackHooks):
             "phase_history": pack_phase_history(self.phase_history),
             "restored": self.restored,
             "best_weights_file": self.best_weights_file,
-            "validated": self._validated,
-            "pending": self._pending,
-            "fresh_monitor": self._fresh_monitor,
+            **self.monitor_reader.state_dict(),
         }
 
     @override
@@ -456,10 +448,7 @@ class _HTSRCallbackImpl(_CallbackHooks):
         self.phase_history = unpack_phase_history(state_dict.get("phase_history", []))
         self.restored = bool(state_dict.get("restored", False))
         self.best_weights_file = state_dict.get("best_weights_file")
-        self._validated = bool(state_dict.get("validated", False))
-        self._pending = bool(state_dict.get("pending", False))
-        fresh = state_dict.get("fresh_monitor")
-        self._fresh_monitor = float(fresh) if fresh is not None else None
+        self.monitor_reader.load_state_dict(state_dict)
         self._load_kept()
 
     def _load_kept(self) -> None:
@@ -498,7 +487,7 @@ class _HTSRCallbackImpl(_CallbackHooks):
         metrics[f"{self.prefix}/compute_seconds"] = time.perf_counter() - start
         # the baseline is an observation: it never stops training nor counts towards patience
         # the monitored metric is read at epoch ends only: after the epoch's validation, at the weights it validated
-        monitored = self._monitored_value(trainer) if trigger == "epoch_end" else None
+        monitored = self.monitor_reader.at_epoch_end(trainer) if trigger == "epoch_end" else None
         should_stop, message = self._decide(trainer, pl_module, records, smoothed, epoch, step, progress, monitored) \
             if trigger != "train_start" else (False, "")
         if self.stop_state.best is not None:
@@ -544,7 +533,7 @@ class _HTSRCallbackImpl(_CallbackHooks):
     def _monitor_between_analyses(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """An epoch end without an analysis of its own (its weights were analyzed at this step already, or no
         analysis is due): the monitored metric still counts, judged at these weights."""
-        value = self._monitored_value(trainer)
+        value = self.monitor_reader.at_epoch_end(trainer)
         if value is None:
             return
         epoch, where = int(trainer.current_epoch), (self.analysis_count - 1, int(trainer.global_step),
@@ -572,41 +561,6 @@ class _HTSRCallbackImpl(_CallbackHooks):
             if trainer.is_global_zero:  # whatever `verbose` is, as users of EarlyStopping expect in their log
                 self._info(f"HTSRCallback: {self.stopping_reason_message}")
         return should_stop, self.stopping_reason_message
-
-    def _monitored_value(self, trainer: Trainer) -> float | None:
-        """At an epoch end: the monitored metric read after the latest validation, once (``None`` if it was read
-        already: ``check_val_every_n_epoch > 1``), or, while no validation has run, the metric as logged in training
-        (``None`` without a warning while a validation is still to come). An accuracy that repeats exactly on a
-        plateau is a new value: it counts towards ``monitor_patience``."""
-        if self.criteria.monitor is None:
-            return None
-        if self._pending:  # read again now (an epoch-level training metric exists only now), else as validated
-            value = self._read_monitor(trainer, warn=False)
-            value = self._fresh_monitor if value is None else value
-            self._pending, self._fresh_monitor = False, None
-            if value is None:
-                self._warn_monitor(trainer)
-            return value
-        if self._validated:
-            return None
-        return self._read_monitor(trainer, warn=not _validation_ahead(trainer))
-
-    def _read_monitor(self, trainer: Trainer, warn: bool) -> float | None:
-        """The monitored metric as logged now, rank zero's value on every rank; a missing one warns (once)."""
-        name = self.criteria.monitor
-        value = trainer.callback_metrics.get(name)
-        value = float(value) if value is not None else None
-        value = trainer.strategy.broadcast(value, src=0)  # every rank judges the same best analysis
-        if value is None and warn:
-            self._warn_monitor(trainer)
-        return value
-
-    def _warn_monitor(self, trainer: Trainer) -> None:
-        if not self._warned_monitor:
-            rank_zero_warn(f"HTSRCallback: monitor={self.criteria.monitor!r} is not among the logged metrics "
-                           f"({', '.join(sorted(trainer.callback_metrics)) or 'none yet'}); until it is, only the "
-                           "weights' signals can stop training")
-            self._warned_monitor = True
 
     def _plan_restore(self, decision: StopDecision) -> bool:
         """Whether the end of training hands back the kept weights, said in the stop message either way."""
@@ -755,12 +709,6 @@ class HTSRCallback(_HTSRCallbackImpl, _Callback):  # type: ignore[misc,valid-typ
 
 _PHASE_CHARS = {**{p.value: str(p.code) for p in Phase}, None: "."}
 _CHAR_PHASES = {c: p for p, c in _PHASE_CHARS.items()}
-
-
-def _validation_ahead(trainer: Trainer) -> bool:
-    """Whether this fit runs validation (a validation loop with batches): until the first one, a validated metric is
-    not missing yet."""
-    return bool(getattr(trainer, "enable_validation", False))
 
 
 def pack_phase_history(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
