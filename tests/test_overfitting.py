@@ -7,6 +7,7 @@ import os
 import warnings
 
 import lightning.pytorch as pl
+import numpy as np
 import pytest
 import torch
 from conftest import ShiftNet, trainer_kwargs
@@ -14,6 +15,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from lightning_htsr import HTSRCallback
+from lightning_htsr.spectra.phases import PhaseTracker
 from lightning_htsr.training.best_weights import KeptWeights
 from lightning_htsr.training.sinks import read_history
 from lightning_htsr.training.sinks.summary import MOVING_HINT
@@ -23,6 +25,7 @@ from lightning_htsr.training.stopping import (
     StopReason,
     StopState,
     evaluate_stop,
+    forget_replaced,
     replay_stop,
     structure_score,
     turned_matrices,
@@ -292,19 +295,32 @@ def test_a_replaced_layer_is_judged_afresh_not_against_its_predecessors_spectra(
     for epoch, record in enumerate([records[0], records[0], records[1], records[1], records[1]]):
         decision, state = evaluate_stop(crit, state, [record], {"fc": "heavy_tailed"}, epoch=epoch)
         assert not decision.should_stop  # the wider entropy belongs to another matrix: no turn
-    assert state.lows["fc"].entropy == 0.9 and state.shapes["fc"] == (192, 128)
+    assert state.lows["fc"].entropy == 0.9 and state.shapes["fc"] == (192, 128, 1)
     assert StopState.from_state_dict(state.state_dict()) == state
+    tracker = PhaseTracker(k=2)
+    tracker.update({"fc": "heavy_tailed"})
+    state, gone = forget_replaced(state, [{"name": "fc", "N": np.int64(64), "M": np.int64(32)}], tracker)
+    assert gone == ["fc"] and "fc" not in tracker.smoothed and "fc" not in state.lows  # NumPy sizes (a history)
+    assert tracker.update({"fc": "random_like"})["fc"] == "random_like"  # taken at once: no hysteresis
 
-    callback = HTSRCallback(stop_on="heavy_tailed", restore_best_weights=True, history_file=None, spectra_file=None,
-                            print_summary=False)
+    callback = HTSRCallback(stop_on="heavy_tailed", restore_best_weights=True, spectra_file=None, print_summary=False)
     model = GrowingNet(grow=6)
     with caplog.at_level("INFO"):
         trainer = _fit(tmp_path, model, callback, max_epochs=16)
     assert model.layer.in_features == 96  # the layer was replaced and trained on
-    assert "layer changed shape since the last analysis" in caplog.text
+    assert "layer changed shape (a layer replaced?)" in caplog.text
     # the new layer learns the same low-rank map, its entropy falling from random: never an over-fitting turn
     assert callback.stopping_reason is not StopReason.OVERFITTING, callback.stopping_reason_message
     assert trainer.current_epoch >= 12 and callback.stop_state.shapes["layer"] == (256, 96, 1)
+    history = read_history(callback.history_path)
+    analyses = [{"epoch": int(rows["epoch"].iloc[0]), "trigger": rows["trigger"].iloc[0], "analysis": int(index),
+                 "step": int(rows["global_step"].iloc[0]), "records": rows.to_dict("records")}
+                for index, rows in history.groupby("analysis")]
+    replayed = replay_stop(analyses)  # the replay reads the history the same way: the same (non-)decision
+    assert (replayed["reason"] if replayed else "NOT_STOPPED") == callback.stopping_reason.name
+    # the previous code's replay of the same history: a false over-fitting stop right after the surgery
+    assert replay_stop([{**a, "records": [{k: v for k, v in r.items() if k not in ("N", "M")}
+                                          for r in a["records"]]} for a in analyses])["reason"] == "OVERFITTING"
 
 
 # ------------------------------------------------------------------------------------- a monitored metric

@@ -396,7 +396,7 @@ class _HTSRCallbackImpl(_CallbackHooks):
         if self.print_summary and trainer.is_global_zero and self.latest_records:
             print(fit_summary(self.latest_records, self.latest_smoothed, self.stop_state, self.criteria,
                               self.stopping_reason_message if self.stopped_epoch >= 0 else None,
-                              validation_metrics(trainer.callback_metrics)))
+                              logged_validation=validation_metrics(trainer.callback_metrics)))
             best = self.stop_state.best
             if self.restored and best is not None:
                 print(f"The model now holds the weights of analysis {best.analysis} (epoch {best.epoch}, step "
@@ -505,12 +505,13 @@ class _HTSRCallbackImpl(_CallbackHooks):
             self._info(f"HT-SR analysis {self.analysis_count - 1} at step {step} ({trigger}): {model_level}")
 
     def _forget_replaced(self, trainer: Trainer, records: list[dict[str, Any]]) -> None:
-        """A matrix whose shape changed since the last analysis (a layer replaced mid-training) starts its phase
-        (and, in :func:`evaluate_stop`, its anchors and entropy low) afresh; said once per replacement."""
+        """A matrix whose shape changed since an earlier analysis saw it (a layer replaced mid-training) starts its
+        smoothed phase (also in the phase map and the logs), anchors and entropy low afresh; said once per
+        replacement."""
         self.stop_state, replaced = forget_replaced(self.stop_state, records, self.tracker)
         if replaced and trainer.is_global_zero:
-            self._info(f"HTSRCallback: {', '.join(replaced)} changed shape since the last analysis (a layer replaced?): "
-                       "the stop rule judges them afresh, without their predecessors' spectral history")
+            self._info(f"HTSRCallback: {', '.join(replaced)} changed shape (a layer replaced?): their phase and the "
+                       "stop rule start afresh, without their predecessors' spectral history")
 
     def _compute(self, trainer: Trainer, pl_module: LightningModule) -> list[MatrixResult]:
         """This analysis' results for every matrix (all ranks, same order): :func:`~.live.analyze_live`."""

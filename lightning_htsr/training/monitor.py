@@ -26,7 +26,8 @@ __all__ = ["MonitorReader"]
 
 
 class MonitorReader:
-    """One run's reading of the monitored metric ``name`` (``None``: no metric monitored, every read is ``None``).
+    """One run's reading of the monitored metric ``name`` (``None``: no metric monitored, every read is ``None``),
+    the callback's ``criteria.monitor``, fixed for the callback's life like the rest of its criteria.
 
     Attributes:
         validated: A validation of this fit (not the sanity check, not a ``validate()`` before it) has run.
@@ -70,7 +71,9 @@ class MonitorReader:
 
     def read(self, trainer: Trainer, warn: bool) -> float | None:
         """The metric as logged now, rank zero's value on every rank; a missing one warns (once) if ``warn``."""
-        value = trainer.callback_metrics.get(self.name) if self.name is not None else None
+        if self.name is None:
+            return None
+        value = trainer.callback_metrics.get(self.name)
         value = float(value) if value is not None else None
         value = trainer.strategy.broadcast(value, src=0)  # every rank judges the same best analysis
         if value is None and warn:

@@ -221,8 +221,9 @@ class StopState:
         best: The analysis judged best so far (:class:`BestAnalysis`), ``None`` before the first.
         monitor_first: The monitored metric's first value (``None``: none seen yet).
         monitor_wait: Monitored values since its best one.
-        shapes: Per-matrix shape (``N``, ``M``, ``rf``) at its latest evaluated analysis: a matrix whose shape
-            changes (a layer replaced mid-training) starts its anchors and entropy low again.
+        shapes: Per-matrix shape (``N``, ``M``, ``rf``) at the latest analysis that had one for it (the baseline
+            too): a matrix whose shape changes (a layer replaced mid-training) starts its anchors and entropy low
+            again.
     """
 
     analyses: int = 0
@@ -233,7 +234,7 @@ class StopState:
     best: BestAnalysis | None = None
     monitor_first: float | None = None
     monitor_wait: int = 0
-    shapes: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    shapes: Mapping[str, tuple[int, int, int]] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
         """Plain Python values (loads with ``torch.load(weights_only=True)``)."""
@@ -258,7 +259,8 @@ class StopState:
                                                float(best["score"])) if best else None,
                    None if state.get("monitor_first") is None else float(state["monitor_first"]),
                    int(state.get("monitor_wait", 0)),
-                   {str(n): tuple(int(d) for d in shape) for n, shape in dict(state.get("shapes", {})).items()})
+                   {str(n): (int(shape[0]), int(shape[1]), int(shape[2]))
+                    for n, shape in dict(state.get("shapes", {})).items()})
 
 
 @dataclass(frozen=True)
@@ -301,12 +303,22 @@ def over_trained(records: Sequence[Mapping[str, Any]], phases: Mapping[str, str 
     ]
 
 
-def _shape(record: Mapping[str, Any]) -> tuple[int, ...] | None:
-    """A record's matrix shape (``N``, ``M``, and ``rf`` for a convolution), ``None`` when the record has none."""
-    dims = [record.get(key) for key in ("N", "M", "rf")]
-    if not all(finite_number(d) for d in dims[:2]):
+def _dimension(value: Any) -> int | None:
+    """A record's size column as an int (NumPy integers too: records read back from a history), else ``None``."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
         return None
-    return tuple(int(d) for d in dims if finite_number(d))
+    return int(number) if math.isfinite(number) and not isinstance(value, bool) else None
+
+
+def _shape(record: Mapping[str, Any]) -> tuple[int, int, int] | None:
+    """A record's matrix shape ``(N, M, rf)`` (``rf`` 1 when absent), ``None`` when the record has no ``N`` and ``M``.
+    Records hold ``N >= M``: a layer replaced by its transpose's shape is not told apart."""
+    n, m = _dimension(record.get("N")), _dimension(record.get("M"))
+    if n is None or m is None:
+        return None
+    return n, m, _dimension(record.get("rf")) or 1
 
 
 def replaced_matrices(state: StopState, records: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -314,8 +326,8 @@ def replaced_matrices(state: StopState, records: Iterable[Mapping[str, Any]]) ->
     surgery, a grown or pruned layer). Their spectral history belongs to another matrix and must not judge them.
 
     Example:
-        >>> state = StopState(shapes={"fc": (256, 128), "out": (10, 256)})
-        >>> replaced_matrices(state, [{"name": "fc", "N": 256, "M": 96}, {"name": "out", "N": 10, "M": 256}])
+        >>> state = StopState(shapes={"fc": (256, 128, 1), "out": (256, 10, 1)})
+        >>> replaced_matrices(state, [{"name": "fc", "N": 256, "M": 96, "rf": 1}, {"name": "out", "N": 256, "M": 10}])
         ['fc']
     """
     return [r["name"] for r in records if (shape := _shape(r)) is not None
@@ -557,7 +569,8 @@ def evaluate_stop(
     Args:
         criteria: The rule and its thresholds.
         state: What earlier analyses left (:class:`StopState`).
-        records: This analysis' records (alpha, entropy).
+        records: This analysis' records (alpha, entropy; ``N``, ``M``, ``rf``: a matrix whose shape changed is
+            judged afresh, :func:`forget_replaced`).
         smoothed: Smoothed phase of every matrix this analysis classified (``None`` for the others), from
             :class:`~lightning_htsr.spectra.phases.PhaseTracker`.
         epoch: Current 0-based epoch.

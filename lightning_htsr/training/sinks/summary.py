@@ -51,7 +51,7 @@ def not_stopped_reason(records: Sequence[Mapping[str, Any]], smoothed: Mapping[s
 
 
 def fit_summary(records: Sequence[Mapping[str, Any]], smoothed: Mapping[str, str | None], state: StopState,
-                criteria: StopCriteria, stop_message: str | None, validation_metrics: Sequence[str] = ()) -> str:
+                criteria: StopCriteria, stop_message: str | None, logged_validation: Sequence[str] = ()) -> str:
     """Per matrix the phase reached, alpha, entropy and since when it settled; then whether and why training stopped.
 
     Args:
@@ -60,7 +60,7 @@ def fit_summary(records: Sequence[Mapping[str, Any]], smoothed: Mapping[str, str
         state: The stop rule's state after that analysis.
         criteria: The stop rule.
         stop_message: Why training stopped, or ``None`` when it ran to its end.
-        validation_metrics: Logged validation metrics (named in the hint when the weights were still moving).
+        logged_validation: Logged validation metrics (named in the hint when the weights were still moving).
 
     Returns:
         A few lines of text.
@@ -81,8 +81,8 @@ def fit_summary(records: Sequence[Mapping[str, Any]], smoothed: Mapping[str, str
         lines.append(f"Not stopped by HT-SR: {not_stopped_reason(records, smoothed, state, criteria)}.")
         if _still_moving(learning, state, criteria):
             lines.append(MOVING_HINT)
-            if validation_metrics:
-                lines.append(f"Logged validation metrics you could monitor: {', '.join(validation_metrics)}.")
+            if logged_validation:
+                lines.append(f"Logged validation metrics you could monitor: {', '.join(logged_validation)}.")
     return "\n".join(lines)
 
 
@@ -105,7 +105,7 @@ VALIDATION_PREFIXES = ("val_", "val/", "val.", "valid_", "valid/", "validation_"
 
 
 def validation_metrics(names: Iterable[str]) -> list[str]:
-    """The logged metric names that look like validation metrics, sorted.
+    """The logged metric names that look like validation metrics (a guess by their start), sorted.
 
     Example:
         >>> validation_metrics(["train_loss", "val_loss", "htsr/alpha_mean", "val/acc", "validation_f1"])
